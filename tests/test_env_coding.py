@@ -1,0 +1,141 @@
+"""Coding family: hidden tests run in a real sandbox (bwrap; one docker test)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from environments import assistant, make, oracle_agent, run_episode
+from environments.coding import generated, humaneval, solution_program
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = make("kpop/coding-v0", limits={"wall_time_s": 3.0, "cpu_time_s": 3.0, "memory_mb": 256, "max_pids": 16})
+    yield e
+    e.close()
+
+
+def answer(text):
+    async def agent(messages, tools):
+        return assistant(text)
+
+    return agent
+
+
+def play(env, agent, task_id):
+    return asyncio.run(run_episode(env, agent, options={"task_id": task_id}))
+
+
+def test_data_ships_with_the_package():
+    assert len(humaneval()) == 164
+    t = generated(7)
+    assert t == generated(7) and "def check(candidate)" in t.test
+
+
+@pytest.mark.parametrize("task_id", ["coding/HumanEval/0", "coding/HumanEval/32", "coding/HumanEval/163"]
+                         + [f"coding/gen/{n}" for n in range(5)])
+def test_oracle_passes(env, task_id):
+    ep = play(env, oracle_agent(env), task_id)
+    assert ep.status == "ok" and ep.reward == 1.0, ep.reward_detail
+
+
+def test_wrong_answers_fail(env):
+    task = "coding/HumanEval/0"
+    p = humaneval()[0]
+    wrong = play(env, answer(f"```python\n{p.prompt}    return False\n```"), task)
+    assert wrong.reward == 0.0 and "AssertionError" in wrong.reward_detail["stderr_tail"]
+    # An early exit(0) must not count as passing: the tests never ran.
+    cheat = play(env, answer(f"```python\n{p.prompt}    return True\nimport sys\nsys.exit(0)\n```"), task)
+    assert cheat.reward == 0.0 and cheat.reward_detail["exit_code"] == 0
+    # Nor can a solution that hunts for the marker in the files and environment it can see.
+    hunt = ("import os, re, sys\n"
+            "blob = ' '.join(open(f, errors='ignore').read() for f in os.listdir('.') if os.path.isfile(f))\n"
+            "blob += repr(dict(os.environ)) + ' '.join(sys.argv)\n"
+            "found = re.findall(r'KPOP-TESTS-PASSED-[0-9a-f]+', blob)\n"
+            "print(found[-1] if found else 'none'); sys.stdout.flush(); os._exit(0)\n")
+    hunter = play(env, answer(f"```python\n{p.prompt}    return True\n{hunt}```"), task)
+    assert hunter.reward == 0.0 and hunter.reward_detail["exit_code"] == 0
+    hang = play(env, answer(f"```python\n{p.prompt}    while True: pass\n```"), task)
+    assert hang.reward == 0.0 and hang.reward_detail["timed_out"]
+    assert play(env, answer("I cannot do this."), task).reward == 0.0
+
+
+def test_files_planted_by_the_agent_cannot_fake_a_pass(env):
+    """A planted typing.py (imported by the solution) that finds the pass marker and prints it."""
+    plant = ("import sys, re, os\n"
+             "src = open(sys.argv[0]).read()\n"
+             "print(re.findall(r'KPOP-TESTS-PASSED-[0-9a-f]+', src)[-1]); sys.stdout.flush(); os._exit(0)\n")
+    writer = f"open('typing.py', 'w').write({plant!r})"
+    p = humaneval()[0]
+
+    async def agent(messages, tools):
+        if messages[-1]["role"] == "user":
+            return assistant(None, ("run_python", {"code": writer}))
+        return assistant(f"```python\n{p.prompt}    return False\n```")
+
+    ep = play(env, agent, "coding/HumanEval/0")
+    assert ep.messages[2]["content"].startswith("exit code 0")
+    assert ep.reward == 0.0 and "AssertionError" in ep.reward_detail["stderr_tail"]
+
+
+def test_body_only_completion_is_accepted(env):
+    p = humaneval()[2]
+    body = p.canonical[len(p.prompt):]
+    assert solution_program(p, body).startswith(p.prompt)
+    assert play(env, answer(body), "coding/HumanEval/2").reward == 1.0
+
+
+def test_fix_tasks_start_broken(env):
+    broken = 0
+    fix_ids = [n for n in range(40) if generated(n).fix]
+    for n in fix_ids:
+        t = generated(n)
+        assert "has a bug" in env.reset(options={"task_id": f"coding/gen/{n}"})[0][0]["content"]
+        broken += play(env, answer(f"```python\n{t.prompt}```"), f"coding/gen/{n}").reward == 0.0
+    assert broken >= len(fix_ids) - 1, (broken, len(fix_ids))  # a random test set may miss a rare bug
+
+
+def test_run_python_tool_and_its_errors(env):
+    env.reset(options={"task_id": "coding/gen/0"})
+    call = {"id": "c", "type": "function", "function": {"name": "run_python", "arguments": '{"code": "print(6 * 7)"}'}}
+    msgs, reward, terminated, truncated, _ = env.step({"role": "assistant", "content": None, "tool_calls": [call]})
+    assert msgs[0]["content"].startswith("exit code 0\nstdout:\n42")
+    assert not terminated and reward == 0.0
+    call["function"]["arguments"] = '{"code": "import os; print(open(\'/etc/shadow\').read())"}'
+    out = env.step({"role": "assistant", "content": None, "tool_calls": [call]})[0][0]["content"]
+    assert "exit code 1" in out and ("PermissionError" in out or "FileNotFoundError" in out)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="backend must be"):
+        make("kpop/coding-v0", backend="qemu")
+    env = make("kpop/coding-v0")
+    with pytest.raises(ValueError, match="bad coding task_id"):
+        env.reset(options={"task_id": "coding/HumanEval/999"})
+
+
+@pytest.fixture(scope="module")
+def docker_ready():
+    """scripts/docker.sh (the sandbox set-up) is idempotent: with the image built it only asks docker."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts/docker.sh")], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/docker.sh failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+@pytest.mark.docker
+def test_docker_backend(docker_ready):
+    env = make("kpop/coding-v0", backend="docker")
+    try:
+        for task_id in ("coding/HumanEval/10", "coding/gen/3"):
+            ep = play(env, oracle_agent(env), task_id)
+            assert ep.status == "ok" and ep.reward == 1.0, (ep.error, ep.reward_detail)
+        assert play(env, answer("def nope(): pass"), "coding/gen/3").reward == 0.0
+        assert env.task.resources.sandbox_backend == "docker"
+    finally:
+        env.close()
