@@ -2,6 +2,45 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import typer
 
 app = typer.Typer(help="sandbox commands.", no_args_is_help=True)
+
+
+@app.command("exec", context_settings={"allow_interspersed_args": False})
+def exec_cmd(
+    cmd: list[str] = typer.Argument(..., metavar="-- CMD ARGS...", help="The command (argv, no shell)."),
+    backend: str = typer.Option("bwrap", help="bwrap | docker"),
+    image: str = typer.Option(None, help="docker image (default kpop-sandbox:latest) or bwrap rootfs dir."),
+    timeout: float = typer.Option(10.0, min=0.001, help="Wall-clock limit in seconds."),
+    memory_mb: int = typer.Option(512, min=16, help="Memory limit of the whole sandbox."),
+    network: bool = typer.Option(False, "--network", help="Give the sandbox the host's network."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object with the result."),
+) -> None:
+    """Run CMD in a fresh sandbox; stdin is passed through when it is not a terminal.
+    The exit code mirrors the command's (128+N if killed by signal N)."""
+    from sandboxes import BACKENDS, Limits, SandboxError, create_sandbox
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    limits = Limits(wall_time_s=timeout, memory_mb=memory_mb, network=network)
+    try:
+        with create_sandbox(backend, image=image, limits=limits) as sb:  # type: ignore[arg-type]
+            result = sb.exec(cmd, stdin=stdin)
+    except SandboxError as exc:
+        typer.echo(f"kpop sandbox exec: {exc}", err=True)
+        raise typer.Exit(125) from None  # like `docker run`: the sandbox itself failed
+    if as_json:
+        typer.echo(json.dumps(result.model_dump()))
+    else:
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        if result.timed_out:
+            sys.stderr.write(f"kpop sandbox exec: timed out after {timeout}s\n")
+        if result.oom_killed:
+            sys.stderr.write(f"kpop sandbox exec: killed for using more than {memory_mb} MB\n")
+    raise typer.Exit(result.exit_code)

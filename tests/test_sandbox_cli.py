@@ -1,0 +1,53 @@
+"""`kpop sandbox exec`: JSON output, exit code mirroring, limits from flags, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import typer
+
+from kpop.cli import sandbox
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+cli = typer.Typer()  # mounted as in kpop/cli/main.py, without importing every other command group
+cli.add_typer(sandbox.app, name="sandbox")
+
+
+def invoke(args: list[str], **kw):
+    return runner.invoke(cli, ["sandbox", *args], **kw)
+
+
+def test_exec_json_mirrors_exit_code() -> None:
+    res = invoke(["exec", "--json", "--", "python3", "-c", "import sys; print('hi'); sys.exit(3)"])
+    assert res.exit_code == 3, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert set(out) == {"exit_code", "stdout", "stderr", "timed_out", "oom_killed", "duration_s"}
+    assert out["exit_code"] == 3 and out["stdout"] == "hi\n" and not out["timed_out"]
+
+
+def test_exec_plain_timeout_memory_stdin() -> None:
+    res = invoke(["exec", "--", "cat"], input="piped")
+    assert res.exit_code == 0 and res.stdout == "piped"
+    res = invoke(["exec", "--json", "--timeout", "0.5", "--", "sleep", "30"])
+    assert res.exit_code == 137 and json.loads(res.stdout)["timed_out"] is True
+    res = invoke(["exec", "--json", "--memory-mb", "32", "--", "python3", "-c", "b = b'x' * (128 << 20)"])
+    assert res.exit_code == 137 and json.loads(res.stdout)["oom_killed"] is True
+
+
+def test_exec_bad_backend_is_named() -> None:
+    res = invoke(["exec", "--backend", "lxc", "--", "true"])
+    assert res.exit_code == 2 and "--backend must be one of bwrap, docker" in res.output
+
+
+@pytest.mark.docker
+def test_exec_docker_backend() -> None:
+    subprocess.run(["bash", str(ROOT / "scripts/docker.sh")], check=True, capture_output=True, timeout=900)
+    res = invoke(["exec", "--backend", "docker", "--json", "--", "sh", "-c", "test -e /usr/sbin/dockerd || echo image; exit 4"])
+    assert res.exit_code == 4, res.output
+    assert json.loads(res.stdout)["stdout"] == "image\n"  # the sandbox image, not the host's /usr
