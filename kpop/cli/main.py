@@ -8,6 +8,7 @@ import typer
 
 from kpop.cli import config as config_cmd
 from kpop.cli import env as env_cmd
+from kpop.cli import evals as evals_cmd
 from kpop.cli import plan as plan_cmd
 from kpop.cli import sandbox as sandbox_cmd
 from kpop.cli import train as train_cmd
@@ -26,6 +27,10 @@ app.add_typer(env_cmd.app, name="env")
 app.add_typer(sandbox_cmd.app, name="sandbox")
 app.command("plan")(plan_cmd.plan)
 app.command("train")(train_cmd.train)
+app.command("eval")(evals_cmd.eval_cmd)
+app.command("replay")(evals_cmd.replay_cmd)
+app.command("export")(evals_cmd.export_cmd)
+app.command("view")(evals_cmd.view_cmd)
 
 
 def main() -> None:

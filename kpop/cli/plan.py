@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -12,4 +13,15 @@ def plan(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Total/active parameters, cache sizes and the memory to train and serve CONFIG's policy."""
-    raise NotImplementedError("kpop plan: being written (kpop/policy/plan.py)")
+    from kpop.config import ConfigError, load_config
+    from kpop.policy.plan import format_plan, plan_run_config
+
+    cfg = load_config(config)
+    try:
+        result = plan_run_config(cfg)
+    except ValueError as exc:  # an arch that cannot build a model: report it as a config error
+        raise ConfigError(f"{config}: {exc}") from None
+    if json_out:
+        typer.echo(json.dumps(result.model_dump(mode="json")))
+    else:
+        typer.echo(format_plan(result))

@@ -1,0 +1,128 @@
+"""Trajectory stream throughput vs raw Redis XADD, on one private redis-server.
+
+    python bench/stream.py --json
+
+For each payload size (4 KiB and 64 KiB of encoded trajectory):
+  kpop: a producer process `put_many`s trajectories (batches of --batch) while this process
+        `get`s and `ack`s them through the consumer group; records/s = records / time until
+        the last ack (end to end: encode, XADD, XREADGROUP, dedup check, decode, ack+XDEL).
+  raw:  `redis-benchmark` running `XADD key MAXLEN ~ 1000 * d <payload>` with the same payload
+        size against the same server (default 50 clients, no pipelining; MAXLEN keeps the
+        server's memory bounded like kpop's XDEL-on-ack does).
+The ratio is kpop records/s over raw XADD records/s. The server runs without persistence
+so both sides measure the stream path, not the disk. Goal: ratio_4k >= 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kpop.redis_server import RedisServer  # noqa: E402
+from kpop.stream import TrajectoryStream  # noqa: E402
+from kpop.trajectory import Trajectory, encode  # noqa: E402
+
+
+def make_trajectory(target_bytes: int) -> Trajectory:
+    """A realistic trajectory whose encoding is ~target_bytes: the chat text takes ~4 bytes per
+    token (a typical BPE ratio) next to the 9 bytes per token of the packed arrays."""
+
+    def build(n: int) -> Trajectory:
+        prompt, reply = n // 4, n - n // 4
+        return Trajectory(
+            run_id="bench", task_id="task-0", env_id="kpop/Coding-v0", seed=0,
+            messages=[{"role": "user", "content": "w" * 4 * prompt}, {"role": "assistant", "content": "c" * 4 * reply}],
+            token_ids=[(7 * i) % 157184 for i in range(n)], logprobs=[-0.25] * n,
+            loss_mask=[0] * (n // 4) + [1] * (n - n // 4), segments=[(n // 4, n, 0)] if n >= 4 else [],
+            reward=1.0, reward_detail={"passed": 1}, timings={"env_s": 0.1, "gen_s": 0.2, "wall_s": 0.3},
+        )
+
+    overhead = len(encode(build(0)))
+    return build(max(0, (target_bytes - overhead) // 13))  # 4 + 4 + 1 array bytes + ~4 text bytes per token
+
+
+def produce(url: str, key: str, target_bytes: int, count: int, batch: int) -> None:
+    template = make_trajectory(target_bytes)
+    trajs = [template.model_copy(update={"trajectory_id": str(uuid.uuid4())}) for _ in range(count)]
+    stream = TrajectoryStream(url, key, consumer="bench-producer", max_backlog=4096)
+    for i in range(0, count, batch):
+        stream.put_many(trajs[i : i + batch])
+    stream.close()
+
+
+def bench_kpop(url: str, target_bytes: int, count: int, batch: int) -> dict:
+    key = f"bench:{target_bytes}:{uuid.uuid4().hex[:8]}"
+    consumer = TrajectoryStream(url, key, consumer="bench-learner", claim_idle_ms=0)
+    consumer.backlog()  # creates the group before the producer writes
+    producer = mp.get_context("fork").Process(target=produce, args=(url, key, target_bytes, count, batch))
+    t0 = time.perf_counter()
+    producer.start()
+    done = 0
+    while done < count:
+        got = consumer.get(batch, block_ms=5000)
+        if not got:
+            raise RuntimeError(f"stalled after {done}/{count} records (producer exit code {producer.exitcode})")
+        consumer.ack([eid for eid, _ in got])
+        done += len(got)
+    elapsed = time.perf_counter() - t0
+    producer.join()
+    size = len(encode(make_trajectory(target_bytes)))
+    return {"records": count, "bytes": size, "seconds": round(elapsed, 3), "rps": count / elapsed,
+            "MBps": count * size / elapsed / 1e6}
+
+
+def bench_raw(server: RedisServer, size: int, count: int) -> dict:
+    payload = "x" * size
+    cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(server.port), "-a", server.password, "-n", str(count),
+           "--csv", "XADD", f"rawbench:{size}", "MAXLEN", "~", "1000", "*", "d", payload]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+    # CSV: a header line, then "cmd","rps",... per test
+    row = [line for line in out.splitlines() if line.startswith('"XADD')][-1]
+    rps = float(row.split('","')[1])
+    return {"records": count, "bytes": size, "rps": rps, "MBps": rps * size / 1e6}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="one JSON object per line; the last has ratio_4k")
+    ap.add_argument("--count-4k", type=int, default=20_000)
+    ap.add_argument("--count-64k", type=int, default=2_000)
+    ap.add_argument("--batch", type=int, default=64, help="put_many / get batch size")
+    ap.add_argument("--redis-server", default=shutil.which("redis-server") or "/usr/bin/redis-server")
+    args = ap.parse_args()
+    if not shutil.which("redis-benchmark"):
+        sys.exit("bench/stream.py needs redis-benchmark (apt-get install redis-server)")
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="kpop-bench-") as tmp, RedisServer(
+        tmp, executable=args.redis_server, appendonly=False
+    ) as server:
+        for label, target, count in (("4k", 4096, args.count_4k), ("64k", 65536, args.count_64k)):
+            kpop = bench_kpop(server.url, target, count, args.batch)
+            raw = bench_raw(server, kpop["bytes"], count)
+            row = {"size": label, "payload_bytes": kpop["bytes"], "kpop_rps": round(kpop["rps"], 1),
+                   "kpop_MBps": round(kpop["MBps"], 2), "raw_xadd_rps": round(raw["rps"], 1),
+                   "raw_xadd_MBps": round(raw["MBps"], 2), "ratio": round(kpop["rps"] / raw["rps"], 3)}
+            results[label] = row
+            print(json.dumps(row) if args.json else
+                  f"{label:>4}: kpop {row['kpop_rps']:9.1f} rec/s {row['kpop_MBps']:7.1f} MB/s | raw XADD "
+                  f"{row['raw_xadd_rps']:9.1f} rec/s {row['raw_xadd_MBps']:7.1f} MB/s | ratio {row['ratio']:.3f}",
+                  flush=True)
+    summary = {"ratio_4k": results["4k"]["ratio"], "ratio_64k": results["64k"]["ratio"],
+               "kpop_rps_4k": results["4k"]["kpop_rps"], "raw_xadd_rps_4k": results["4k"]["raw_xadd_rps"],
+               "goal_ratio_4k": 0.5, "batch": args.batch}
+    print(json.dumps(summary) if args.json else f"ratio_4k {summary['ratio_4k']} (goal >= 0.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Every trajectory a run produced, kept in the run directory as parquet, with an index.
+
+    archive = TrajectoryArchive("runs/demo")
+    archive.write(trajs, status="consumed", step=12, policy_version=12)
+    archive.close()                                    # flushes what is buffered
+    TrajectoryArchive("runs/demo").load(env_id="kpop/tooluse-v0", min_reward=1.0)
+
+Layout of `runs/<name>/trajectories/`:
+
+    part-000000.parquet          one row per trajectory (columns in `_SCHEMA`)
+    part-000000.index.json       the index rows of that part (`IndexRow`), small
+    ...
+
+Crash safety: a part and its index are each written to a temporary name and then linked to
+their final name, so a reader (or a resumed writer) only ever sees complete files. A crash
+between the two leaves a part without an index; opening the archive rebuilds that index from
+the part. Linking (not renaming) means a second writer can never overwrite a part: it takes the
+next free number instead. Reopening after a resume continues the numbering.
+
+Archive status (why the trajectory was kept) is separate from the episode's own status:
+"consumed" (trained on), "dropped_stale" (too old for the learner), "failed" (the episode or its
+processing failed). The learner's recomputed logprobs (`train_logprobs`) are optional per row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from kpop.trajectory import Segment, Trajectory
+
+ArchiveStatus = Literal["consumed", "dropped_stale", "failed"]
+STATUSES: tuple[str, ...] = ("consumed", "dropped_stale", "failed")
+ARCHIVE_DIR = "trajectories"
+FORMAT_VERSION = 1
+
+_PART_RE = re.compile(r"part-(\d{6})\.parquet")
+
+_SCHEMA = pa.schema([
+    ("trajectory_id", pa.string()),
+    ("run_id", pa.string()),
+    ("group_id", pa.string()),
+    ("env_id", pa.string()),
+    ("task_id", pa.string()),
+    ("seed", pa.int64()),
+    ("status", pa.string()),  # archive status
+    ("step", pa.int64()),  # learner step at archiving time
+    ("policy_version", pa.int64()),  # learner's policy version at archiving time
+    ("min_version", pa.int64()),
+    ("max_version", pa.int64()),
+    ("staleness", pa.int64()),  # policy_version - min_version
+    ("reward", pa.float64()),
+    ("reward_detail", pa.string()),  # JSON
+    ("episode_status", pa.string()),  # Trajectory.status: ok | failed | truncated
+    ("error", pa.string()),
+    ("messages", pa.string()),  # JSON: the OpenAI chat messages
+    ("token_ids", pa.list_(pa.int32())),
+    ("logprobs", pa.list_(pa.float32())),
+    ("loss_mask", pa.list_(pa.int8())),
+    ("train_logprobs", pa.list_(pa.float32())),  # null unless the learner recomputed them
+    ("segments", pa.list_(pa.list_(pa.int64()))),  # [start, end, version]
+    ("timings", pa.string()),  # JSON
+    ("sandbox", pa.string()),  # JSON or null
+    ("created_at", pa.float64()),
+    ("archived_at", pa.float64()),
+])
+# The index keeps what filters need without opening the parts.
+INDEX_FIELDS: tuple[str, ...] = ("trajectory_id", "env_id", "task_id", "seed", "reward", "status",
+                                 "episode_status", "step", "policy_version", "min_version", "max_version",
+                                 "staleness", "num_tokens", "num_turns", "created_at")
+
+
+class ArchiveError(ValueError):
+    """An archive that cannot be read or a bad write; the message names the file or field."""
+
+
+@dataclass
+class ArchivedTrajectory:
+    """One archive row: the trajectory plus what the run knew when it was archived."""
+
+    trajectory: Trajectory
+    status: str
+    step: int | None
+    policy_version: int | None
+    staleness: int | None
+    train_logprobs: list[float] | None
+    part: str
+
+
+def archive_dir(path: str | Path) -> Path:
+    """`path` may be a run directory or its `trajectories/` folder."""
+    path = Path(path)
+    if path.name != ARCHIVE_DIR and (path / ARCHIVE_DIR).is_dir():
+        return path / ARCHIVE_DIR
+    if path.is_dir() and (any(path.glob("part-*.parquet")) or path.name == ARCHIVE_DIR):
+        return path
+    raise ArchiveError(f"{path}: not a run directory or trajectory archive (no {ARCHIVE_DIR}/ with part-*.parquet)")
+
+
+class TrajectoryArchive:
+    """Append-only parquet archive of a run's trajectories (see the module docstring)."""
+
+    def __init__(self, run_dir: str | Path, flush_every: int = 256) -> None:
+        if flush_every < 1:
+            raise ValueError(f"flush_every must be >= 1, got {flush_every}")
+        run_dir = Path(run_dir)
+        self.dir = run_dir if run_dir.name == ARCHIVE_DIR else run_dir / ARCHIVE_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.flush_every = flush_every
+        self._buffer: list[dict[str, Any]] = []
+        self._closed = False
+        self._repair()
+
+    # ---- writing ------------------------------------------------------------------------------
+    def write(self, trajectories: Iterable[Trajectory], status: ArchiveStatus, step: int | None = None,
+              policy_version: int | None = None,
+              train_logprobs: Sequence[Sequence[float] | None] | None = None) -> None:
+        """Buffer `trajectories`; a part file is written every `flush_every` rows (and on flush/close)."""
+        if self._closed:
+            raise ArchiveError("write() on a closed archive")
+        if status not in STATUSES:
+            raise ArchiveError(f"status must be one of {STATUSES}, got {status!r}")
+        for name, value in (("step", step), ("policy_version", policy_version)):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ArchiveError(f"{name} must be an int >= 0 or None, got {value!r}")
+        trajectories = list(trajectories)
+        if train_logprobs is not None and len(train_logprobs) != len(trajectories):
+            raise ArchiveError(f"train_logprobs has {len(train_logprobs)} entries for {len(trajectories)} trajectories")
+        now = time.time()
+        for i, traj in enumerate(trajectories):
+            if not isinstance(traj, Trajectory):
+                raise ArchiveError(f"trajectories[{i}] is a {type(traj).__name__}, not a kpop.trajectory.Trajectory")
+            train = None if train_logprobs is None else train_logprobs[i]
+            if train is not None and len(train) != traj.num_tokens:
+                raise ArchiveError(f"train_logprobs[{i}] has {len(train)} values for {traj.num_tokens} tokens "
+                                   f"(trajectory {traj.trajectory_id})")
+            self._buffer.append(_row(traj, status, step, policy_version, train, now))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        """Write the buffered rows as one part (and its index); returns the part's path."""
+        if not self._buffer:
+            return None
+        table = pa.Table.from_pylist(self._buffer, schema=_SCHEMA)
+        index = [_index_row(r) for r in self._buffer]
+        number = self._next_number()
+        while True:
+            part = self.dir / f"part-{number:06d}.parquet"
+            tmp = self._tmp(".parquet")
+            pq.write_table(table, tmp, compression="zstd")
+            try:
+                _publish(tmp, part)
+                break
+            except FileExistsError:  # another writer took this number
+                number += 1
+        tmp = self._tmp(".json")
+        tmp.write_text(json.dumps({"format": FORMAT_VERSION, "part": part.name, "rows": index}))
+        _publish(tmp, _index_path(part))
+        self._buffer = []
+        return part
+
+    def close(self) -> None:
+        if not self._closed:
+            self.flush()
+            self._closed = True
+
+    def __enter__(self) -> "TrajectoryArchive":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- reading ------------------------------------------------------------------------------
+    def parts(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("part-*.parquet") if _PART_RE.fullmatch(p.name))
+
+    def index(self, **filters: Any) -> list[dict[str, Any]]:
+        """Index rows (dicts with `INDEX_FIELDS` + `part`) of the written parts, optionally filtered
+        (see `matches` for the filter names)."""
+        rows: list[dict[str, Any]] = []
+        for part in self.parts():
+            path = _index_path(part)
+            try:
+                doc = json.loads(path.read_text())
+            except FileNotFoundError:  # written after _repair by a concurrent writer's crash
+                doc = {"rows": [_index_row(r) for r in pq.read_table(part).to_pylist()]}
+            except json.JSONDecodeError as exc:
+                raise ArchiveError(f"{path}: corrupt index ({exc})") from None
+            rows += [{**r, "part": part.name} for r in doc["rows"] if matches(r, **filters)]
+        return rows
+
+    def records(self, ids: Iterable[str] | None = None, limit: int | None = None,
+                **filters: Any) -> list[ArchivedTrajectory]:
+        """Full rows (trajectory + archive fields) matching `ids` and `filters`, in archive order."""
+        wanted = None if ids is None else set(ids)
+        rows = [r for r in self.index(**filters) if wanted is None or r["trajectory_id"] in wanted]
+        if limit is not None:
+            rows = rows[:limit]
+        by_part: dict[str, set[str]] = {}
+        for r in rows:
+            by_part.setdefault(r["part"], set()).add(r["trajectory_id"])
+        found: dict[str, ArchivedTrajectory] = {}
+        for part, tids in by_part.items():
+            table = pq.read_table(self.dir / part, filters=[("trajectory_id", "in", sorted(tids))])
+            for row in table.to_pylist():
+                found[row["trajectory_id"]] = _record(row, part)
+        return [found[r["trajectory_id"]] for r in rows if r["trajectory_id"] in found]
+
+    def load(self, ids: Iterable[str] | None = None, limit: int | None = None, **filters: Any) -> list[Trajectory]:
+        """Trajectories matching `ids` and `filters` (see `matches`)."""
+        return [r.trajectory for r in self.records(ids, limit=limit, **filters)]
+
+    def __len__(self) -> int:
+        return len(self.index())
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _next_number(self) -> int:
+        parts = self.parts()
+        return int(_PART_RE.fullmatch(parts[-1].name).group(1)) + 1 if parts else 0  # type: ignore[union-attr]
+
+    def _tmp(self, suffix: str) -> Path:
+        fd, name = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=suffix)
+        os.close(fd)
+        return Path(name)
+
+    def _repair(self) -> None:
+        """Drop temp files of crashed writers (older than a minute, so a live writer's survive)
+        and rebuild any missing index."""
+        cutoff = time.time() - 60
+        for tmp in self.dir.glob(".tmp-*"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
+        for part in self.parts():
+            if not _index_path(part).exists():
+                try:
+                    rows = [_index_row(r) for r in pq.read_table(part).to_pylist()]
+                except (pa.ArrowException, OSError) as exc:
+                    raise ArchiveError(f"{part}: unreadable part ({exc})") from None
+                tmp = self._tmp(".json")
+                tmp.write_text(json.dumps({"format": FORMAT_VERSION, "part": part.name, "rows": rows}))
+                try:
+                    _publish(tmp, _index_path(part))
+                except FileExistsError:
+                    pass
+
+
+def matches(row: dict[str, Any], *, env_id: str | None = None, status: str | Sequence[str] | None = None,
+            episode_status: str | None = None, min_reward: float | None = None, max_reward: float | None = None,
+            min_version: int | None = None, max_version: int | None = None, max_staleness: int | None = None,
+            step: int | None = None, failed: bool | None = None, task_id: str | None = None) -> bool:
+    """Whether an index row passes the filters. `failed=True`: archived as failed or the episode
+    failed; versions compare against the row's [min_version, max_version] range."""
+    if env_id is not None and row["env_id"] != env_id:
+        return False
+    if task_id is not None and row["task_id"] != task_id:
+        return False
+    if status is not None and row["status"] not in ((status,) if isinstance(status, str) else tuple(status)):
+        return False
+    if episode_status is not None and row["episode_status"] != episode_status:
+        return False
+    if min_reward is not None and row["reward"] < min_reward:
+        return False
+    if max_reward is not None and row["reward"] > max_reward:
+        return False
+    if min_version is not None and (row["max_version"] is None or row["max_version"] < min_version):
+        return False
+    if max_version is not None and (row["min_version"] is None or row["min_version"] > max_version):
+        return False
+    if max_staleness is not None and (row["staleness"] or 0) > max_staleness:
+        return False
+    if step is not None and row["step"] != step:
+        return False
+    if failed is not None and failed != (row["status"] == "failed" or row["episode_status"] == "failed"):
+        return False
+    return True
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    # link() refuses to replace an existing file (rename would), so no part is ever overwritten
+    try:
+        os.link(tmp, final)
+    finally:
+        tmp.unlink()
+
+
+def _index_path(part: Path) -> Path:
+    return part.with_name(part.name.replace(".parquet", ".index.json"))
+
+
+def _row(traj: Trajectory, status: str, step: int | None, policy_version: int | None,
+         train_logprobs: Sequence[float] | None, now: float) -> dict[str, Any]:
+    lo, hi = traj.min_policy_version, traj.max_policy_version
+    return {
+        "trajectory_id": traj.trajectory_id, "run_id": traj.run_id, "group_id": traj.group_id,
+        "env_id": traj.env_id, "task_id": traj.task_id, "seed": traj.seed, "status": status, "step": step,
+        "policy_version": policy_version, "min_version": lo, "max_version": hi,
+        "staleness": None if policy_version is None or lo is None else max(0, policy_version - lo),
+        "reward": float(traj.reward), "reward_detail": json.dumps(traj.reward_detail, default=str),
+        "episode_status": traj.status, "error": traj.error, "messages": json.dumps(traj.messages),
+        "token_ids": traj.token_ids, "logprobs": traj.logprobs, "loss_mask": traj.loss_mask,
+        "train_logprobs": None if train_logprobs is None else [float(x) for x in train_logprobs],
+        "segments": [list(s) for s in traj.segments], "timings": json.dumps(traj.timings),
+        "sandbox": None if traj.sandbox is None else traj.sandbox.model_dump_json(),
+        "created_at": traj.created_at, "archived_at": now,
+    }
+
+
+def _index_row(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: row[k] for k in INDEX_FIELDS if k in row}
+    out["num_tokens"] = len(row["token_ids"] or [])
+    out["num_turns"] = sum(1 for m in json.loads(row["messages"]) if m.get("role") == "assistant")
+    return out
+
+
+def _record(row: dict[str, Any], part: str) -> ArchivedTrajectory:
+    try:
+        traj = Trajectory(
+            run_id=row["run_id"], trajectory_id=row["trajectory_id"], group_id=row["group_id"],
+            env_id=row["env_id"], task_id=row["task_id"], seed=row["seed"],
+            messages=json.loads(row["messages"]), token_ids=row["token_ids"] or [],
+            logprobs=row["logprobs"] or [], loss_mask=row["loss_mask"] or [],
+            segments=[Segment(*s) for s in row["segments"] or []], reward=row["reward"],
+            reward_detail=json.loads(row["reward_detail"]), status=row["episode_status"], error=row["error"],
+            timings=json.loads(row["timings"]),
+            sandbox=None if row["sandbox"] is None else json.loads(row["sandbox"]), created_at=row["created_at"],
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ArchiveError(f"{part}: trajectory {row.get('trajectory_id')!r} is invalid: {exc}") from None
+    return ArchivedTrajectory(trajectory=traj, status=row["status"], step=row["step"],
+                              policy_version=row["policy_version"], staleness=row["staleness"],
+                              train_logprobs=row["train_logprobs"], part=part)

@@ -1,0 +1,201 @@
+"""The inference cache of a Ring-2.6 policy, and how rollout engines step the model through it.
+
+Ring-2.6 mixes two kinds of attention layer, so a sequence's cache has two parts:
+
+* every MLA layer keeps a *paged latent cache*: per token `kv_lora_rank + qk_rope_head_dim`
+  (512 + 64 = 576) values — the normalised `c_kv` followed by the roped `k_rope` — in blocks of
+  `block_size` tokens. All MLA layers share one block table per sequence (a token sits at the same
+  block/offset in every layer), so a sequence owns a list of block ids, not one per layer.
+* every Lightning layer keeps a fixed-size fp32 recurrent state `[H, K, V]` per sequence, held in
+  a *slot pool* `[max_seqs, H, K, V]`. The state cannot be rolled back: a cached sequence only
+  grows, and the way to "rewind" is to free it and prefill again.
+
+A sequence is identified by its *slot* (an int in `[0, max_seqs)`), which indexes the Lightning
+state pools and the block-table rows alike.
+
+Usage (what `kpop/rollout/` codes against)::
+
+    cache = HybridCache.for_model(model, max_seqs=32, num_blocks=512, block_size=16)
+    a, b = cache.allocate(), cache.allocate()            # empty sequences, seq_len 0
+
+    # batched prefill of two prompts: flat ragged ids + one length per sequence
+    ids = torch.tensor(prompt_a + prompt_b)
+    logits = model.forward_step(ids, [a, b], [len(prompt_a), len(prompt_b)], cache)  # [2, V] fp32
+    # batched decode: one token each
+    logits = model.forward_step(torch.tensor([ta, tb]), [a, b], [1, 1], cache)
+    # resume a paused request / next agent turn: append several tokens (tool result +
+    # next prompt) to a sequence that already has cache, mixed in one call with decodes
+    logits = model.forward_step(torch.tensor(turn_ids + [tb]), [a, b], [len(turn_ids), 1], cache)
+    cache.seq_len(a)                                     # tokens cached so far
+    cache.free(a)                                        # slot and its blocks return to the pools
+
+`forward_step(input_ids, slots, query_lens, cache, all_logits=False)` (on
+`BailingMoeV2_5ForCausalLM`):
+  - `input_ids` LongTensor `[N]`, the new tokens of every listed sequence, concatenated in the
+    order of `slots`; `query_lens[i]` of them belong to `slots[i]`; `sum(query_lens) == N`,
+    every length >= 1, no slot listed twice.
+  - positions are implicit: token j of sequence i sits at `cache.seq_len(slots[i]) + j`.
+  - returns fp32 logits for the last new token of each sequence `[len(slots), V]`, or for every
+    new token `[N, V]` when `all_logits=True` (scoring several appended tokens at once).
+  - afterwards every listed sequence's `seq_len` has grown by its query length. Blocks are
+    taken from the pool as needed; if the pool cannot hold the new tokens, `CacheFull` is raised
+    *before* anything is written, so the caller can pause/evict and retry.
+  - runs under `torch.no_grad()`. Lightning layers: `lightning_decode` when every query length
+    is 1, else chunked `lightning_attn` seeded with the slots' states. MLA layers: sequences with
+    no cache run `mla_prefill`; tokens appended to a cache run `mla_decode` (weight-absorbed),
+    one row per token, so a long append costs rows x context. The result equals a full-sequence
+    `forward` up to fp rounding (tests: fp32 within 1e-5).
+
+`can_fit(slots, query_lens)` tells beforehand whether a step fits; `num_free_blocks` and
+`num_free_slots` let a scheduler decide how many sequences to admit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class CacheFull(RuntimeError):
+    """The block pool (or the slot pool) cannot hold what was asked; nothing was written."""
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What a model needs cached; derived from the config by `HybridCache.for_model`."""
+
+    num_mla_layers: int
+    num_linear_layers: int
+    latent_dim: int  # kv_lora_rank + qk_rope_head_dim: one cached row per token per MLA layer
+    linear_heads: int
+    linear_head_dim: int
+
+
+class HybridCache:
+    """Paged MLA latent caches + Lightning fp32 state slot pools for up to `max_seqs` sequences."""
+
+    def __init__(
+        self,
+        shape: CacheShape,
+        max_seqs: int,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if max_seqs < 1 or num_blocks < 1 or block_size < 1:
+            raise ValueError(
+                f"HybridCache needs max_seqs, num_blocks and block_size >= 1, got {max_seqs}, {num_blocks}, {block_size}"
+            )
+        self.shape, self.max_seqs, self.num_blocks, self.block_size = shape, max_seqs, num_blocks, block_size
+        self.device = torch.device(device)
+        # the latent cache follows the model dtype; Lightning states stay fp32 (long recurrences)
+        self.kv = [
+            torch.zeros(num_blocks, block_size, shape.latent_dim, dtype=dtype, device=self.device)
+            for _ in range(shape.num_mla_layers)
+        ]
+        self.state = [
+            torch.zeros(
+                max_seqs, shape.linear_heads, shape.linear_head_dim, shape.linear_head_dim,
+                dtype=torch.float32, device=self.device,
+            )
+            for _ in range(shape.num_linear_layers)
+        ]
+        self._free_slots = list(range(max_seqs - 1, -1, -1))
+        self._free_blocks = list(range(num_blocks - 1, -1, -1))
+        self._blocks: dict[int, list[int]] = {}
+        self._len: dict[int, int] = {}
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, max_seqs: int, num_blocks: int, block_size: int = 16,
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "HybridCache":
+        """A cache shaped for `model` (a `BailingMoeV2_5ForCausalLM`), on its device and dtype."""
+        p = next(model.parameters())
+        return cls(model.cache_shape(), max_seqs, num_blocks, block_size,
+                   dtype=dtype or p.dtype, device=device or p.device)
+
+    # -- sequence bookkeeping -------------------------------------------------------------
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free_blocks)
+
+    def allocate(self) -> int:
+        """A fresh, empty sequence slot (its Lightning states are zeroed)."""
+        if not self._free_slots:
+            raise CacheFull(f"all {self.max_seqs} sequence slots are in use")
+        slot = self._free_slots.pop()
+        for s in self.state:
+            s[slot].zero_()
+        self._blocks[slot], self._len[slot] = [], 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        self._check(slot)
+        self._free_blocks.extend(reversed(self._blocks.pop(slot)))
+        del self._len[slot]
+        self._free_slots.append(slot)
+
+    def seq_len(self, slot: int) -> int:
+        self._check(slot)
+        return self._len[slot]
+
+    def active_slots(self) -> list[int]:
+        return sorted(self._len)
+
+    def _check(self, slot: int) -> None:
+        if slot not in self._len:
+            raise KeyError(f"sequence slot {slot} is not allocated")
+
+    def _blocks_needed(self, slot: int, n: int) -> int:
+        have = len(self._blocks[slot])
+        return max(0, -(-(self._len[slot] + n) // self.block_size) - have)
+
+    def can_fit(self, slots: list[int], query_lens: list[int]) -> bool:
+        need = sum(self._blocks_needed(s, n) for s, n in zip(slots, query_lens)) if self.shape.num_mla_layers else 0
+        return need <= len(self._free_blocks)
+
+    def reserve(self, slots: list[int], query_lens: list[int]) -> None:
+        """Grow the block tables to hold `query_lens` more tokens; all-or-nothing."""
+        if len(slots) != len(query_lens):
+            raise ValueError(f"{len(slots)} slots but {len(query_lens)} query lengths")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"a slot is listed twice in {slots}")
+        for s, n in zip(slots, query_lens):
+            self._check(s)
+            if n < 1:
+                raise ValueError(f"query length for slot {s} must be >= 1, got {n}")
+        if not self.shape.num_mla_layers:
+            return
+        if not self.can_fit(slots, query_lens):
+            need = sum(self._blocks_needed(s, n) for s, n in zip(slots, query_lens))
+            raise CacheFull(f"step needs {need} more blocks of {self.block_size} tokens, {self.num_free_blocks} free")
+        for s, n in zip(slots, query_lens):
+            for _ in range(self._blocks_needed(s, n)):
+                self._blocks[s].append(self._free_blocks.pop())
+
+    def advance(self, slots: list[int], query_lens: list[int]) -> None:
+        for s, n in zip(slots, query_lens):
+            self._len[s] += n
+
+    def block_table(self, slots: list[int]) -> torch.Tensor:
+        """int32 `[len(slots), max_blocks]`, padded with 0 (never read past `seq_lens`)."""
+        rows = [self._blocks[s] for s in slots]
+        width = max(1, max((len(r) for r in rows), default=1))
+        table = torch.zeros(len(rows), width, dtype=torch.int32)
+        for i, r in enumerate(rows):
+            table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
+        return table.to(self.device)
+
+    def token_locations(self, slots: list[int], query_lens: list[int]) -> torch.Tensor:
+        """Flat cache row (`block * block_size + offset`) of every new token, int64 `[N]`."""
+        rows = []
+        for s, n in zip(slots, query_lens):
+            pos = torch.arange(self._len[s], self._len[s] + n)
+            blocks = torch.tensor(self._blocks[s], dtype=torch.long)[pos // self.block_size]
+            rows.append(blocks * self.block_size + pos % self.block_size)
+        return torch.cat(rows).to(self.device)

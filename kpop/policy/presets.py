@@ -1,0 +1,54 @@
+"""Small architectures with every Ring-2.6 feature, for the CPU quickstart and the tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kpop.policy.config import BailingHybridConfig
+
+
+def tiny_arch(vocab_size: int = 1024, **overrides: Any) -> dict[str, Any]:
+    """HF `bailing_hybrid` fields of a ~1M-parameter model: 8 layers, MLA at layers 3 and 7
+    (layer_group_size 4), Lightning elsewhere, 1 dense layer then MoE (8 experts in 4 groups,
+    top-2 of the best 2 groups), q LoRA, 1 MTP layer. Usable as `policy.arch` in a run config."""
+    arch: dict[str, Any] = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=8,
+        layer_group_size=4,
+        num_attention_heads=4,
+        head_dim=16,
+        group_norm_size=2,
+        partial_rotary_factor=0.5,
+        use_qk_norm=True,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1,
+        mtp_loss_scaling_factor=0.1,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=1,
+    )
+    arch.update(overrides)
+    return arch
+
+
+def tiny_config(vocab_size: int = 1024, **overrides: Any) -> BailingHybridConfig:
+    return BailingHybridConfig(**tiny_arch(vocab_size, **overrides))

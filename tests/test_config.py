@@ -1,0 +1,108 @@
+"""RunConfig loading: shipped configs validate, bad configs fail with one message naming
+file, field and reason, overrides apply, and `kpop config show` prints / rejects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kpop.config import ConfigError, RunConfig, StreamConfig, config_from_dict, dump_config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+# a config that trains: rl_steps > 0 needs at least one environment
+MINIMAL = {"name": "t", "environments": {"train": [{"id": "kpop/Echo-v0"}]}}
+
+
+def write(tmp_path: Path, data) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_configs_validate_and_round_trip(path):
+    cfg = load_config(path)
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)), "dumped")
+    assert again == cfg
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["learner.lr=2e-5", "stream.max_backlog=8", "ray.address=auto"])
+    assert cfg.learner.lr == 2e-5 and isinstance(cfg.learner.lr, float)
+    assert cfg.stream.max_backlog == 8 and cfg.ray.address == "auto"
+    assert cfg.stream.redis_url is None  # embedded Redis by default
+    assert cfg.out_dir == Path("runs") / "t"
+
+
+@pytest.mark.parametrize(
+    "data, overrides, field, reason",
+    [
+        ({**MINIMAL, "learner": {"lr": 1e-5, "lrr": 2}}, [], "learner.lrr", "unknown key"),
+        ({**MINIMAL, "tpyo": 1}, [], "tpyo", "unknown key"),
+        ({**MINIMAL, "learner": {"lr": "fast"}}, [], "learner.lr", "valid number"),
+        (MINIMAL, ["rollout.num_workers=0"], "rollout.num_workers", "greater than or equal to 1"),
+        (MINIMAL, ["stream.redis_url=localhost:6379"], "stream", "redis_url must start with"),
+        (MINIMAL, ["schedule.mode=sync", "schedule.max_staleness=2"], "schedule", "max_staleness must be 0"),
+        (MINIMAL, ["algorithm.advantage=rloo", "rollout.group_size=1"], "<root>", "group_size >= 2"),
+        ({"name": "t"}, [], "<root>", "environments.train is empty"),
+    ],
+)
+def test_bad_config_names_file_field_reason(tmp_path, data, overrides, field, reason):
+    path = write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    msg = str(err.value)
+    assert str(path) in msg and f"field '{field}'" in msg and reason in msg, msg
+
+
+@pytest.mark.parametrize(
+    "text, overrides, needle",
+    [
+        (None, [], "no such config file"),
+        ("learner: [unclosed", [], "not valid YAML"),
+        ("- a\n- b\n", [], "top level must be a mapping"),
+        (yaml.safe_dump(MINIMAL), ["learner.lr"], "expected KEY=VALUE"),
+        (yaml.safe_dump(MINIMAL), ["name.x=1"], "name is not a section"),
+    ],
+)
+def test_unreadable_configs_and_overrides(tmp_path, text, overrides, needle):
+    path = tmp_path / "run.yaml" if text is None else write(tmp_path, text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path, overrides)
+
+
+def test_stream_section_rules():
+    assert StreamConfig(redis_url="rediss://:pw@redis.example:6380/0").redis_url.startswith("rediss://")
+    with pytest.raises(ValueError, match="max_backlog"):
+        StreamConfig(max_backlog=0)
+    with pytest.raises(ValueError, match="unknown|Extra"):
+        StreamConfig(bogus=1)
+
+
+def test_cli_config_show(tmp_path):
+    from kpop.cli.main import app
+
+    path = write(tmp_path, MINIMAL)
+    res = CliRunner().invoke(app, ["config", "show", str(path), "learner.lr=3e-5"])
+    assert res.exit_code == 0, res.output
+    shown = yaml.safe_load(res.output)
+    assert shown["learner"]["lr"] == 3e-5 and shown["stream"]["key"] == "kpop:trajectories"
+    res = CliRunner().invoke(app, ["config", "show", str(path), "--json"])
+    assert json.loads(res.output)["name"] == "t"
+
+
+def test_cli_bad_config_exits_2_with_one_message(tmp_path):
+    path = write(tmp_path, {**MINIMAL, "learner": {"lrr": 1}})
+    out = subprocess.run([sys.executable, "-m", "kpop.cli.main", "config", "show", str(path)],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 2
+    assert "bad config" in out.stderr and "field 'learner.lrr': unknown key" in out.stderr
+    assert "Traceback" not in out.stderr

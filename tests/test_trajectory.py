@@ -1,0 +1,165 @@
+"""Trajectory schema and msgpack codec: round trips, validation, version handling."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from kpop import trajectory as T
+from kpop.trajectory import (
+    SCHEMA_VERSION,
+    FutureSchemaWarning,
+    SandboxIdentity,
+    Segment,
+    Trajectory,
+    TrajectoryDecodeError,
+    decode,
+    encode,
+)
+
+
+def make(n: int = 6, **kw) -> Trajectory:
+    base = dict(
+        run_id="run-1",
+        task_id="task-7",
+        env_id="kpop/Coding-v0",
+        seed=11,
+        messages=[
+            {"role": "system", "content": "You are a coder."},
+            {"role": "user", "content": "Fix the bug — ünïcödé ✓ 修复"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "run", "arguments": '{"cmd": "ls"}'}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "a.py\n"},
+            {"role": "assistant", "content": "done 🎉"},
+        ],
+        token_ids=list(range(100, 100 + n)),
+        logprobs=[0.0, 0.0, -0.25, -1.5, 0.0, -0.125][:n] + [-0.5] * max(0, n - 6),
+        loss_mask=[0, 0, 1, 1, 0, 1][:n] + [1] * max(0, n - 6),
+        segments=[(2, 4, 3), (5, n, 4)] if n >= 6 else [],
+        reward=1.0,
+        reward_detail={"tests_passed": 3, "tests_total": 3, "note": "ok ✓"},
+        timings={"env_s": 0.5, "gen_s": 1.25, "wall_s": 2.0},
+        sandbox=SandboxIdentity(backend="bwrap", image="debian-bookworm", digest="sha256:abc"),
+    )
+    base.update(kw)
+    return Trajectory(**base)
+
+
+def test_round_trip_full():
+    traj = make()
+    out = decode(encode(traj))
+    assert out == traj
+    assert out.segments[0] == Segment(2, 4, 3)
+    assert out.messages[2]["tool_calls"][0]["function"]["name"] == "run"
+    assert out.messages[1]["content"].endswith("修复")
+
+
+def test_round_trip_empty():
+    traj = Trajectory(run_id="r", task_id="t", env_id="e")
+    out = decode(encode(traj))
+    assert out == traj and out.num_tokens == 0
+    assert out.min_policy_version is None and out.staleness(9) == 0
+
+
+def test_round_trip_large():
+    n = 200_000
+    rng = np.random.default_rng(0)
+    lp = (-rng.random(n)).astype(np.float32).tolist()  # float32-exact so equality holds
+    traj = make(n=n, token_ids=rng.integers(0, 157184, n).tolist(), logprobs=lp, segments=[(0, n, 1)],
+                loss_mask=[1] * n, messages=[{"role": "assistant", "content": "x" * 1_000_000}])
+    blob = encode(traj)
+    # packed arrays: 4 + 4 + 1 bytes per token, plus the text
+    assert len(blob) < 9 * n + 1_000_000 + 4096
+    assert decode(blob) == traj
+
+
+def test_logprobs_travel_as_float32():
+    traj = make(logprobs=[0.0, 0.0, -0.1, -1.5, 0.0, -0.125])
+    out = decode(encode(traj))
+    assert out.logprobs[2] == pytest.approx(-0.1, abs=1e-7) and out.logprobs[2] != -0.1
+
+
+def test_policy_versions_and_staleness():
+    traj = make()
+    assert (traj.min_policy_version, traj.max_policy_version) == (3, 4)
+    assert traj.staleness(6) == 3 and traj.staleness(3) == 0
+    assert traj.num_tokens == 6 and traj.num_model_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(logprobs=[0.0] * 5), "equal lengths"),
+        (dict(loss_mask=[0, 0, 1, 1, 0, 2]), "only 0 and 1"),
+        (dict(segments=[(2, 7, 0)]), "segments[0]"),
+        (dict(segments=[(3, 3, 0)]), "non-empty"),
+        (dict(segments=[(2, 5, 0), (4, 6, 1)]), "before the previous segment"),
+        (dict(segments=[(2, 4, -1)]), "policy version"),
+        (dict(token_ids=[-1, 1, 2, 3, 4, 5]), "token_ids"),
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "role"),
+        (dict(status="failed"), "error message"),
+        (dict(status="weird"), "status"),
+        (dict(unknown_field=1), "unknown_field"),
+    ],
+)
+def test_validation_errors_name_the_problem(kw, needle):
+    with pytest.raises(ValidationError) as err:
+        make(**kw)
+    assert needle in str(err.value)
+
+
+def _doc(traj: Trajectory) -> dict:
+    return msgpack.unpackb(encode(traj), raw=False)
+
+
+def test_newer_compatible_version_ignores_unknown_fields_with_warning():
+    doc = _doc(make())
+    doc.update({"_v": SCHEMA_VERSION + 1, "_compat": SCHEMA_VERSION, "kv_cache_hint": [1, 2]})
+    with pytest.warns(FutureSchemaWarning, match="kv_cache_hint"):
+        out = decode(msgpack.packb(doc, use_bin_type=True))
+    assert out == make().model_copy(update={"trajectory_id": out.trajectory_id, "group_id": out.group_id,
+                                            "created_at": out.created_at})
+
+
+def test_newer_incompatible_version_fails_clearly():
+    doc = _doc(make())
+    doc.update({"_v": SCHEMA_VERSION + 3, "_compat": SCHEMA_VERSION + 2})
+    with pytest.raises(TrajectoryDecodeError, match=f"version {SCHEMA_VERSION + 3}.*upgrade"):
+        decode(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_v1_is_migrated():
+    # a version-1 document: one policy_version, no segments, no group_id
+    traj = make()
+    doc = _doc(traj)
+    for key in ("segments", "group_id"):
+        del doc[key]
+    doc.update({"_v": 1, "policy_version": 5})
+    doc.pop("_compat")
+    out = decode(msgpack.packb(doc, use_bin_type=True))
+    # model-token runs of loss_mask [0,0,1,1,0,1] become segments tagged with the one version
+    assert out.segments == [Segment(2, 4, 5), Segment(5, 6, 5)]
+    assert out.group_id == traj.trajectory_id
+    assert set(T.MIGRATIONS) == set(range(1, SCHEMA_VERSION))
+
+
+@pytest.mark.parametrize(
+    "blob, needle",
+    [
+        (b"\xc1garbage", "not a msgpack trajectory"),
+        (msgpack.packb([1, 2, 3]), "schema version"),
+        (msgpack.packb({"run_id": "x"}), "schema version"),
+        (msgpack.packb({"_v": 0}), "invalid"),
+        (msgpack.packb({"_v": SCHEMA_VERSION, "run_id": "r"}), "task_id"),
+    ],
+)
+def test_garbage_fails_with_decode_error(blob, needle):
+    with pytest.raises(TrajectoryDecodeError, match=needle):
+        decode(blob)
