@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 
 from kpop.trajectory import Segment, Trajectory
 
-ArchiveStatus = Literal["consumed", "dropped_stale", "failed"]
-STATUSES: tuple[str, ...] = ("consumed", "dropped_stale", "failed")
+ArchiveStatus = Literal["consumed", "dropped_stale", "dropped_small_group", "failed"]
+STATUSES: tuple[str, ...] = ("consumed", "dropped_stale", "dropped_small_group", "failed")
 ARCHIVE_DIR = "trajectories"
 FORMAT_VERSION = 1
 

@@ -131,7 +131,6 @@ class ScheduleConfig(_Section):
     batch_size: int = Field(16, ge=1)  # trajectories per learner step
     token_budget: int = Field(0, ge=0)  # tokens per learner step (0 = no budget, count trajectories)
     max_staleness: int = Field(2, ge=0)  # max policy-version lag of a sample; sync mode = 0
-    partial_rollouts: bool = True
     weight_sync_timeout_s: float = Field(120.0, gt=0.0)  # watchdog on a weight broadcast
     eval_before_rl: bool = True
     eval_every: int = Field(0, ge=0)  # 0 = only before and after RL
@@ -178,6 +177,9 @@ class RunConfig(_Section):
             raise ValueError("algorithm.advantage 'rloo' needs rollout.group_size >= 2 (leave-one-out baseline)")
         if self.rollout.max_new_tokens > self.rollout.max_episode_tokens:
             raise ValueError("rollout.max_new_tokens cannot exceed rollout.max_episode_tokens")
+        if self.schedule.token_budget == 0 and self.schedule.batch_size % self.rollout.group_size:
+            raise ValueError(f"schedule.batch_size ({self.schedule.batch_size}) must be a multiple of "
+                             f"rollout.group_size ({self.rollout.group_size}): batches hold whole groups")
         if self.schedule.rl_steps > 0 and not self.environments.train:
             raise ValueError("environments.train is empty but schedule.rl_steps > 0: nothing to train on")
         return self

@@ -2,10 +2,9 @@
 
 - `TaskSource`: a seeded, resumable stream of tasks; each task is sampled `group_size` times
   (one GRPO/RLOO group), environments drawn by their configured weights.
-- `Admission`: how many episodes may be in flight. Async RL caps admission at
+- `Admission`: how many episodes may be in flight. Admission is capped at
   `(max_staleness + 1) x batch_size` so nothing admitted now can be older than the bound when
-  it is consumed, unless the environment is slow; sync RL (staleness 0) admits exactly one
-  batch per policy version and waits for it.
+  it is consumed, unless the environment is slow; sync RL is the same rule with staleness 0.
 - `BatchGate`: decides when the learner steps (a batch of trajectories, or a token budget)
   and which samples are too stale to train on.
 """
@@ -52,20 +51,16 @@ class TaskSource:
 
 @dataclass
 class Admission:
+    """Episodes that may be started now: at most `(max_staleness + 1) x batch_size` admitted and
+    not yet consumed. Sync mode is max_staleness 0: one batch in flight, nothing admitted under
+    an old version survives the staleness check, so every trained sample is fresh."""
+
     batch_size: int
     max_staleness: int
-    sync: bool
 
-    def capacity(self, version: int, admitted_at_version: int, in_flight: int, buffered: int) -> int:
-        """Episodes that may be started now.
-
-        `admitted_at_version`: episodes already admitted under the current version (sync mode
-        admits one batch per version); `in_flight`: running; `buffered`: finished, not yet consumed.
-        """
-        if self.sync:
-            return max(0, self.batch_size - admitted_at_version)
-        cap = (self.max_staleness + 1) * self.batch_size
-        return max(0, cap - in_flight - buffered)
+    def capacity(self, in_flight: int, buffered: int) -> int:
+        """`in_flight`: running episodes; `buffered`: finished, not yet consumed or dropped."""
+        return max(0, (self.max_staleness + 1) * self.batch_size - in_flight - buffered)
 
 
 @dataclass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 
 import typer
@@ -11,11 +14,27 @@ from kpop.config import load_config
 
 def train(
     config: Path = typer.Argument(..., help="YAML run config, e.g. configs/quickstart.yaml"),
-    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. learner.lr=2e-5"),
-    ray_address: str = typer.Option(None, "--ray-address", help="attach to an existing Ray cluster"),
+    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. learner.lr=2e-5 schedule.mode=sync"),
+    ray_address: str = typer.Option(None, "--ray-address", help="attach to an existing Ray cluster (host:port or 'auto')"),
+    fresh: bool = typer.Option(False, "--fresh", help="ignore checkpoints in the run directory and start over"),
 ) -> None:
-    """Run CONFIG: cold-start SFT, then asynchronous RL, into runs/<name>/."""
+    """Run CONFIG: cold-start SFT on oracle demonstrations, then asynchronous RL, into runs/<name>/.
+
+    Re-running the same command resumes from the newest checkpoint. Metrics go to
+    runs/<name>/metrics.jsonl and runs/<name>/tensorboard; the result to runs/<name>/summary.json.
+    """
     cfg = load_config(config, overrides or [])
     if ray_address:
         cfg.ray.address = ray_address
-    raise NotImplementedError("kpop train: the training loop is being written")
+    if fresh:
+        cfg.resume = False
+        import shutil
+
+        shutil.rmtree(cfg.out_dir, ignore_errors=True)
+    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # one BLAS thread per process: actors share few cores, and oversubscription is far slower
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from actors.controller import train as run  # imported here: `kpop --help` stays fast
+
+    summary = run(cfg)
+    typer.echo(json.dumps(summary, indent=2))

@@ -1,0 +1,314 @@
+"""The controller: one `kpop train` run, from an empty run directory to `summary.json`.
+
+    cold-start SFT on oracle demonstrations -> eval (held-out seeds) -> RL -> eval -> summary
+
+RL is asynchronous by default: rollout workers keep generating while the learner trains, new
+weights reach the workers after every step (in-flight episodes continue under the new version,
+each segment tagged with the version that wrote it), and the learner drops samples older than
+`schedule.max_staleness`. Sync mode is the same loop with admission limited to one batch per
+policy version, so the two are an honest comparison.
+
+Fault tolerance: the rollout pool replaces dead workers and re-issues their tasks; a dead learner
+actor is restarted from the newest checkpoint (unacknowledged trajectories are re-read from the
+stream); the stream retries through Redis restarts; a weight broadcast that hangs past
+`schedule.weight_sync_timeout_s` fails the run loudly. Re-running the same command resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+from actors.learner_actor import LearnerService
+from actors.rollout_pool import RolloutPool
+from actors.rollout_worker import RolloutTask
+from kpop.config import RunConfig, dump_config
+from kpop.metrics import MetricsWriter, read_metrics
+from kpop.ray_utils import init_ray, shutdown_ray
+from kpop.scheduler import Admission, TaskSource
+from kpop.stream import open_stream
+
+log = logging.getLogger("kpop.train")
+_ACTOR_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
+_SETTLED = ("consumed", "dropped_stale", "dropped_failed", "dropped_small_group")  # learner counts
+
+
+class WeightSyncTimeout(RuntimeError):
+    """A weight broadcast did not finish within schedule.weight_sync_timeout_s."""
+
+
+@dataclass
+class ControllerState:
+    """What the controller must remember across a resume (saved inside learner checkpoints)."""
+
+    sft_done: bool = False
+    rl_step: int = 0
+    task_counter: int = 0
+    eval_before: float | None = None
+    submitted: int = 0  # episodes handed to the rollout pool
+
+    @classmethod
+    def from_extra(cls, extra: dict | None) -> "ControllerState":
+        return cls(**(extra or {}).get("controller", {}))
+
+
+@dataclass
+class _Progress:
+    """Rich progress line for the RL phase (plain log lines when disabled)."""
+
+    enabled: bool
+    total: int
+    bar: Any = field(default=None, init=False)
+    task: Any = field(default=None, init=False)
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]RL"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TextColumn("{task.fields[info]}"))
+            self.bar.__enter__()
+            self.task = self.bar.add_task("rl", total=self.total, info="waiting for the first batch")
+        return self
+
+    def update(self, step: int, m: dict[str, float]) -> None:
+        info = (f"reward {m['reward_mean']:.3f}  staleness {m['staleness_mean']:.2f}  "
+                f"tok/s {m['tokens_per_s']:.0f}  kpop mask {m.get('mask_rate', 0.0):.3f}")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+        else:
+            log.info("step %d/%d  %s", step, self.total, info)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+class Controller:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        self.t0 = time.time()
+        self.stream_spec, self.redis = open_stream(cfg.stream, self.run_dir)
+        self.ray = init_ray(cfg.ray, self.run_dir)
+        self.learner = None
+        self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
+        worker_kwargs = dict(policy=cfg.policy, rollout=cfg.rollout, run_id=cfg.name, seed=cfg.seed,
+                             step_timeout_s=cfg.environments.step_timeout_s)
+        per_worker = cfg.rollout.max_concurrent_episodes
+        self.pool = RolloutPool(cfg.rollout.num_workers, {**worker_kwargs, "stream": self.stream_spec},
+                                max_inflight_per_worker=per_worker)
+        greedy = cfg.rollout.model_copy(update={"temperature": 0.0})
+        self.eval_pool = RolloutPool(1, {**worker_kwargs, "rollout": greedy, "stream": None},
+                                     max_inflight_per_worker=per_worker)
+        self.state = ControllerState()
+        self.version = 0
+
+    # -- learner ---------------------------------------------------------------------------------
+
+    def _start_learner(self) -> None:
+        actor = ray.remote(LearnerService).options(num_cpus=0, max_restarts=0)
+        self.learner = actor.remote(self.cfg, self.stream_spec)
+        extra = ray.get(self.learner.restore.remote()) if self.cfg.resume else None
+        if extra is not None:
+            self.state = ControllerState.from_extra(extra)
+            log.info("resumed %s at RL step %d", self.run_dir, self.state.rl_step)
+        self.version, counts = ray.get(self.learner.status.remote())
+        # the learner's counts are cumulative over resumes; admission needs this process's share
+        self.settled = self.settled_base = sum(counts[k] for k in _SETTLED)
+
+    def _checkpoint(self) -> None:
+        ray.get(self.learner.checkpoint.remote({"controller": asdict(self.state)}))
+
+    def _broadcast(self) -> None:
+        """Learner weights -> every rollout worker; a hung sync fails loudly (watchdog)."""
+        state, version = ray.get(self.learner.weights.remote())
+        timeout = self.cfg.schedule.weight_sync_timeout_s
+        for pool in (self.pool, self.eval_pool):
+            try:
+                pool.update_weights(state, version, timeout_s=timeout)
+            except TimeoutError as exc:
+                raise WeightSyncTimeout(f"weight sync of version {version} hung: {exc}") from None
+        self.version = version
+
+    # -- phases ----------------------------------------------------------------------------------
+
+    def sft(self) -> None:
+        cfg = self.cfg
+        if self.state.sft_done or cfg.learner.sft_steps == 0:
+            return
+        from kpop.policy.tokenizer import get_tokenizer, load_tokenizer
+        from kpop.sft import collect_demos
+
+        tok = load_tokenizer(cfg.policy.tokenizer) if cfg.policy.tokenizer else get_tokenizer()
+        n_demos = max(cfg.learner.sft_batch_size * 8, 64)
+        demos = collect_demos(cfg.environments.train, n_demos, tok, seed=cfg.seed,
+                              step_timeout_s=cfg.environments.step_timeout_s)
+        log.info("cold-start SFT: %d oracle demonstrations, %d steps", len(demos), cfg.learner.sft_steps)
+        rows = ray.get(self.learner.sft.remote(demos, cfg.learner.sft_steps, cfg.learner.sft_batch_size, cfg.seed))
+        for i, row in enumerate(rows):
+            self.metrics.log(i, row, phase="sft")
+        log.info("SFT loss %.3f -> %.3f", rows[0]["sft_loss"], rows[-1]["sft_loss"])
+        self.state.sft_done = True
+        self._checkpoint()
+
+    def evaluate(self, tag: str) -> float:
+        """Mean greedy reward on the held-out seeds of the eval environments."""
+        cfg = self.cfg
+        specs = cfg.environments.eval or cfg.environments.train
+        tasks = [RolloutTask(env_id=s.id, seed=seed, group_id=f"eval-{tag}", env_kwargs=s.kwargs,
+                             policy_version=self.version)
+                 for s in specs for seed in cfg.environments.eval_seeds]
+        results = self.eval_pool.run(tasks)
+        reward = statistics.fmean(r.reward for r in results)
+        per_env = {s.id: statistics.fmean(r.reward for r, t in zip(results, tasks) if t.env_id == s.id) for s in specs}
+        self.metrics.log(self.state.rl_step, {"eval_reward": reward, "version": self.version,
+                                              **{f"eval_reward/{k}": v for k, v in per_env.items()}}, phase="eval")
+        log.info("eval %s: mean reward %.3f over %d episodes (version %d)", tag, reward, len(results), self.version)
+        return reward
+
+    def rl(self) -> None:
+        cfg, sched = self.cfg, self.cfg.schedule
+        source = TaskSource(cfg.environments.train, cfg.rollout.group_size, cfg.seed, self.state.task_counter)
+        admission = Admission(sched.batch_size, sched.max_staleness)
+        produced = 0  # episodes the pool finished in this process
+        step_ref = None
+        t_step = time.perf_counter()
+        with _Progress(cfg.logging.progress, sched.rl_steps) as progress:
+            while self.state.rl_step < sched.rl_steps:
+                # admission: keep the pipeline full, within the staleness bound
+                buffered = max(0, produced - (self.settled - self.settled_base))
+                cap = admission.capacity(self.pool.pending(), buffered)
+                while cap >= cfg.rollout.group_size:
+                    group = source.next_group()
+                    self.pool.submit([RolloutTask(env_id=t.env_id, seed=t.seed, group_id=f"{cfg.name}-{t.group_id}",
+                                                  env_kwargs=t.env_kwargs, policy_version=self.version)
+                                      for t in group])
+                    self.state.submitted += len(group)
+                    cap -= len(group)
+                produced += len(self.pool.poll(timeout_s=0.05))
+                if step_ref is None:
+                    step_ref = self.learner.rl_step.remote(timeout_s=2.0)
+                ready, _ = ray.wait([step_ref], timeout=0.05)
+                if not ready:
+                    continue
+                step_ref = None
+                try:
+                    m = ray.get(ready[0])
+                except _ACTOR_DEATH as exc:
+                    log.warning("learner died (%s): restarting it from the newest checkpoint", type(exc).__name__)
+                    self._start_learner()
+                    produced = 0
+                    self._broadcast()
+                    continue
+                if m is None:
+                    continue
+                self.settled = sum(m[k] for k in _SETTLED)
+                self.state.rl_step += 1
+                self.state.task_counter = source.counter
+                now = time.perf_counter()
+                m["tokens_per_s"] = m["tokens"] / max(now - t_step, 1e-9)
+                m["step_wall_s"] = now - t_step
+                t_step = now
+                self._broadcast()
+                m["version"] = float(self.version)
+                m["worker_restarts"] = float(self.pool.restarts)
+                self.metrics.log(self.state.rl_step, m, phase="rl")
+                progress.update(self.state.rl_step, m)
+                if self.state.rl_step % cfg.learner.checkpoint_every == 0 or self.state.rl_step == sched.rl_steps:
+                    self._checkpoint()
+                if sched.eval_every and self.state.rl_step % sched.eval_every == 0:
+                    self.evaluate(f"step{self.state.rl_step}")
+
+    # -- the whole run ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self._start_learner()
+        self.sft()
+        self._broadcast()
+        if cfg.schedule.eval_before_rl and self.state.eval_before is None:
+            self.state.eval_before = self.evaluate("before_rl")
+            self._checkpoint()
+        self.rl()
+        eval_after = self.evaluate("after_rl") if cfg.schedule.rl_steps else self.state.eval_before
+        self._save_policy()
+        summary = self._summary(eval_after)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("summary: %s", json.dumps(summary))
+        return summary
+
+    def _save_policy(self) -> None:
+        """The final policy as an HF checkpoint (runs/<name>/policy) for `kpop eval` and serving."""
+        from kpop.policy.checkpoint import load_policy, save_checkpoint
+
+        state, _ = ray.get(self.learner.weights.remote())
+        model, tok = load_policy(self.cfg.policy, seed=self.cfg.seed)
+        model.load_state_dict(state)
+        out = self.run_dir / "policy"
+        save_checkpoint(model, out)
+        tok.save_pretrained(out)
+
+    def _summary(self, eval_after: float | None) -> dict[str, Any]:
+        rows = read_metrics(self.run_dir, phase="rl")
+        latest: dict[int, dict] = {}
+        for r in rows:  # a resumed run may have logged a step twice: keep the newest
+            latest[r["step"]] = r
+        rows = [latest[s] for s in sorted(latest)]
+        k = max(1, len(rows) // 5)
+
+        def mean(key: str, part: list[dict]) -> float | None:
+            vals = [r[key] for r in part if key in r]
+            return statistics.fmean(vals) if vals else None
+
+        last = rows[-1] if rows else {}
+        return {
+            "reward_first": mean("reward_mean", rows[:k]),
+            "reward_last": mean("reward_mean", rows[-k:]),
+            "eval_reward_before_rl": self.state.eval_before,
+            "eval_reward_after_rl": eval_after,
+            "rl_steps": self.state.rl_step,
+            "trajectories_consumed": int(last.get("consumed", 0)),
+            "trajectories_dropped_stale": int(last.get("dropped_stale", 0)),
+            "trajectories_failed": int(last.get("dropped_failed", 0)),
+            "mean_staleness": mean("staleness_mean", rows),
+            "kpop_mask_rate": mean("mask_rate", rows),
+            "worker_restarts": self.pool.restarts,
+            "mode": self.cfg.schedule.mode,
+            "wall_s": time.time() - self.t0,
+        }
+
+    def close(self) -> None:
+        for closer in (self.pool.shutdown, self.eval_pool.shutdown, self.metrics.close):
+            try:
+                closer()
+            except Exception as exc:  # keep closing the rest
+                log.warning("shutdown: %s", exc)
+        if self.learner is not None:
+            try:
+                ray.get(self.learner.close.remote(), timeout=30)
+            except Exception as exc:
+                log.warning("learner close: %s", exc)
+        if self.ray.started_local:
+            shutdown_ray()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run `cfg` to completion (or resume it) and return the summary."""
+    controller = Controller(cfg)
+    try:
+        return controller.run()
+    finally:
+        controller.close()
