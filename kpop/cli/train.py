@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 
 import typer
 
 from kpop.config import load_config
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def train(
@@ -34,6 +39,8 @@ def train(
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # one BLAS thread per process: actors share few cores, and oversubscription is far slower
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C so Ray, Redis and the run dir close cleanly
+    signal.signal(signal.SIGTERM, _interrupt)
     from actors.controller import train as run  # imported here: `kpop --help` stays fast
 
     summary = run(cfg)

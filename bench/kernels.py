@@ -1,0 +1,199 @@
+"""Benchmark the Triton kernels on a GPU against fla, SDPA and the copy bandwidth.
+
+    python bench/kernels.py [--out results.md] [--sweep]
+
+All numbers in one run; paste the printed table under "## kernels" in bench/RESULTS.md.
+Shapes are the issue's: Lightning B=2 T=16384 H=64 D=128 bf16; decode B=256 H=64 D=128 fp32
+state; MLA prefill B=2 T=8192 H=64 (192/128) vs SDPA D=128; MLA decode B=64 ctx 8192 H=64 576/512.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("KPOP_KERNELS", "triton")
+
+from kernels.lightning import lightning_attn, lightning_decode  # noqa: E402
+from kernels.lightning import chunk as lchunk  # noqa: E402
+from kernels.mla import mla_prefill  # noqa: E402
+from kernels.mla import prefill as mp  # noqa: E402
+from kernels.mla.decode import paged_decode_triton  # noqa: E402
+
+ROWS: list[str] = []
+
+
+def row(*cells) -> None:
+    line = "| " + " | ".join(str(c) for c in cells) + " |"
+    ROWS.append(line)
+    print(line, flush=True)
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=10, rep=50)
+
+
+def copy_bw() -> float:
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = ms(lambda: y.copy_(x))
+    bw = 2 * x.numel() / t / 1e9
+    row("copy 2 GiB", f"{t:.3f} ms", f"{bw:.2f} TB/s", "", "")
+    return bw
+
+
+def ring_g(H: int) -> torch.Tensor:
+    start = 2 ** (-8 / H)
+    return -torch.tensor([start ** (h + 1) for h in range(H)], device="cuda")
+
+
+def bench_lightning(sweep: bool) -> None:
+    from fla.ops.simple_gla import chunk_simple_gla
+
+    B, T, H, D = 2, 16384, 64, 128
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    g = ring_g(H)
+    do = torch.randn_like(v)
+
+    def ours():
+        return lightning_attn(q, k, v, g)[0]
+
+    def fla():
+        return chunk_simple_gla(q, k, v, g_gamma=g, scale=D ** -0.5)[0]
+
+    with torch.no_grad():
+        err = ((ours().float() - fla().float()).norm() / fla().float().norm()).item()
+    configs = [(lchunk.BLOCK_V, lchunk.NUM_WARPS, lchunk.NUM_STAGES)]
+    if sweep:
+        configs += [(64, 4, 2), (128, 8, 2)]
+    t_fla_f = ms(fla)
+    t_fla_fb = ms(lambda: fla().backward(do))
+    row("lightning fwd fla chunk_simple_gla", f"{t_fla_f:.3f} ms", "", "1.00x", "")
+    row("lightning fwd+bwd fla", f"{t_fla_fb:.3f} ms", "", "1.00x", "")
+    for bv, nw, ns in configs:
+        lchunk.BLOCK_V, lchunk.NUM_WARPS, lchunk.NUM_STAGES = bv, nw, ns
+        try:
+            t_f = ms(ours)
+            t_fb = ms(lambda: ours().backward(do))
+        except Exception as e:  # a config that does not compile (registers, smem) is reported, not fatal
+            row(f"lightning BV={bv} warps={nw} stages={ns}", "failed", type(e).__name__, "", "")
+            continue
+        row(f"lightning fwd ours BV={bv} w={nw} s={ns}", f"{t_f:.3f} ms", f"rel err vs fla {err:.1e}", f"{t_fla_f / t_f:.2f}x", "goal 1.5x")
+        row(f"lightning fwd+bwd ours BV={bv} w={nw} s={ns}", f"{t_fb:.3f} ms", "", f"{t_fla_fb / t_fb:.2f}x", "goal 1.2x")
+    lchunk.BLOCK_V, lchunk.NUM_WARPS, lchunk.NUM_STAGES = configs[0]
+
+
+def bench_decode(bw: float) -> None:
+    from fla.ops.simple_gla import fused_recurrent_simple_gla
+
+    B, H, D = 256, 64, 128
+    q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    g = ring_g(H)
+    state = torch.randn(B, H, D, D, device="cuda")
+    nbytes = 2 * state.numel() * 4
+    t = ms(lambda: lightning_decode(q, k, v, g, state))
+    tf = ms(lambda: fused_recurrent_simple_gla(q[:, None], k[:, None], v[:, None], g_gamma=g, scale=D ** -0.5,
+                                               initial_state=state, output_final_state=True))
+    row("lightning decode fla fused_recurrent", f"{tf:.3f} ms", f"{nbytes / tf / 1e9:.2f} TB/s", f"{nbytes / tf / 1e9 / bw:.0%} of copy", "")
+    row("lightning decode ours (in place)", f"{t:.3f} ms", f"{nbytes / t / 1e9:.2f} TB/s", f"{nbytes / t / 1e9 / bw:.0%} of copy", "goal 85%")
+
+
+def bench_mla_prefill(sweep: bool) -> None:
+    B, T, H = 2, 8192, 64
+    q, k = (torch.randn(B, T, H, 192, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, H, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    do = torch.randn_like(v)
+    qs, ks, vs = (torch.randn(B, H, T, 128, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    dos = torch.randn_like(vs)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True)  # noqa: E731
+    ours = lambda: mla_prefill(q, k, v, 192 ** -0.5)  # noqa: E731
+    f_ours = 2 * B * H * T * T / 2 * (192 + 128)
+    f_sdpa = 2 * B * H * T * T / 2 * (128 + 128)
+    ts, tsb = ms(sdpa), ms(lambda: sdpa().backward(dos))
+    tf_s, tfb_s = f_sdpa / ts / 1e9, 3.5 * f_sdpa / tsb / 1e9
+    row("mla prefill fwd SDPA (D=128)", f"{ts:.3f} ms", f"{tf_s:.0f} TFLOP/s", "1.00x", "")
+    row("mla prefill fwd+bwd SDPA", f"{tsb:.3f} ms", f"{tfb_s:.0f} TFLOP/s", "1.00x", "")
+    default = (mp.FWD_CFG, mp.BWD_KV_CFG, mp.BWD_Q_CFG)
+    configs = [default]
+    if sweep:
+        configs += [((128, 128, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3)),
+                    ((128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 2)),
+                    ((128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3))]
+    for cfg in configs:
+        mp.FWD_CFG, mp.BWD_KV_CFG, mp.BWD_Q_CFG = cfg
+        try:
+            to = ms(ours)
+            tob = ms(lambda: ours().backward(do))
+        except Exception as e:
+            row(f"mla prefill {cfg}", "failed", type(e).__name__, "", "")
+            continue
+        tf_o, tfb_o = f_ours / to / 1e9, 3.5 * f_ours / tob / 1e9
+        row(f"mla prefill fwd ours (192/128) {cfg[0]}", f"{to:.3f} ms", f"{tf_o:.0f} TFLOP/s", f"{tf_o / tf_s:.2f}x", "goal 0.8x")
+        row(f"mla prefill fwd+bwd ours {cfg[1:]}", f"{tob:.3f} ms", f"{tfb_o:.0f} TFLOP/s", f"{tfb_o / tfb_s:.2f}x", "")
+    mp.FWD_CFG, mp.BWD_KV_CFG, mp.BWD_Q_CFG = default
+
+
+def bench_mla_decode(bw: float, sweep: bool) -> None:
+    B, H, Dk, ctx, page = 64, 64, 576, 8192, 64
+    nb = ctx // page
+    cache = torch.randn(B * nb, page, Dk, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(B * nb, device="cuda").reshape(B, nb).int()
+    lens = torch.full((B,), ctx, device="cuda", dtype=torch.int32)
+    q = torch.randn(B, H, Dk, device="cuda", dtype=torch.bfloat16)
+    nbytes = cache.numel() * 2 + q.numel() * 2 + B * H * 512 * 2
+
+    def torch_batched():
+        kv = cache[table.long()].reshape(B, ctx, Dk)
+        p = (torch.einsum("bhd,bnd->bhn", q, kv).float() * Dk ** -0.5).softmax(-1).to(q.dtype)
+        return torch.einsum("bhn,bnd->bhd", p, kv[..., :512])
+
+    t = ms(torch_batched)
+    row("mla decode torch (gather+einsum)", f"{t:.3f} ms", f"{nbytes / t / 1e9:.2f} TB/s", f"{nbytes / t / 1e9 / bw:.0%} of copy", "")
+    configs = [dict()]
+    if sweep:
+        configs += [dict(block_h=64, block_n=64, num_stages=3), dict(block_h=64, block_n=128),
+                    dict(block_h=64, block_n=64, num_splits=2), dict(block_h=32, block_n=64, num_warps=4)]
+    for cfg in configs:
+        try:
+            t = ms(lambda: paged_decode_triton(q, cache, table, lens, Dk ** -0.5, 512, **cfg))
+        except Exception as e:
+            row(f"mla decode ours {cfg}", "failed", type(e).__name__, "", "")
+            continue
+        row(f"mla decode ours {cfg or 'default'}", f"{t:.3f} ms", f"{nbytes / t / 1e9:.2f} TB/s", f"{nbytes / t / 1e9 / bw:.0%} of copy", "goal 70%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also time alternative launch configs")
+    ap.add_argument("--only", default="lightning,decode,prefill,mla_decode")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels.py needs a CUDA GPU")
+    only = a.only.split(",")
+    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, triton {triton.__version__}")
+    row("what", "time", "rate", "ratio", "goal")
+    row("---", "---", "---", "---", "---")
+    bw = copy_bw()
+    if "lightning" in only:
+        bench_lightning(a.sweep)
+    if "decode" in only:
+        bench_decode(bw)
+    if "prefill" in only:
+        bench_mla_prefill(a.sweep)
+    if "mla_decode" in only:
+        bench_mla_decode(bw, a.sweep)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write("\n".join(ROWS) + "\n")
+
+
+if __name__ == "__main__":
+    main()

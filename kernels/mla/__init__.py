@@ -1,0 +1,71 @@
+"""MLA attention for Ring-2.6's every-8th layer (DeepSeek-V2 style).
+
+mla_prefill: causal (varlen) attention, q/k head dim nope+rope (192), v head dim 128; training
+             and prefill; differentiable.
+mla_decode:  absorbed-weight decode, MQA over a paged latent cache [num_blocks, block_size, 576],
+             value = first v_dim (512) values of each cached vector.
+mla_cache_write: scatter new latent vectors into that cache by slot (vLLM's slot_mapping
+             convention: slot = block_id * block_size + offset; slot < 0 is skipped, for padding).
+Triton on CUDA, the torch reference (naive.py) on CPU; KPOP_KERNELS overrides (kernels/_dispatch.py).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels._dispatch import backend, check
+from kernels.mla.naive import attention, paged_decode
+
+__all__ = ["mla_prefill", "mla_decode", "mla_cache_write", "slot_mapping", "attention", "paged_decode"]
+
+
+def mla_prefill(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None = None, causal: bool = True) -> Tensor:
+    """q, k [B,T,H,Dqk]; v [B,T,H,Dv]; packed varlen when cu_seqlens ([N+1] int32) is given and B == 1."""
+    check(q.dim() == 4 and k.shape == q.shape, f"mla_prefill: q {tuple(q.shape)} and k {tuple(k.shape)} must both be [B,T,H,Dqk]")
+    check(v.dim() == 4 and v.shape[:3] == q.shape[:3], f"mla_prefill: v {tuple(v.shape)} must be [B,T,H,Dv] matching q {tuple(q.shape)}")
+    check(q.is_floating_point() and k.dtype == q.dtype and v.dtype == q.dtype, f"mla_prefill: q/k/v need one float dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if cu_seqlens is not None:
+        check(q.shape[0] == 1, f"mla_prefill: cu_seqlens needs B == 1 (packed), got B={q.shape[0]}")
+        check(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2 and not cu_seqlens.is_floating_point(),
+              "mla_prefill: cu_seqlens must be a 1-D integer tensor [N+1]")
+    if backend(q, k, v) == "triton":
+        from kernels.mla.prefill import flash_attn_triton
+        return flash_attn_triton(q, k, v, scale, cu_seqlens, causal)
+    return attention(q, k, v, scale, cu_seqlens, causal)
+
+
+@torch.no_grad()
+def mla_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float, v_dim: int = 512) -> Tensor:
+    """q [B,H,Dk]; kv_cache [num_blocks, block_size, Dk]; block_table [B, max_blocks] int32;
+    seq_lens [B] int32 (>= 1, the current token included). Returns o [B,H,v_dim] in q.dtype."""
+    check(q.dim() == 3, f"mla_decode: q must be [B,H,Dk], got {tuple(q.shape)}")
+    B, H, Dk = q.shape
+    check(kv_cache.dim() == 3 and kv_cache.shape[-1] == Dk,
+          f"mla_decode: kv_cache must be [num_blocks, block_size, {Dk}], got {tuple(kv_cache.shape)}")
+    check(kv_cache.dtype == q.dtype, f"mla_decode: kv_cache dtype {kv_cache.dtype} != q dtype {q.dtype}")
+    check(block_table.dim() == 2 and block_table.shape[0] == B and not block_table.is_floating_point(),
+          f"mla_decode: block_table must be an integer [B={B}, max_blocks] tensor, got {tuple(block_table.shape)}")
+    check(seq_lens.shape == (B,) and not seq_lens.is_floating_point(), f"mla_decode: seq_lens must be an integer [B]={B} tensor")
+    check(0 < v_dim <= Dk, f"mla_decode: v_dim={v_dim} must be in (0, Dk={Dk}]")
+    if backend(q, kv_cache, block_table, seq_lens) == "triton":
+        from kernels.mla.decode import paged_decode_triton
+        return paged_decode_triton(q, kv_cache, block_table, seq_lens, scale, v_dim)
+    return paged_decode(q, kv_cache, block_table, seq_lens, scale, v_dim)
+
+
+def slot_mapping(block_table: Tensor, seq_ids: Tensor, positions: Tensor, block_size: int) -> Tensor:
+    """Cache slot of token `positions[i]` of sequence `seq_ids[i]`: block_table[seq, pos // bs] * bs + pos % bs."""
+    blocks = block_table[seq_ids.long(), (positions // block_size).long()].long()
+    return blocks * block_size + positions.long() % block_size
+
+
+@torch.no_grad()
+def mla_cache_write(kv_cache: Tensor, latent: Tensor, slots: Tensor) -> None:
+    """Write latent [N, Dk] into kv_cache [num_blocks, block_size, Dk] at flat slots [N] (in place)."""
+    check(kv_cache.dim() == 3 and kv_cache.is_contiguous(), "mla_cache_write: kv_cache must be a contiguous [num_blocks, block_size, Dk] tensor")
+    check(latent.dim() == 2 and latent.shape[-1] == kv_cache.shape[-1],
+          f"mla_cache_write: latent must be [N, {kv_cache.shape[-1]}], got {tuple(latent.shape)}")
+    check(slots.shape == latent.shape[:1], f"mla_cache_write: slots must be [N]={latent.shape[0]}, got {tuple(slots.shape)}")
+    keep = slots >= 0  # index_copy_ itself rejects slots past the end
+    # one scatter is already memory-bound; a Triton kernel would not move fewer bytes
+    kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slots[keep].long(), latent[keep].to(kv_cache.dtype))

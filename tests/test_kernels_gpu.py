@@ -1,0 +1,86 @@
+"""Compiled Triton kernels at real Ring-2.6 shapes, bf16 vs an fp32 reference (skipped without CUDA)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.lightning import chunk_lightning, decode_lightning, lightning_attn, lightning_decode
+from kernels.mla import attention, mla_decode, mla_prefill, paged_decode
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+BF16_TOL = 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _triton_backend(monkeypatch):
+    monkeypatch.setenv("KPOP_KERNELS", "auto")  # CUDA tensors -> Triton
+
+
+def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err == err, "NaN in output"
+    return err
+
+
+def _ring_g(H: int) -> torch.Tensor:
+    start = 2 ** (-8 / H)
+    return -torch.tensor([start ** (h + 1) for h in range(H)], device="cuda") * 0.5
+
+
+def test_lightning_real_shape_varlen_fwd_bwd():
+    torch.manual_seed(0)
+    H, D = 16, 128
+    cu = torch.tensor([0, 1000, 1001, 3000], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(1, 3000, H, D, device="cuda", dtype=torch.bfloat16) * 0.5 for _ in range(3))
+    h0 = torch.randn(3, H, D, D, device="cuda") * 0.1
+    g = _ring_g(H)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, h0)]
+    o, ht = lightning_attn(*leaves[:3], g, initial_state=leaves[3], output_final_state=True, cu_seqlens=cu)
+    do, dht = torch.randn_like(o), torch.randn_like(ht) * 0.01
+    ((o.float() * do).sum() + (ht * dht).sum()).backward()
+    refs = [x.detach().float().requires_grad_() for x in (q, k, v, h0)]
+    o_r, ht_r = chunk_lightning(*refs[:3], g, D ** -0.5, refs[3], True, cu)
+    ((o_r * do.float()).sum() + (ht_r * dht).sum()).backward()
+    assert relerr(o, o_r) < BF16_TOL and relerr(ht, ht_r) < BF16_TOL
+    for a, b in zip(leaves, refs):
+        assert relerr(a.grad, b.grad) < BF16_TOL
+
+
+def test_lightning_decode_real_shape():
+    B, H, D = 64, 64, 128
+    q, k, v = (torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    pool = torch.randn(2 * B, H, D, D, device="cuda")
+    ref_pool = pool.clone()
+    slots = torch.randperm(2 * B, device="cuda")[:B]
+    o = lightning_decode(q, k, v, _ring_g(H), pool, slots)
+    o_r = decode_lightning(q, k, v, _ring_g(H), ref_pool, slots, D ** -0.5)
+    assert relerr(o, o_r) < BF16_TOL and relerr(pool, ref_pool) < 1e-6
+
+
+def test_mla_prefill_real_shape_varlen_fwd_bwd():
+    torch.manual_seed(0)
+    H = 16
+    cu = torch.tensor([0, 1500, 1501, 4000], dtype=torch.int32, device="cuda")
+    q, k = (torch.randn(1, 4000, H, 192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, 4000, H, 128, device="cuda", dtype=torch.bfloat16)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    o = mla_prefill(*leaves, 192 ** -0.5, cu)
+    do = torch.randn_like(o)
+    (o.float() * do).sum().backward()
+    refs = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    o_r = attention(*refs, 192 ** -0.5, cu)
+    (o_r * do.float()).sum().backward()
+    assert relerr(o, o_r) < BF16_TOL
+    for a, b in zip(leaves, refs):
+        assert relerr(a.grad, b.grad) < BF16_TOL
+
+
+def test_mla_decode_real_shape():
+    B, H, Dk, page = 16, 64, 576, 64
+    lens = torch.randint(1, 4097, (B,), device="cuda", dtype=torch.int32)
+    nb = 4096 // page
+    cache = torch.randn(B * nb, page, Dk, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(B * nb, device="cuda").reshape(B, nb).int()
+    q = torch.randn(B, H, Dk, device="cuda", dtype=torch.bfloat16)
+    o = mla_decode(q, cache, table, lens, Dk ** -0.5, 512)
+    assert relerr(o, paged_decode(q.float(), cache.float(), table, lens, Dk ** -0.5, 512)) < BF16_TOL
