@@ -1,0 +1,178 @@
+"""Policy-gradient losses (PPO-clip, GSPO, LPO) with off-policy and training-inference correction.
+
+All tensors are flat over the packed tokens of a batch, shape [T]:
+  logp   log pi_theta(y_t)            current policy, carries the gradient
+  prox   log pi_prox(y_t)             proximal policy: the learner's own recompute at theta_old (detached)
+  behav  log pi_behav(y_t)            behaviour policy: the rollout engine's logprobs (maybe stale)
+  adv    advantage of y_t's sample    (a sequence advantage broadcast over its tokens)
+  mask   bool, True on loss tokens    (model-generated tokens only)
+  units  long, ratio unit of y_t      (PPO: ignored; GSPO: sequence id; LPO: sentence id)
+
+k_t = pi_prox / pi_behav is the training-inference ratio at theta_old (in async RL it also holds
+the staleness). It drives both corrections:
+  off-policy (decoupled PPO): the clip ratio is pi_theta/pi_prox and the surrogate is weighted by
+      min(k, cap); without it the ratio is pi_theta/pi_behav and nothing is weighted.
+  IcePop:  weight k if alpha <= k <= beta, else the token is dropped (M(k) of Ring-1T).
+  KPop:    drop the token unless binary KL(p||q) <= phi and KL(q||p) <= phi, p = pi_prox, q = pi_behav.
+Dropped tokens still count in the normaliser (1 / sum|y|), as in IcePop.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+PROB_EPS = 1e-6
+
+
+def kpop_keep(train_logp: torch.Tensor, infer_logp: torch.Tensor, phi: float) -> torch.Tensor:
+    """bool: binary KL between the token probabilities is <= phi in both directions."""
+    p = train_logp.exp().clamp(PROB_EPS, 1 - PROB_EPS)
+    q = infer_logp.exp().clamp(PROB_EPS, 1 - PROB_EPS)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * (a / b).log() + (1 - a) * ((1 - a) / (1 - b)).log()
+
+    return (kl(p, q) <= phi) & (kl(q, p) <= phi)
+
+
+def icepop_keep(train_logp: torch.Tensor, infer_logp: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """bool: alpha <= pi_train / pi_infer <= beta."""
+    k = (train_logp - infer_logp).exp()
+    return (k >= alpha) & (k <= beta)
+
+
+def unit_mean(x: torch.Tensor, units: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the mean of x over the masked tokens of its unit, and that unit's masked size."""
+    _, dense = torch.unique(units, return_inverse=True)
+    n = int(dense.max()) + 1 if dense.numel() else 0
+    m = mask.to(x.dtype)
+    total = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, dense, x * m)
+    size = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, dense, m)
+    return (total / size.clamp(min=1))[dense], size[dense]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The algorithm section of the run config, as far as the loss needs it."""
+
+    loss: Literal["ppo", "gspo", "lpo"] = "ppo"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    correction: Literal["none", "icepop", "kpop"] = "kpop"
+    kpop_phi: float = 0.5
+    icepop_alpha: float = 0.5
+    icepop_beta: float = 5.0
+    off_policy: bool = True
+    off_policy_cap: float = 5.0  # clip of the behaviour importance weight pi_prox / pi_behav
+
+    @classmethod
+    def from_config(cls, algo) -> "LossSpec":
+        return cls(**{f: getattr(algo, f) for f in cls.__dataclass_fields__ if hasattr(algo, f)})
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    prox: torch.Tensor,
+    behav: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    units: torch.Tensor,
+    spec: LossSpec,
+    norm: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss to minimise and additive statistics (see `summarize`). `norm` is the normaliser of the
+    whole optimiser step when the batch is split into micro-batches: loss tokens (PPO, LPO) or
+    sequences (GSPO); None = this batch's own."""
+    if not (logp.shape == prox.shape == behav.shape == adv.shape == mask.shape == units.shape) or logp.dim() != 1:
+        shapes = [tuple(t.shape) for t in (logp, prox, behav, adv, mask, units)]
+        raise ValueError(f"logp, prox, behav, adv, mask, units must all be flat [T], got {shapes}")
+    mask = mask.bool()
+    prox, behav = prox.detach(), behav.detach()
+    log_k = prox - behav
+    keep = mask.clone()
+    if spec.correction == "kpop":
+        keep &= kpop_keep(prox, behav, spec.kpop_phi)
+    elif spec.correction == "icepop":
+        keep &= icepop_keep(prox, behav, spec.icepop_alpha, spec.icepop_beta)
+    elif spec.correction != "none":
+        raise ValueError(f"unknown correction {spec.correction!r}: expected none, icepop or kpop")
+    weighted = spec.off_policy or spec.correction == "icepop"
+    old = prox if spec.off_policy else behav
+
+    log_ratio = logp - old
+    if spec.loss == "ppo":
+        size = torch.ones_like(logp)
+    elif spec.loss in ("gspo", "lpo"):
+        # geometric mean over the unit's kept tokens: sequence (GSPO) or sentence (LPO) ratio
+        log_ratio, size = unit_mean(log_ratio, units, keep)
+        log_k, _ = unit_mean(log_k, units, keep)
+    else:
+        raise ValueError(f"unknown loss {spec.loss!r}: expected ppo, gspo or lpo")
+    ratio = log_ratio.exp()
+    weight = torch.ones_like(ratio)
+    if weighted:
+        weight = log_k.exp()
+        if spec.correction != "icepop":  # IcePop's band already bounds k
+            weight = weight.clamp(max=spec.off_policy_cap)
+    clipped_ratio = ratio.clamp(1 - spec.clip_low, 1 + spec.clip_high)
+    surrogate = weight * torch.minimum(ratio * adv, clipped_ratio * adv)
+    if spec.loss == "gspo":  # each sequence counts once, whatever its length
+        surrogate = surrogate / size.clamp(min=1)
+        default_norm = float(len(torch.unique(units[mask])))
+    else:
+        default_norm = float(mask.sum())
+    norm = default_norm if norm is None else norm
+    loss = -(surrogate * keep).sum() / max(norm, 1.0)
+
+    with torch.no_grad():
+        clipped = ((adv > 0) & (ratio > 1 + spec.clip_high)) | ((adv < 0) & (ratio < 1 - spec.clip_low))
+        dlogp = (prox - behav).abs()[mask]
+        stats = {
+            "tokens": float(mask.sum()),
+            "masked": float((mask & ~keep).sum()),
+            "clipped": float((clipped & keep).sum()),
+            "dlogp_sum": float(dlogp.sum()),
+            "dlogp_max": float(dlogp.max()) if dlogp.numel() else 0.0,
+            "weight_sum": float((weight * keep).sum()),
+            "kept": float(keep.sum()),
+        }
+    return loss, stats
+
+
+def summarize(stats: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Merge micro-batch statistics into rates: mask_rate, clip_frac, dlogp_mean/max, weight_mean."""
+    tot = {k: sum(s[k] for s in stats) for k in ("tokens", "masked", "clipped", "dlogp_sum", "weight_sum", "kept")}
+    tokens, kept = max(tot["tokens"], 1.0), max(tot["kept"], 1.0)
+    return {
+        "mask_rate": tot["masked"] / tokens,
+        "clip_frac": tot["clipped"] / kept,
+        "dlogp_mean": tot["dlogp_sum"] / tokens,
+        "dlogp_max": max((s["dlogp_max"] for s in stats), default=0.0),
+        "weight_mean": tot["weight_sum"] / kept,
+        "loss_tokens": tot["tokens"],
+    }
+
+
+# -- LPO linguistic units ----------------------------------------------------------------------
+
+PAUSE = re.compile(r"[,.;:!?\n，。；：！？、…]\s*$")
+
+
+def linguistic_units(token_texts: Sequence[str], loss_mask: Sequence[bool] | None = None) -> list[int]:
+    """Sentence id per token, from each token's detokenized text: a unit ends at a token that ends in
+    pause punctuation (, . ; : ! ? newline, CJK pauses) and at every loss-mask change (a model turn
+    never shares a unit with the tool output around it). Ids start at 0 and rise by one per unit."""
+    if loss_mask is not None and len(loss_mask) != len(token_texts):
+        raise ValueError(f"loss_mask has {len(loss_mask)} entries for {len(token_texts)} tokens")
+    ids, unit, prev_end = [], 0, False
+    for t, text in enumerate(token_texts):
+        if t and (prev_end or (loss_mask is not None and bool(loss_mask[t]) != bool(loss_mask[t - 1]))):
+            unit += 1
+        ids.append(unit)
+        prev_end = bool(PAUSE.search(text))
+    return ids

@@ -1,0 +1,377 @@
+"""The DeepSpeed learner: trajectories in, one optimiser step out, versioned weights and checkpoints.
+
+    learner = Learner(cfg.learner, cfg.algorithm, model, total_steps=cfg.schedule.rl_steps)
+    metrics = learner.train_step(trajectories)       # one optimiser step, version += 1
+    state, version = learner.export_weights()
+    learner.save(run_dir / "ckpt", extra={"acked": ids})
+    extra = Learner(...).load(run_dir / "ckpt")      # continues bit-identically
+
+One `train_step` is one optimiser step: the batch is packed into micro-batches under
+`micro_batch_tokens`, each is forwarded and backpropagated with the loss normalised over the
+whole batch, then DeepSpeed steps once. Because the weights do not move between micro-batches,
+the logprobs of that same forward, detached, are exactly the proximal policy pi_theta_old of the
+decoupled objective: no second forward pass. Plain class, no Ray (actors/ wraps it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Sequence
+from inspect import signature
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kpop.algo.advantages import group_index, grpo_advantages, length_rewards, rloo_advantages, varied_groups
+from kpop.algo.losses import LossSpec, linguistic_units, policy_loss, summarize
+from learner.packing import flat, pack, plan_micro_batches, token_logprobs
+
+log = logging.getLogger(__name__)
+
+TokenTexts = Callable[[Sequence[int]], list[str]]  # token ids -> each token's detokenized text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def import_deepspeed(on_gpu: bool):
+    """Import DeepSpeed for this device and join (or create) the process group.
+
+    DeepSpeed picks its accelerator once, at import, from DS_ACCELERATOR; its extension builds go
+    to TORCH_EXTENSIONS_DIR (cached under ~/.cache/kpop). A single CPU process has no peer to
+    share memory with, so the shm collective (a 60-130 s JIT build on first use) is switched off
+    and gloo is used directly. Launched by torchrun, RANK/WORLD_SIZE/MASTER_* are already set."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/kpop/torch_extensions"))
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+        if single:
+            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+                os.environ.setdefault(key, value)
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            if not on_gpu:
+                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    return deepspeed
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int | None) -> float:
+    """Linear warmup over `warmup_steps`, then constant or cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        if not total_steps:
+            raise ValueError("learner.lr_schedule 'cosine' needs total_steps (schedule.rl_steps) > 0")
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learner.lr_schedule {schedule!r}: expected constant or cosine")
+
+
+def _rollout_logprobs(traj, n: int, mask: list[bool]) -> list[float]:
+    """Per-token rollout logprobs aligned to token_ids, whether stored for every token or only
+    for the loss tokens."""
+    lps = list(traj.logprobs)
+    if len(lps) == n:
+        return lps
+    if len(lps) == sum(mask):
+        it = iter(lps)
+        return [next(it) if m else 0.0 for m in mask]
+    raise ValueError(
+        f"trajectory {getattr(traj, 'trajectory_id', '?')}: {len(lps)} logprobs for {n} tokens "
+        f"({sum(mask)} loss tokens); expected one per token or one per loss token"
+    )
+
+
+def _sequences(items: Sequence, what: str) -> tuple[list[list[int]], list[list[bool]]]:
+    """token ids and loss masks of trajectories or (token_ids, loss_mask) pairs, checked."""
+    pairs = [(e.token_ids, e.loss_mask) if hasattr(e, "token_ids") else e for e in items]
+    ids = [list(i) for i, _ in pairs]
+    masks = [[bool(m) for m in mask] for _, mask in pairs]
+    for t, (i, m) in enumerate(zip(ids, masks)):
+        if len(i) != len(m):
+            raise ValueError(f"{what} {t}: {len(i)} token_ids but {len(m)} loss_mask entries")
+        if m and m[0]:
+            raise ValueError(f"{what} {t}: its first token is a loss token, but nothing predicts it")
+    return ids, masks
+
+
+def _min_version(traj) -> int | None:
+    return min((s[2] for s in traj.segments), default=None)  # Segment = (start, end, version)
+
+
+class Learner:
+    def __init__(
+        self,
+        learner_cfg,
+        algorithm_cfg,
+        model: torch.nn.Module,
+        *,
+        total_steps: int | None = None,
+        token_texts: TokenTexts | None = None,
+    ) -> None:
+        """`learner_cfg` / `algorithm_cfg`: the `learner` and `algorithm` sections of the run config.
+        `total_steps`: RL steps of the run (for the cosine schedule). `token_texts`: needed by LPO
+        to split responses into sentences (e.g. `lambda ids: [tok.decode([i]) for i in ids]`)."""
+        self.cfg, self.algo = learner_cfg, algorithm_cfg
+        self.spec = LossSpec.from_config(algorithm_cfg)
+        if self.spec.loss == "lpo" and token_texts is None:
+            raise ValueError("algorithm.loss 'lpo' needs token_texts (token ids -> texts) to find sentence boundaries")
+        self.token_texts = token_texts
+        self.total_steps = total_steps
+        lr_factor(0, learner_cfg.warmup_steps, learner_cfg.lr_schedule, total_steps)  # fail early on a bad schedule
+        on_gpu = learner_cfg.num_gpus > 0
+        if on_gpu and not torch.cuda.is_available():
+            raise ValueError(f"learner.num_gpus={learner_cfg.num_gpus} but CUDA is not available")
+        if learner_cfg.dtype == "bfloat16" and not on_gpu:
+            raise ValueError("learner.dtype 'bfloat16' is for GPUs; on CPU (learner.num_gpus=0) use float32")
+        ds = import_deepspeed(on_gpu)
+        ds_config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            # one step() per train_step whatever the number of micro-batches
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": learner_cfg.max_grad_norm,
+            "zero_optimization": {"stage": learner_cfg.zero_stage},
+            "bf16": {"enabled": learner_cfg.dtype == "bfloat16"},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        # a torch optimizer: DeepSpeed's fused/CPU Adam would JIT-compile a C++ op (~210 s on CPU)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=learner_cfg.lr, betas=tuple(learner_cfg.betas), weight_decay=learner_cfg.weight_decay
+        )
+        self.engine, self.optimizer, _, _ = ds.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self._ds = ds
+        params = signature(model.forward).parameters
+        # MTP heads only matter for the SFT/pretraining loss, not for RL logprobs
+        self._fwd_kwargs = {"return_mtp": False} if "return_mtp" in params else {}
+        self.version = 0  # optimiser steps taken (RL + SFT): the exported weights' version
+        self.rl_steps = 0  # drives the lr schedule
+        self.sft_steps = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def _logprobs(self, packed) -> torch.Tensor:
+        ids = packed.input_ids.to(self.device)
+        out = self.engine(ids, cu_seqlens=packed.cu_seqlens.to(self.device), **self._fwd_kwargs)
+        return token_logprobs(out.logits, ids)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def _step(self, lr: float) -> float:
+        """Clip, update, bump the version; returns the pre-clip gradient norm."""
+        norm = None
+        if self.cfg.zero_stage == 0:  # DeepSpeed reports the norm only from its ZeRO optimizers
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        self._set_lr(lr)
+        self.engine.step()
+        self.version += 1
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # -- RL ----------------------------------------------------------------------------------
+
+    def _advantages(self, trajectories: Sequence, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        groups = group_index([t.group_id for t in trajectories])
+        rewards = torch.tensor([float(t.reward) for t in trajectories])
+        if self.algo.length_reward:
+            # Evo-CoT: a positive task reward counts as correct
+            rewards = rewards + length_rewards(torch.tensor(lengths), rewards > 0, groups)
+        keep = torch.ones(len(rewards), dtype=torch.bool)
+        if self.algo.dynamic_filter:
+            keep = varied_groups(rewards, groups)
+        if self.algo.advantage == "grpo":
+            adv = grpo_advantages(rewards, groups, normalize_std=self.algo.normalize_std)
+        elif self.algo.advantage == "rloo":
+            adv = rloo_advantages(rewards, groups)
+        else:
+            raise ValueError(f"unknown algorithm.advantage {self.algo.advantage!r}: expected grpo or rloo")
+        stats = {"reward_mean": float(rewards.mean()), "filtered": float((~keep).sum())}
+        return adv, keep, stats
+
+    def train_step(self, trajectories: Sequence) -> dict[str, float]:
+        """One optimiser step on a batch of finished trajectories (`token_ids`, `logprobs`,
+        `loss_mask`, `reward`, `group_id`, `segments`). Returns metrics; `skipped` = 1 when
+        dynamic filtering left nothing to learn from (no step, version unchanged)."""
+        t0 = time.perf_counter()
+        if not trajectories:
+            raise ValueError("train_step needs at least one trajectory")
+        n_in = len(trajectories)
+        # an infrastructure failure says nothing about the policy: learn nothing from it
+        trajectories = [t for t in trajectories if getattr(t, "status", "ok") != "failed"]
+        if not trajectories:
+            return {"trajectories": float(n_in), "failed": float(n_in), "used": 0.0, "skipped": 1.0,
+                    "version": float(self.version), "step_s": time.perf_counter() - t0}
+        ids, masks = _sequences(trajectories, "trajectory")
+        behav = [_rollout_logprobs(t, len(i), m) for t, i, m in zip(trajectories, ids, masks)]
+        adv, keep, metrics = self._advantages(trajectories, [sum(m) for m in masks])
+        use = [k for k in range(len(ids)) if keep[k] and any(masks[k])]
+        versions = [v for v in map(_min_version, trajectories) if v is not None]
+        metrics["staleness_mean"] = (
+            sum(self.version - v for v in versions) / len(versions) if versions else 0.0
+        )
+        metrics.update(
+            trajectories=float(n_in), failed=float(n_in - len(trajectories)), used=float(len(use)),
+            version=float(self.version),
+        )
+        if not use:
+            return {**metrics, "skipped": 1.0, "step_s": time.perf_counter() - t0}
+
+        units = self._units(use, ids, masks)
+        norm = float(len(use)) if self.spec.loss == "gspo" else float(sum(sum(masks[k]) for k in use))
+        lengths = [len(ids[k]) for k in use]
+        plan = self._plan(use, ids)
+        adv_tok = [[float(adv[k])] * len(ids[k]) for k in range(len(ids))]
+        lr = self.cfg.lr * lr_factor(self.rl_steps, self.cfg.warmup_steps, self.cfg.lr_schedule, self.total_steps)
+        self.engine.train()
+        loss_total, stats = 0.0, []
+        for index in plan:
+            packed = pack(ids, index)
+            logp = self._logprobs(packed)
+            loss, s = policy_loss(
+                logp,
+                logp.detach(),  # proximal policy: this step's weights, before it updates them
+                flat(behav, index, torch.float32).to(self.device),
+                flat(adv_tok, index, torch.float32).to(self.device),
+                flat(masks, index, torch.bool).to(self.device),
+                flat(units, index, torch.long).to(self.device),
+                self.spec,
+                norm=norm,
+            )
+            self.engine.backward(loss, scale_wrt_gas=False)
+            loss_total += float(loss.detach())
+            stats.append(s)
+        grad_norm = self._step(lr)
+        self.rl_steps += 1
+        dt = time.perf_counter() - t0
+        tokens = sum(lengths)
+        return {
+            **metrics,
+            **summarize(stats),
+            "loss": loss_total,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "version": float(self.version),
+            "micro_batches": float(len(plan)),
+            "tokens": float(tokens),
+            "tokens_per_s": tokens / dt,
+            "step_s": dt,
+            "skipped": 0.0,
+        }
+
+    def _plan(self, use: list[int], ids: list[list[int]]) -> list[list[int]]:
+        """Micro-batches (lists of indices into ids) of the sequences in `use`."""
+        bins = plan_micro_batches([len(ids[k]) for k in use], self.cfg.micro_batch_tokens)
+        return [[use[j] for j in b] for b in bins]
+
+    def _units(self, use: list[int], ids: list[list[int]], masks: list[list[bool]]) -> list[list[int]]:
+        """Ratio units per token, unique across the batch: a sequence (GSPO) or a sentence (LPO)."""
+        units: list[list[int]] = [[] for _ in ids]
+        offset = 0
+        for k in use:
+            if self.spec.loss == "lpo":
+                local = linguistic_units(self.token_texts(ids[k]), masks[k])
+            else:
+                local = [0] * len(ids[k])
+            units[k] = [offset + u for u in local]
+            offset += local[-1] + 1
+        return units
+
+    # -- SFT ---------------------------------------------------------------------------------
+
+    def sft_step(self, examples: Sequence) -> dict[str, float]:
+        """One cold-start SFT step: mean next-token cross-entropy over the loss-masked tokens of
+        `examples` (trajectories, or (token_ids, loss_mask) pairs), at learner.sft_lr."""
+        t0 = time.perf_counter()
+        ids, masks = _sequences(examples, "example")
+        use = [k for k in range(len(ids)) if any(masks[k])]
+        if not use:
+            raise ValueError("sft_step: no example has a loss token")
+        norm = float(sum(sum(masks[k]) for k in use))
+        plan = self._plan(use, ids)
+        self.engine.train()
+        loss_total = 0.0
+        for index in plan:
+            packed = pack(ids, index)
+            logp = self._logprobs(packed)
+            mask = flat(masks, index, torch.bool).to(self.device)
+            loss = -(logp * mask).sum() / norm
+            self.engine.backward(loss, scale_wrt_gas=False)
+            loss_total += float(loss.detach())
+        grad_norm = self._step(self.cfg.sft_lr)
+        self.sft_steps += 1
+        return {"sft_loss": loss_total, "grad_norm": grad_norm, "version": float(self.version),
+                "step_s": time.perf_counter() - t0}
+
+    # -- weights and checkpoints ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Per-sequence log p(x_t | x_<t) for t >= 1 under the current weights (eval helper)."""
+        self.engine.eval()
+        out = []
+        for index in plan_micro_batches([len(s) for s in token_ids], self.cfg.micro_batch_tokens):
+            packed = pack(token_ids, index)
+            lp = self._logprobs(packed).cpu()
+            cu = packed.cu_seqlens.tolist()
+            out.extend((i, lp[cu[j] + 1 : cu[j + 1]]) for j, i in enumerate(index))
+        self.engine.train()
+        return [lp for _, lp in sorted(out, key=lambda x: x[0])]
+
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        """A full CPU copy of the model's state dict (gathered under ZeRO-3) and its version."""
+        module = self.engine.module
+        if self.cfg.zero_stage == 3:
+            with self._ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        else:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+        return state, self.version
+
+    def save(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Checkpoint model, optimizer, lr-schedule position, version and the caller's opaque
+        `extra` into `directory/v<version>`; keeps the newest learner.keep_checkpoints."""
+        directory = Path(directory)
+        tag = f"v{self.version:08d}"
+        state = {"kpop": {"version": self.version, "rl_steps": self.rl_steps, "sft_steps": self.sft_steps,
+                          "extra": dict(extra or {})}}
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=state)
+        tags = sorted(p.name for p in directory.glob("v*") if p.is_dir())
+        for old in tags[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(directory / old, ignore_errors=True)
+        return directory / tag
+
+    def load(self, directory: str | Path) -> dict:
+        """Restore the newest checkpoint in `directory`; returns the `extra` it was saved with."""
+        directory = Path(directory)
+        if not (directory / "latest").is_file():
+            raise FileNotFoundError(f"{directory}: no learner checkpoint (no 'latest' file)")
+        path, client = self.engine.load_checkpoint(str(directory), load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+        if path is None or "kpop" not in (client or {}):
+            raise ValueError(f"{directory}: checkpoint could not be loaded or was not written by a KPop learner")
+        state = client["kpop"]
+        self.version, self.rl_steps, self.sft_steps = state["version"], state["rl_steps"], state["sft_steps"]
+        log.info("learner resumed from %s at version %d", path, self.version)
+        return state["extra"]

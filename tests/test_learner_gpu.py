@@ -1,0 +1,38 @@
+"""The learner on one GPU: NCCL, bf16, ZeRO-2, the tiny Ring-2.6 preset. Skips without CUDA."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_bf16_zero2_steps_on_gpu(tmp_path):
+    from kpop.config import AlgorithmConfig, LearnerConfig
+    from kpop.policy.model import BailingMoeV2_5ForCausalLM
+    from kpop.policy.presets import tiny_config
+    from kpop.trajectory import Trajectory
+    from learner.learner import Learner
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for k in range(2):
+        prompt = torch.randint(2, 1024, (16,), generator=g).tolist()
+        for j in range(4):
+            ids = prompt + torch.randint(2, 1024, (48,), generator=g).tolist()
+            mask = [0] * 16 + [1] * 48
+            batch.append(Trajectory(run_id="gpu", task_id=f"t{k}", env_id="test", group_id=f"g{k}", token_ids=ids,
+                                    logprobs=[-6.9 * m for m in mask], loss_mask=mask, reward=float(j % 2)))
+    lcfg = LearnerConfig(lr=1e-3, zero_stage=2, dtype="bfloat16", num_gpus=1, micro_batch_tokens=256)
+    learner = Learner(lcfg, AlgorithmConfig(correction="kpop", kpop_phi=2.0), BailingMoeV2_5ForCausalLM(tiny_config()))
+    assert learner.device.type == "cuda"
+    before, _ = learner.export_weights()
+    for _ in range(3):
+        m = learner.train_step(batch)
+    assert m["skipped"] == 0.0 and m["micro_batches"] == 2 and torch.isfinite(torch.tensor(m["loss"]))
+    after, version = learner.export_weights()
+    assert version == 3 and all(v.device.type == "cpu" for v in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert learner.sft_step([(t.token_ids, t.loss_mask) for t in batch])["sft_loss"] > 0
+    learner.save(tmp_path, extra={"step": 4})
+    assert learner.load(tmp_path) == {"step": 4} and learner.version == 4
