@@ -22,7 +22,8 @@ if [ ! -f "$KPOP_VENV/.complete" ]; then
   touch "$KPOP_VENV/.complete"
 fi
 # Editable install of this clone (cheap; re-run so the venv points at this checkout).
-if ! "$KPOP_VENV/bin/python" -c "import kpop, pathlib, sys; sys.exit(pathlib.Path(kpop.__file__).resolve().parents[1] != pathlib.Path('$ROOT'))" 2>/dev/null; then
+# (-I: ignore the current directory, so a checkout in $PWD does not pass for an install)
+if [ ! -x "$KPOP_VENV/bin/kpop" ] || ! "$KPOP_VENV/bin/python" -I -c "import kpop, pathlib, sys; sys.exit(pathlib.Path(kpop.__file__).resolve().parents[1] != pathlib.Path('$ROOT'))" 2>/dev/null; then
   "$KPOP_VENV/bin/pip" install -q --no-deps --no-build-isolation -e "$ROOT"
 fi
 export PATH="$KPOP_VENV/bin:$PATH"
