@@ -5,7 +5,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${KPOP_CACHE:-$HOME/.cache/kpop}"
-KEY="$(cat "$ROOT/requirements.txt" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-12)"
+VENV_LAYOUT=1  # bump when the way the venv is built below changes
+KEY="$( (cat "$ROOT/requirements.txt"; echo "$VENV_LAYOUT") | sha256sum | cut -c1-12)"
 export KPOP_VENV="${KPOP_VENV:-$CACHE/venv-$KEY}"
 mkdir -p "$CACHE"
 if [ ! -f "$KPOP_VENV/.complete" ]; then
