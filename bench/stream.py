@@ -11,6 +11,11 @@ For each payload size (4 KiB and 64 KiB of encoded trajectory):
         server's memory bounded like kpop's XDEL-on-ack does).
 The ratio is kpop records/s over raw XADD records/s. The server runs without persistence
 so both sides measure the stream path, not the disk. Goal: ratio_4k >= 0.5.
+
+Each row also reports CPU microseconds per record of every process involved (kpop: producer,
+consumer, redis-server; raw: redis-benchmark, redis-server) and the 1-minute load average:
+on a shared machine the rates follow the CPU share each process gets, so the CPU cost per
+record is the number to compare between runs.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kpop.redis_server import RedisServer  # noqa: E402
 from kpop.stream import TrajectoryStream  # noqa: E402
 from kpop.trajectory import Trajectory, encode  # noqa: E402
+
+
+def _server_cpu_s(server: RedisServer) -> float:
+    """User + system CPU seconds redis-server has used so far (from /proc)."""
+    fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for children only
+    return usage.ru_utime + usage.ru_stime
 
 
 def make_trajectory(target_bytes: int) -> Trajectory:
@@ -60,11 +78,13 @@ def produce(url: str, key: str, target_bytes: int, count: int, batch: int) -> No
     stream.close()
 
 
-def bench_kpop(url: str, target_bytes: int, count: int, batch: int) -> dict:
+def bench_kpop(server: RedisServer, target_bytes: int, count: int, batch: int) -> dict:
+    url = server.url
     key = f"bench:{target_bytes}:{uuid.uuid4().hex[:8]}"
     consumer = TrajectoryStream(url, key, consumer="bench-learner", claim_idle_ms=0)
     consumer.backlog()  # creates the group before the producer writes
     producer = mp.get_context("fork").Process(target=produce, args=(url, key, target_bytes, count, batch))
+    cpu0, children0, server0 = time.process_time(), _children_cpu_s(), _server_cpu_s(server)
     t0 = time.perf_counter()
     producer.start()
     done = 0
@@ -75,21 +95,29 @@ def bench_kpop(url: str, target_bytes: int, count: int, batch: int) -> dict:
         consumer.ack([eid for eid, _ in got])
         done += len(got)
     elapsed = time.perf_counter() - t0
+    consumer_cpu, server_cpu = time.process_time() - cpu0, _server_cpu_s(server) - server0
     producer.join()
+    producer_cpu = _children_cpu_s() - children0  # includes building the trajectories: small
     size = len(encode(make_trajectory(target_bytes)))
+    us = 1e6 / count
     return {"records": count, "bytes": size, "seconds": round(elapsed, 3), "rps": count / elapsed,
-            "MBps": count * size / elapsed / 1e6}
+            "MBps": count * size / elapsed / 1e6, "cpu_us": {"producer": round(producer_cpu * us, 1),
+            "consumer": round(consumer_cpu * us, 1), "redis_server": round(server_cpu * us, 1)}}
 
 
 def bench_raw(server: RedisServer, size: int, count: int) -> dict:
     payload = "x" * size
     cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(server.port), "-a", server.password, "-n", str(count),
            "--csv", "XADD", f"rawbench:{size}", "MAXLEN", "~", "1000", "*", "d", payload]
+    children0, server0 = _children_cpu_s(), _server_cpu_s(server)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+    us = 1e6 / count
+    cpu_us = {"redis_benchmark": round((_children_cpu_s() - children0) * us, 1),
+              "redis_server": round((_server_cpu_s(server) - server0) * us, 1)}
     # CSV: a header line, then "cmd","rps",... per test
     row = [line for line in out.splitlines() if line.startswith('"XADD')][-1]
     rps = float(row.split('","')[1])
-    return {"records": count, "bytes": size, "rps": rps, "MBps": rps * size / 1e6}
+    return {"records": count, "bytes": size, "rps": rps, "MBps": rps * size / 1e6, "cpu_us": cpu_us}
 
 
 def main() -> None:
@@ -108,11 +136,13 @@ def main() -> None:
         tmp, executable=args.redis_server, appendonly=False
     ) as server:
         for label, target, count in (("4k", 4096, args.count_4k), ("64k", 65536, args.count_64k)):
-            kpop = bench_kpop(server.url, target, count, args.batch)
+            kpop = bench_kpop(server, target, count, args.batch)
             raw = bench_raw(server, kpop["bytes"], count)
             row = {"size": label, "payload_bytes": kpop["bytes"], "kpop_rps": round(kpop["rps"], 1),
                    "kpop_MBps": round(kpop["MBps"], 2), "raw_xadd_rps": round(raw["rps"], 1),
-                   "raw_xadd_MBps": round(raw["MBps"], 2), "ratio": round(kpop["rps"] / raw["rps"], 3)}
+                   "raw_xadd_MBps": round(raw["MBps"], 2), "ratio": round(kpop["rps"] / raw["rps"], 3),
+                   "kpop_cpu_us_per_record": kpop["cpu_us"], "raw_cpu_us_per_record": raw["cpu_us"],
+                   "loadavg_1m": os.getloadavg()[0]}
             results[label] = row
             print(json.dumps(row) if args.json else
                   f"{label:>4}: kpop {row['kpop_rps']:9.1f} rec/s {row['kpop_MBps']:7.1f} MB/s | raw XADD "

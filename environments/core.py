@@ -178,13 +178,17 @@ class ChatEnv(gymnasium.Env[list, dict], metaclass=ABCMeta):
 
     metadata = {"render_modes": ["ansi"]}
 
-    def __init__(self, *, max_turns: int | None = None, render_mode: str | None = None):
+    def __init__(self, *, max_turns: int | None = None, render_mode: str | None = None, show_tools: bool = True):
+        """`show_tools=False` leaves the tool schemas out of `info["tools"]` (so out of the prompt):
+        the tools still work, but the policy must already know them, e.g. from cold-start SFT.
+        Tiny policies learn far faster without a few hundred tokens of schema in every prompt."""
         if render_mode not in (None, "ansi"):
             raise ValueError(f"render_mode must be None or 'ansi', got {render_mode!r}")
         if max_turns is not None and max_turns < 1:
             raise ValueError(f"max_turns must be >= 1, got {max_turns}")
         self.render_mode = render_mode
         self._max_turns_override = max_turns
+        self.show_tools = show_tools
         self.observation_space = ChatMessages()
         self.action_space = AssistantMessage()
         self.task: Task | None = None
@@ -301,7 +305,7 @@ class ChatEnv(gymnasium.Env[list, dict], metaclass=ABCMeta):
     # ---- helpers -----------------------------------------------------------------------------
     def _info(self, **extra: Any) -> dict[str, Any]:
         assert self.task is not None
-        info = {"tools": self.tools.schemas(), "task_id": self.task.task_id, "turn": self._turns,
+        info = {"tools": self.tools.schemas() if self.show_tools else [], "task_id": self.task.task_id, "turn": self._turns,
                 "resources": self.task.resources.as_dict()}
         info.update(extra)
         return copy.deepcopy(info)  # callers may mutate what they get; gymnasium's checker verifies this

@@ -60,24 +60,6 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-# XREADGROUP of new entries plus, per entry, whether its trajectory id was already trained on:
-# one round trip instead of two. (Inside a script XREADGROUP never blocks; get() falls back
-# to a blocking XREADGROUP when nothing is there.)
-_READ_NEW_LUA = """
-local reply = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3], 'STREAMS', KEYS[1], '>')
-if not reply then return {} end
-local out = {}
-for i, entry in ipairs(reply[1][2]) do
-  local fields, tid = entry[2], '-'
-  for j = 1, #fields, 2 do
-    if fields[j] == 'id' then tid = fields[j + 1] end
-  end
-  out[i] = {entry[1], fields, redis.call('SISMEMBER', KEYS[2], tid)}
-end
-return out
-"""
-
-
 class TrajectoryStream:
     """One process's handle on the stream: producer (`put*`), consumer (`get`/`ack`), or both."""
 
@@ -116,7 +98,6 @@ class TrajectoryStream:
         self._group_ready = False
         self._pel_cursor: str | None = "0"  # re-read our own pending list first (restart, lost reply)
         self._last_claim = 0.0
-        self._read_new_script = self._redis.register_script(_READ_NEW_LUA)
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -173,16 +154,16 @@ class TrajectoryStream:
 
     def put_many(self, trajs: Iterable[Trajectory]) -> list[str]:
         """Append trajectories in one pipelined round trip; returns their entry ids."""
-        entries = [{"id": t.trajectory_id, "d": encode(t)} for t in trajs]
+        entries = [(t.trajectory_id, encode(t)) for t in trajs]
         if not entries:
             return []
         self._wait_for_room()
 
         def send() -> list:
             pipe = self._redis.pipeline(transaction=False)
-            for fields in entries:
-                pipe.xadd(self.key, fields)
-            pipe.xlen(self.key)
+            for tid, data in entries:  # execute_command: skips xadd()'s per-call argument handling
+                pipe.execute_command("XADD", self.key, "*", "id", tid, "d", data)
+            pipe.execute_command("XLEN", self.key)
             return pipe.execute()
 
         *ids, self._backlog = self._call(send)
@@ -231,11 +212,10 @@ class TrajectoryStream:
         return out
 
     def _read_new(self, count: int) -> list[Entry]:
-        """New entries with their seen-flags in one round trip (the hot path of the learner)."""
-        reply = self._call(lambda: self._read_new_script(keys=[self.key, self.seen_key],
-                                                         args=[self.group, self.consumer, count]))
-        raw = [(eid, dict(zip(flat[::2], flat[1::2]))) for eid, flat, _ in reply]
-        return self._accept(raw, seen=[bool(flag) for _, _, flag in reply])
+        """New entries (the hot path of the learner); `_accept` checks their seen-flags.
+        Two round trips on purpose: a Lua script doing both in one copied every payload twice
+        inside redis-server (2x its CPU per 4 KiB entry, 2.5x per 64 KiB: bench/RESULTS.md)."""
+        return self._accept(self._xreadgroup(">", count, None))
 
     def _xreadgroup(self, start: str, count: int, block: int | None) -> list:
         def read() -> list:
@@ -271,14 +251,13 @@ class TrajectoryStream:
                 break
         return self._accept(claimed)
 
-    def _accept(self, raw: list, seen: list[bool] | None = None) -> list[Entry]:
+    def _accept(self, raw: list) -> list[Entry]:
         """Decode entries; ack duplicates and dead-letter garbage instead of returning them."""
         if not raw:
             return []
         ids = [_s(eid) for eid, _ in raw]
         tids = [_s(f.get(b"id", b"")) if f else "" for _, f in raw]
-        if seen is None:
-            seen = self._call(lambda: self._redis.smismember(self.seen_key, [t or "-" for t in tids]))
+        seen = self._call(lambda: self._redis.smismember(self.seen_key, [t or "-" for t in tids]))
         batch_tids = set(self._inflight.values())
         out: list[Entry] = []
         drop: list[str] = []  # duplicates: ack + delete right away

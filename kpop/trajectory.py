@@ -16,9 +16,16 @@ packed little-endian bytes (int32 token ids, float32 logprobs, uint8 mask): 4-5x
 far faster than msgpack lists of numbers. Logprobs are float32 on the wire; rollout engines
 produce them in fp32 or lower anyway.
 
+Speed: the learner decodes every trajectory, so the per-token fields also accept an
+`array.array` of their wire type ('i', 'f', 'B'). Such an array's item type is fixed by
+construction, so its values are checked with one C-speed pass (range, 0/1) instead of
+pydantic's per-item validation; everything else is validated as usual. `decode` hands the
+packed bytes over as arrays; producers may pass arrays too.
+
 Schema history (bump SCHEMA_VERSION and add a migration for every change):
   1  one `policy_version: int` per trajectory, no `group_id`.
   2  per-segment policy versions (`segments`), `group_id`.
+  3  `env_kwargs` (additive: `_compat` stays 2, a version-2 reader ignores it with a warning).
 Additive changes (a new optional field) keep `_compat` unchanged so older readers can still
 decode, ignoring the field with a warning; a change older readers would misread raises
 `_compat` to the new version.
@@ -35,14 +42,24 @@ from array import array
 from typing import Any, Callable, Literal, NamedTuple
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # The oldest reader that can decode what this writer produces (see module docstring).
 COMPAT_VERSION = 2
 
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
 _INT32_MAX = 2**31 - 1
+_BELOW_0x80 = bytes(range(0x80))
+_SIGN_BYTE = 3 if sys.byteorder == "little" else 0  # the most significant byte of a native int32
 
 
 class TrajectoryDecodeError(ValueError):
@@ -113,6 +130,9 @@ class Trajectory(BaseModel):
     error: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)  # env_s, gen_s, wall_s, ...
     sandbox: SandboxIdentity | None = None
+    # constructor kwargs of the env beyond the seed (difficulty, tool set, ...), so a replay
+    # rebuilds exactly the env the episode ran in
+    env_kwargs: dict[str, Any] = Field(default_factory=dict)
     created_at: float = Field(default_factory=time.time)  # unix seconds
 
     @field_validator("messages")
@@ -123,19 +143,36 @@ class Trajectory(BaseModel):
                 raise ValueError(f"messages[{i}]: role must be one of {sorted(_ROLES)}, got {msg.get('role')!r}")
         return messages
 
-    @field_validator("loss_mask")
+    @field_validator("token_ids", mode="wrap")
     @classmethod
-    def _binary_mask(cls, mask: list[int]) -> list[int]:
-        if not set(mask) <= {0, 1}:
-            raise ValueError("loss_mask must contain only 0 and 1")
-        return mask
-
-    @field_validator("token_ids")
-    @classmethod
-    def _int32_ids(cls, ids: list[int]) -> list[int]:
+    def _int32_ids(cls, ids: Any, handler: ValidatorFunctionWrapHandler) -> list[int]:
+        if type(ids) is array and ids.typecode == "i":  # int32 by construction: only the sign is open
+            if ids.tobytes()[_SIGN_BYTE::4].translate(None, _BELOW_0x80):  # a sign byte with the top bit set
+                raise ValueError("token_ids must lie in [0, 2**31-1]")
+            return ids.tolist()
+        ids = handler(ids)
         if ids and (min(ids) < 0 or max(ids) > _INT32_MAX):
             raise ValueError("token_ids must lie in [0, 2**31-1]")
         return ids
+
+    @field_validator("logprobs", mode="wrap")
+    @classmethod
+    def _float_logprobs(cls, lps: Any, handler: ValidatorFunctionWrapHandler) -> list[float]:
+        if type(lps) is array and lps.typecode in "fd":
+            return lps.tolist()
+        return handler(lps)
+
+    @field_validator("loss_mask", mode="wrap")
+    @classmethod
+    def _binary_mask(cls, mask: Any, handler: ValidatorFunctionWrapHandler) -> list[int]:
+        if type(mask) is array and mask.typecode == "B":
+            if mask.tobytes().translate(None, b"\x00\x01"):  # anything left is neither 0 nor 1
+                raise ValueError("loss_mask must contain only 0 and 1")
+            return mask.tolist()
+        mask = handler(mask)
+        if not set(mask) <= {0, 1}:
+            raise ValueError("loss_mask must contain only 0 and 1")
+        return mask
 
     @model_validator(mode="after")
     def _consistent(self) -> "Trajectory":
@@ -170,8 +207,9 @@ class Trajectory(BaseModel):
 # ---- codec ---------------------------------------------------------------------------------
 
 _PACKED = {"token_ids": "i", "logprobs": "f", "loss_mask": "B"}  # array typecodes: int32, float32, uint8
-_BELOW_0x80 = bytes(range(0x80))
 _SWAP = sys.byteorder != "little"  # the wire is little-endian
+if array("i").itemsize != 4 or array("f").itemsize != 4:
+    raise ImportError("kpop.trajectory needs a platform with 4-byte C int and float (the wire format)")
 
 
 def _pack(values: list, typecode: str) -> bytes:
@@ -180,28 +218,29 @@ def _pack(values: list, typecode: str) -> bytes:
     return struct.pack(f"<{len(values)}{typecode}", *values)  # faster than array() from a list
 
 
-def _unpack(data: bytes, typecode: str) -> list:
-    if typecode == "B":
-        return list(data)
-    unpacked = array(typecode)
-    unpacked.frombytes(data)  # raises ValueError if the length is not a multiple of the item size
+def _unpack(data: Any, name: str) -> array:
+    """Packed little-endian bytes -> array of the field's wire type (validated by the model)."""
+    if type(data) is not bytes:
+        raise ValueError(f"{name} must be packed {_PACKED[name]!r}-array bytes, got {type(data).__name__}")
+    unpacked = array(_PACKED[name])
+    try:
+        unpacked.frombytes(data)
+    except ValueError:
+        raise ValueError(f"{name}: {len(data)} bytes is not a whole number of {unpacked.itemsize}-byte items") from None
     if _SWAP:
         unpacked.byteswap()
-    return unpacked.tolist()
+    return unpacked
 
 
 def encode(traj: Trajectory) -> bytes:
     """Trajectory -> compact msgpack bytes (see the module docstring for the layout)."""
-    doc: dict[str, Any] = {"_v": SCHEMA_VERSION, "_compat": COMPAT_VERSION}
-    for name in Trajectory.model_fields:
-        value = getattr(traj, name)
-        if name in _PACKED:
-            value = _pack(value, _PACKED[name])
-        elif name == "segments":
-            value = [list(s) for s in value]
-        elif name == "sandbox" and value is not None:
-            value = value.model_dump()
-        doc[name] = value
+    doc: dict[str, Any] = dict(traj.__dict__)  # the field values (extra="forbid": nothing else)
+    for name, typecode in _PACKED.items():
+        doc[name] = _pack(doc[name], typecode)
+    if traj.sandbox is not None:
+        doc["sandbox"] = traj.sandbox.model_dump()
+    # segments are NamedTuples: msgpack writes tuples as arrays already
+    doc["_v"], doc["_compat"] = SCHEMA_VERSION, COMPAT_VERSION
     return msgpack.packb(doc, use_bin_type=True)
 
 
@@ -237,39 +276,18 @@ def decode(data: bytes) -> Trajectory:
             doc = MIGRATIONS[version](doc)
             version += 1
     try:
-        return _from_doc(doc)
+        for name in _PACKED:
+            doc[name] = _unpack(doc.get(name, b""), name)
+        return Trajectory.model_validate(doc)
     except (ValidationError, ValueError, TypeError) as exc:
         raise TrajectoryDecodeError(f"trajectory schema version {version}: invalid content: {exc}") from None
-
-
-def _from_doc(doc: dict[str, Any]) -> Trajectory:
-    # The learner decodes every trajectory, so the per-token arrays skip pydantic's per-item
-    # validation: their packed types already fix the item types, and the value checks run
-    # on the raw little-endian bytes in C. Everything else is validated by the model.
-    packed = {name: doc.pop(name, b"") for name in _PACKED}
-    raw_segments = doc.pop("segments", [])
-    meta = Trajectory.model_validate(doc)
-    ids, lps, mask = packed["token_ids"], packed["logprobs"], packed["loss_mask"]
-    if not all(isinstance(b, bytes) for b in (ids, lps, mask)) or len(ids) % 4 or len(lps) % 4:
-        raise ValueError("token_ids / logprobs / loss_mask must be packed int32 / float32 / uint8 bytes")
-    try:
-        segments = [Segment(*(int(x) for x in seg)) for seg in raw_segments]
-    except (TypeError, ValueError):
-        raise ValueError(f"segments must be [start, end, version] integer triples, got {raw_segments!r:.200}") from None
-    _check_shapes(len(ids) // 4, len(lps) // 4, len(mask), segments)
-    if mask.translate(None, b"\x00\x01"):  # anything left is neither 0 nor 1
-        raise ValueError("loss_mask must contain only 0 and 1")
-    if ids[3::4].translate(None, _BELOW_0x80):  # a sign byte (little-endian int32) with the top bit set
-        raise ValueError("token_ids must lie in [0, 2**31-1]")
-    update = {name: _unpack(packed[name], typecode) for name, typecode in _PACKED.items()}
-    return meta.model_copy(update={**update, "segments": segments})
 
 
 def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     # v1 had one policy version for the whole episode: it covers every model-token run.
     doc = dict(doc)
     version = doc.pop("policy_version", 0)
-    mask = _unpack(doc.get("loss_mask", b""), "B")
+    mask = list(_unpack(doc.get("loss_mask", b""), "loss_mask"))
     segments, start = [], None
     for i, m in enumerate(mask + [0]):
         if m and start is None:
@@ -282,5 +300,9 @@ def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc  # v3 only added `env_kwargs`, whose default (empty) is right for v2 episodes
+
+
 # MIGRATIONS[v] turns a decoded version-v document into a version-(v+1) document.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}

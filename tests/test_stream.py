@@ -329,3 +329,29 @@ def test_encoded_size_is_compact():
     t = Trajectory(run_id="r", task_id="t", env_id="e", token_ids=list(range(1000)), logprobs=[-0.5] * 1000,
                    loss_mask=[1] * 1000, segments=[(0, 1000, 0)])
     assert len(encode(t)) < 9 * 1000 + 400
+
+
+def test_replies_are_parsed_by_hiredis(redis_url):
+    # the consumer's per-entry cost is dominated by reply parsing without it (bench/stream.py)
+    pytest.importorskip("hiredis", reason="hiredis is a dependency; without it replies parse in pure Python")
+    s = stream(redis_url, "c")
+    conn = s._redis.connection_pool.get_connection()
+    try:
+        assert type(conn._parser).__name__ == "_HiredisParser"
+    finally:
+        s._redis.connection_pool.release(conn)
+
+
+def test_put_many_keeps_order_and_tracks_the_backlog(redis_url):
+    prod, cons = stream(redis_url, "p", max_backlog=10_000), stream(redis_url, "c")
+    sent = [traj(i, env_kwargs={"level": i}) for i in range(200)]
+    ids = prod.put_many(sent)
+    assert len(set(ids)) == 200 and prod._backlog == 200 == prod.backlog()
+    got = []
+    while len(got) < 200:
+        batch = cons.get(64, block_ms=50)
+        assert batch, f"stalled after {len(got)}"
+        cons.ack([e for e, _ in batch])
+        got += [t for _, t in batch]
+    assert got == sent and got[7].env_kwargs == {"level": 7}
+    assert prod.put_many([]) == []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import struct
+from array import array
+
 import msgpack
 import numpy as np
 import pytest
@@ -163,3 +166,54 @@ def test_v1_is_migrated():
 def test_garbage_fails_with_decode_error(blob, needle):
     with pytest.raises(TrajectoryDecodeError, match=needle):
         decode(blob)
+
+
+def test_env_kwargs_round_trip_and_stay_readable_by_v2_readers():
+    traj = make(env_kwargs={"difficulty": "hard", "tools": ["run", "read"], "max_turns": 8})
+    out = decode(encode(traj))
+    assert out == traj and out.env_kwargs["tools"] == ["run", "read"]
+    assert make().env_kwargs == {}
+    doc = _doc(traj)
+    # additive field: the writer's version moved on, the oldest reader it needs did not
+    assert (doc["_v"], doc["_compat"]) == (SCHEMA_VERSION, 2) and SCHEMA_VERSION >= 3
+    # a version-2 document (written before env_kwargs existed) decodes with the empty default
+    del doc["env_kwargs"]
+    doc["_v"] = 2
+    assert decode(msgpack.packb(doc, use_bin_type=True)).env_kwargs == {}
+
+
+def test_env_kwargs_must_be_a_string_keyed_dict():
+    with pytest.raises(ValidationError, match="env_kwargs"):
+        make(env_kwargs=["difficulty", "hard"])
+
+
+def test_packed_arrays_are_accepted_and_checked_like_lists():
+    traj = make()
+    packed = make(token_ids=array("i", traj.token_ids), logprobs=array("f", traj.logprobs),
+                  loss_mask=array("B", traj.loss_mask))
+    assert packed.token_ids == traj.token_ids and type(packed.token_ids) is list
+    assert packed.loss_mask == traj.loss_mask and packed.logprobs == traj.logprobs
+    with pytest.raises(ValidationError, match="token_ids must lie"):
+        make(token_ids=array("i", [5, 6, -7, 8, 9, 10]))
+    with pytest.raises(ValidationError, match="only 0 and 1"):
+        make(loss_mask=array("B", [0, 0, 1, 1, 0, 3]))
+    with pytest.raises(ValidationError, match="equal lengths"):
+        make(logprobs=array("f", [0.0] * 5))
+
+
+@pytest.mark.parametrize(
+    "field, wire, needle",
+    [
+        ("token_ids", struct.pack("<6i", 100, 101, -5, 103, 104, 105), "token_ids must lie"),
+        ("token_ids", b"\x01\x00\x00\x00\x02", "whole number of 4-byte items"),
+        ("token_ids", [100, 101, 102, 103, 104, 105], "packed 'i'-array bytes"),
+        ("logprobs", b"\x00" * 23, "logprobs: 23 bytes"),
+        ("loss_mask", bytes([0, 0, 1, 1, 0, 7]), "only 0 and 1"),
+        ("loss_mask", bytes([0, 0, 1, 1, 0]), "equal lengths"),
+    ],
+)
+def test_tampered_packed_arrays_fail_with_decode_error(field, wire, needle):
+    doc = _doc(make())
+    doc[field] = wire
+    with pytest.raises(TrajectoryDecodeError, match=needle):
+        decode(msgpack.packb(doc, use_bin_type=True))

@@ -207,8 +207,9 @@ _SYSTEM = "Use the tools. Reply with just the answer."
 
 class ToolUseEnv(ChatEnv):
     def __init__(self, difficulty: int = 0, split: Literal["all", "train", "eval"] = "all",
-                 system_prompt: bool | None = None, max_turns: int | None = None, render_mode: str | None = None):
-        super().__init__(max_turns=max_turns, render_mode=render_mode)
+                 system_prompt: bool | None = None, max_turns: int | None = None, render_mode: str | None = None,
+                 show_tools: bool = True):
+        super().__init__(max_turns=max_turns, render_mode=render_mode, show_tools=show_tools)
         if difficulty not in range(len(_LEVELS)):
             raise ValueError(f"difficulty must be 0, 1 or 2, got {difficulty!r}")
         if split not in ("all", "train", "eval"):
