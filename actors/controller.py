@@ -116,10 +116,12 @@ class Controller:
 
     # -- learner ---------------------------------------------------------------------------------
 
-    def _start_learner(self) -> None:
+    def _start_learner(self, restore: bool | None = None) -> None:
+        """`restore`: load the newest checkpoint (default cfg.resume; always after a learner crash)."""
         actor = ray.remote(LearnerService).options(num_cpus=0, max_restarts=0)
         self.learner = actor.remote(self.cfg, self.stream_spec)
-        extra = ray.get(self.learner.restore.remote()) if self.cfg.resume else None
+        restore = self.cfg.resume if restore is None else restore
+        extra = ray.get(self.learner.restore.remote()) if restore else None
         if extra is not None:
             self.state = ControllerState.from_extra(extra)
             log.info("resumed %s at RL step %d", self.run_dir, self.state.rl_step)
@@ -207,28 +209,30 @@ class Controller:
                 step_ref = None
                 try:
                     m = ray.get(ready[0])
+                    if m is None:
+                        continue
+                    self.settled = sum(m[k] for k in _SETTLED)
+                    self.state.rl_step += 1
+                    self.state.task_counter = source.counter
+                    now = time.perf_counter()
+                    m["tokens_per_s"] = m["tokens"] / max(now - t_step, 1e-9)
+                    m["step_wall_s"] = now - t_step
+                    t_step = now
+                    self._broadcast()
+                    m["version"] = float(self.version)
+                    m["worker_restarts"] = float(self.pool.restarts)
+                    self.metrics.log(self.state.rl_step, m, phase="rl")
+                    progress.update(self.state.rl_step, m)
+                    if self.state.rl_step % cfg.learner.checkpoint_every == 0 or self.state.rl_step == sched.rl_steps:
+                        self._checkpoint()
                 except _ACTOR_DEATH as exc:
+                    # the learner can die in its step, its weight export or its checkpoint: in each
+                    # case the newest checkpoint (and the controller state saved in it) is the truth
                     log.warning("learner died (%s): restarting it from the newest checkpoint", type(exc).__name__)
-                    self._start_learner()
+                    self._start_learner(restore=True)
                     produced = 0
                     self._broadcast()
                     continue
-                if m is None:
-                    continue
-                self.settled = sum(m[k] for k in _SETTLED)
-                self.state.rl_step += 1
-                self.state.task_counter = source.counter
-                now = time.perf_counter()
-                m["tokens_per_s"] = m["tokens"] / max(now - t_step, 1e-9)
-                m["step_wall_s"] = now - t_step
-                t_step = now
-                self._broadcast()
-                m["version"] = float(self.version)
-                m["worker_restarts"] = float(self.pool.restarts)
-                self.metrics.log(self.state.rl_step, m, phase="rl")
-                progress.update(self.state.rl_step, m)
-                if self.state.rl_step % cfg.learner.checkpoint_every == 0 or self.state.rl_step == sched.rl_steps:
-                    self._checkpoint()
                 if sched.eval_every and self.state.rl_step % sched.eval_every == 0:
                     self.evaluate(f"step{self.state.rl_step}")
 

