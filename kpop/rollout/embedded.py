@@ -21,7 +21,6 @@ State decisions (the issue asks to record them):
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import itertools
@@ -121,18 +120,6 @@ class EmbeddedEngine(Engine):
         gen = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
         self._post("add", _Seq(request, fut, next(self._order), gen))
         return fut
-
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        futures = [self.submit(r) for r in requests]
-        return [f.result() for f in futures]
-
-    async def agenerate(self, request: GenerationRequest) -> GenerationResult:
-        fut = self.submit(request)
-        try:
-            return await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
-            self.abort(request.request_id)
-            raise
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)

@@ -14,6 +14,8 @@ distribution the logprob is taken from, because that is the distribution the lea
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import uuid
 from abc import ABC, abstractmethod
 from typing import Any, Literal, Mapping
@@ -89,12 +91,22 @@ class Engine(ABC):
         """The policy version new tokens are sampled with."""
 
     @abstractmethod
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        """Queue one request; the future resolves to its GenerationResult."""
+
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Run `requests` to completion (blocking); results in request order."""
+        futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
 
-    @abstractmethod
     async def agenerate(self, request: GenerationRequest) -> GenerationResult:
-        """One request; concurrent awaiting callers share batches."""
+        """One request; concurrent awaiting callers share batches. Cancelling aborts it."""
+        fut = self.submit(request)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            self.abort(request.request_id)
+            raise
 
     @abstractmethod
     def abort(self, request_id: str) -> None:

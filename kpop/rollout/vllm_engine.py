@@ -17,7 +17,6 @@ Logprobs use vLLM's `processed_logprobs` mode: `log_softmax(logits / T)` when to
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import os
@@ -153,18 +152,6 @@ class VLLMEngine(Engine):
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._post("add", _Req(request, fut))
         return fut
-
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        futures = [self.submit(r) for r in requests]
-        return [f.result() for f in futures]
-
-    async def agenerate(self, request: GenerationRequest) -> GenerationResult:
-        fut = self.submit(request)
-        try:
-            return await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
-            self.abort(request.request_id)
-            raise
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
