@@ -19,14 +19,6 @@ from kpop.redis_server import EmbeddedRedis, RedisServer
 DEBIAN_REDIS = "/usr/bin/redis-server"
 
 
-@pytest.fixture(scope="module")
-def no_triton_interpreter():
-    """Run a module without TRITON_INTERPRET (which the CPU kernel tests set process-wide)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("TRITON_INTERPRET", raising=False)
-        yield
-
-
 @pytest.fixture(params=["embedded", "debian"])
 def redis_server(request, tmp_path):
     if request.param == "embedded":

