@@ -107,6 +107,39 @@ def test_lightning_decode_matches_recurrence(dtype, seed):
     assert pool[[0, 2, 4]].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lightning_prefill_then_decode_keeps_fp32_state(dtype, seed):
+    """Cached decode = chunk prefill, then recurrent steps from its final state. Keys and values
+    share a large mean that q is orthogonal to, so the state is large and q S mostly cancels: any
+    rounding of the state, of A or of the decayed k/v to 16 bits before a dot shows up. Outputs
+    must stay within 3x the error of rounding the exact output to dtype (a kernel that cast them
+    to bf16 was at 5x, its state 2e-3 off; fp16 state 2e-5). Compiled bf16 splits fp32 operands
+    into two bf16 MMAs (chunk.dot32), which the interpreter cannot run: the GPU run checks that."""
+    B, T, steps, H, K, V = 2, 150, 3, 2, 16, 32
+    q = torch.randn(B, T + steps, H, K, device=DEV)
+    q[..., 0] = 0
+    k = torch.randn(B, T + steps, H, K, device=DEV)
+    k[..., 0] += 8
+    v = torch.randn(B, T + steps, H, V, device=DEV) + 4
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    h0 = torch.randn(B, H, K, V, device=DEV)
+    h0[:, :, 0] += 500
+    g = torch.tensor([-0.002, -0.02], device=DEV)
+    o_ref, _ = recurrent_lightning(q.double(), k.double(), v.double(), g, K ** -0.5, h0.double())
+    _, ht_ref = recurrent_lightning(q[:, :T].double(), k[:, :T].double(), v[:, :T].double(), g, K ** -0.5,
+                                    h0.double(), True)
+
+    def check(out, ref, what):
+        err, floor = relerr(out, ref), relerr(ref.to(dtype), ref)
+        assert err < 3 * floor, f"{what} rel err {err:.2e} >= 3x rounding {floor:.2e} (seed {seed})"
+
+    o, ht = lightning_attn(q[:, :T], k[:, :T], v[:, :T], g, initial_state=h0, output_final_state=True)
+    check(o, o_ref[:, :T], "prefill")
+    assert relerr(ht, ht_ref) < 5e-6, f"final state rel err {relerr(ht, ht_ref):.2e} (seed {seed})"
+    for t in range(T, T + steps):
+        check(lightning_decode(q[:, t], k[:, t], v[:, t], g, ht), o_ref[:, t], f"decode step {t}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_mla_prefill_fwd_bwd_varlen(dtype, causal, seed):

@@ -10,6 +10,7 @@ Backward is three more sweeps of the same kernel (G_t = dL/dS_t):
 with G_t = lam G_{t+1} + scale q_t^T do_t, G_T += dL/dS_T, and dL/dS_0 = lam G_1.
 In reverse time the chunks are aligned to the sequence end and the in-chunk index runs
 backwards, so the decay algebra is the forward one on r = C-1-i.
+Precision: only q k^T multiplies 16-bit inputs; A, the state and the decays stay fp32 (see dot32).
 """
 from __future__ import annotations
 
@@ -28,11 +29,31 @@ NUM_STAGES = 3
 
 
 @triton.jit
+def dot32(a, b, F32_LEFT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with one fp32 operand (the left one if F32_LEFT) and one holding exact 16/32-bit inputs.
+    SPLIT (bf16 inputs, compiled): the fp32 operand is split into bf16 hi + lo, two bf16 MMAs give a
+    ~16-bit mantissa for the price of one tf32 MMA (which keeps only 10 bits). Else fp32 at PREC."""
+    if SPLIT:
+        if F32_LEFT:
+            hi = a.to(tl.bfloat16)
+            lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
+            c = tl.dot(hi, b) + tl.dot(lo, b)
+        else:
+            hi = b.to(tl.bfloat16)
+            lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
+            c = tl.dot(a, hi) + tl.dot(a, lo)
+    else:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    return c
+
+
+@triton.jit
 def _sweep(
     q, k, v, o, g_gamma, h0, ht, cu_seqlens, o_scale, k_scale,
     H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    PREC: tl.constexpr, F32PREC: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -77,15 +98,17 @@ def _sweep(
         b_k = tl.load(k + p_qk, mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
 
+        # Only q k^T multiplies in the input dtype (exact products, fp32 accumulator). o = A v + q S and
+        # the state update sum large terms that mostly cancel, so A, S and the decays stay fp32 (dot32);
+        # rounding them to bf16 first (as fla does) gave ~5x the error of rounding o itself.
         b_A = mm(b_q, tl.trans(b_k), UPCAST, PREC) * (D * k_scale)
-        b_o = mm(b_A.to(b_v.dtype), b_v, UPCAST, PREC)
-        b_qd = (b_q * q_decay[:, None]).to(b_q.dtype)
-        b_o += mm(b_qd, b_h.to(b_q.dtype), UPCAST, PREC)
+        b_o = dot32(b_A, b_v, True, SPLIT, F32PREC)
+        b_o += dot32(b_q, b_h, False, SPLIT, F32PREC) * q_decay[:, None]
         tl.store(o + p_v, (b_o * o_scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
         k_decay = tl.exp(tl.where(r < L, (L - 1 - r).to(tl.float32) * g, float("-inf"))) * k_scale
-        b_kd = (b_k * k_decay[:, None]).to(b_k.dtype)
-        b_h = b_h * tl.exp(L.to(tl.float32) * g) + mm(tl.trans(b_kd), b_v, UPCAST, PREC)
+        b_vd = b_v.to(tl.float32) * k_decay[:, None]
+        b_h = b_h * tl.exp(L.to(tl.float32) * g) + dot32(tl.trans(b_k), b_vd, False, SPLIT, F32PREC)
 
     if STORE_HT:
         tl.store(ht + h_off, b_h, mask=m_h)
@@ -93,6 +116,21 @@ def _sweep(
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def launch_config(dtype: torch.dtype, BK: int, VD: int) -> tuple[int, int, int]:
+    """(value block, warps, pipeline stages) that fit 232448 B of shared memory (H100/H200).
+
+    A wide value block amortises q k^T over V, and a 128 x 128 fp32 state still fits 8 warps'
+    registers. fp32 inputs (or fp32 dot operands for fp16) double every tile, and 256-wide keys
+    double q/k: both halve the value block and drop to 2 stages. Shared memory compiled for sm_90
+    (triton 3.9, KD = VD): bf16 128 98304 B, 256 131072; fp16 128 65536, 256 131072; fp32 128
+    131072, 256 229376 (the old fp32 128 at 128/8/3 needed 262144). All launch fwd+bwd on an H200.
+    """
+    wide = dtype != torch.bfloat16 or BK > 128
+    BV = min(BLOCK_V // 2 if wide else BLOCK_V, _pow2(VD))
+    num_warps = NUM_WARPS if BK * BV >= 128 * 32 else 4
+    return BV, num_warps, min(NUM_STAGES, 2) if wide else NUM_STAGES
 
 
 def sweep(
@@ -105,17 +143,21 @@ def sweep(
     BK = _pow2(KD)
     if BK > 256:
         raise ValueError(f"lightning: key head dim {KD} > 256 is not supported by the Triton kernel")
-    # a wide value block amortises q k^T over V; 128 x 128 fp32 state still fits 8 warps' registers
-    BV = min(BLOCK_V, _pow2(VD))
+    BV, num_warps, num_stages = launch_config(q.dtype, BK, VD)
     o = torch.empty_like(v)
     ht = q.new_empty(N, H, KD, VD, dtype=torch.float32) if store_ht else None
+    upcast = upcast_dots(q.dtype)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    # fp32 dots for 16-bit inputs: bf16 splits into two bf16 MMAs (dot32); fp16, or bf16 under the
+    # interpreter, multiplies fp32 operands with three tf32 passes (near-ieee, fp16 is not a hot path)
+    f32prec = "ieee" if q.dtype == torch.float32 else "tf32x3"
     grid = (triton.cdiv(VD, BV), N * H)
     _sweep[grid](
         q, k, v, o, g_gamma, h0, ht, cu_seqlens, o_scale, k_scale,
         H=H, KD=KD, VD=VD, BT=CHUNK, BK=BK, BV=BV,
-        REVERSE=reverse, USE_H0=h0 is not None, STORE_HT=store_ht, PREC=prec, UPCAST=upcast_dots(q.dtype),
-        num_warps=NUM_WARPS if BK * BV >= 128 * 32 else 4, num_stages=NUM_STAGES,
+        REVERSE=reverse, USE_H0=h0 is not None, STORE_HT=store_ht,
+        PREC=prec, F32PREC=f32prec, SPLIT=q.dtype == torch.bfloat16 and not upcast, UPCAST=upcast,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return o, ht
 
