@@ -84,7 +84,6 @@ class LearnerService:
     def rl_step(self, timeout_s: float) -> dict[str, Any] | None:
         """Wait for a full batch of complete groups, train on it; None if none came in time."""
         deadline = time.monotonic() + timeout_s
-        waited_s = 0.0
         t0 = time.perf_counter()
         while True:
             batch, dropped = self.buffer.pop_batch(self.version)
