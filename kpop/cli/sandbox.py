@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-app = typer.Typer(help="sandbox commands.", no_args_is_help=True)
+app = typer.Typer(help="Sandboxes (bubblewrap, docker): run a command under limits.", no_args_is_help=True)
 
 
 @app.command("exec", context_settings={"allow_interspersed_args": False})
