@@ -10,6 +10,8 @@ test's tmp dir. The fixture stops the server afterwards; a test may kill and res
 from __future__ import annotations
 
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +37,22 @@ def redis_server(request, tmp_path):
 @pytest.fixture
 def redis_url(redis_server) -> str:
     return redis_server.url
+
+
+# -- sandboxes: every sandbox test runs on both backends; docker ones start the daemon first ----
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    """scripts/docker.sh is idempotent: with a daemon up and the image built it only asks docker."""
+    proc = subprocess.run(["bash", str(ROOT / "scripts/docker.sh")], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/docker.sh failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+@pytest.fixture(params=["bwrap", pytest.param("docker", marks=pytest.mark.docker)])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "docker":
+        request.getfixturevalue("docker_ready")
+    return request.param

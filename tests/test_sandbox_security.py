@@ -18,22 +18,6 @@ import pytest
 from sandboxes import Limits, create_sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ["bwrap", pytest.param("docker", marks=pytest.mark.docker)]
-
-
-@pytest.fixture(scope="session")
-def docker_ready() -> None:
-    """scripts/docker.sh is idempotent: with a daemon up and the image built it only asks docker."""
-    proc = subprocess.run(["bash", str(ROOT / "scripts/docker.sh")], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/docker.sh failed:\n{proc.stdout}\n{proc.stderr}")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "docker":
-        request.getfixturevalue("docker_ready")
-    return request.param
 
 
 def py(code: str) -> list[str]:
