@@ -1,8 +1,9 @@
 """Benchmark the Triton kernels on a GPU against fla, SDPA and the copy bandwidth.
 
-    python bench/kernels.py [--out results.md] [--sweep]
+    python bench/kernels.py [--out results.md] [--sweep [lightning,prefill,mla_decode]] [--json]
 
 All numbers in one run; paste the printed table under "## kernels" in bench/RESULTS.md.
+--json prints one JSON object last: every row, plus the headline ratios against the goals.
 Shapes are the issue's: Lightning B=2 T=16384 H=64 D=128 bf16; decode B=256 H=64 D=128 fp32
 state; MLA prefill B=2 T=8192 H=64 (192/128) vs SDPA D=128; MLA decode B=64 ctx 8192 H=64 576/512.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import sys
 
@@ -27,11 +29,16 @@ from kernels.mla import prefill as mp  # noqa: E402
 from kernels.mla.decode import paged_decode_triton  # noqa: E402
 
 ROWS: list[str] = []
+RECORDS: list[dict] = []
+HEADLINE: dict[str, float] = {}
 
 
-def row(*cells) -> None:
+def row(*cells, **values) -> None:
+    """One table row; keyword values (numbers) also go to the --json output."""
     line = "| " + " | ".join(str(c) for c in cells) + " |"
     ROWS.append(line)
+    if values:
+        RECORDS.append({"what": str(cells[0]), **values})
     print(line, flush=True)
 
 
@@ -44,7 +51,7 @@ def copy_bw() -> float:
     y = torch.empty_like(x)
     t = ms(lambda: y.copy_(x))
     bw = 2 * x.numel() / t / 1e9
-    row("copy 2 GiB", f"{t:.3f} ms", f"{bw:.2f} TB/s", "", "")
+    row("copy 2 GiB", f"{t:.3f} ms", f"{bw:.2f} TB/s", "", "", ms=t, tb_s=bw)
     return bw
 
 
@@ -71,11 +78,11 @@ def bench_lightning(sweep: bool) -> None:
         err = ((ours().float() - fla().float()).norm() / fla().float().norm()).item()
     configs = [(lchunk.BLOCK_V, lchunk.NUM_WARPS, lchunk.NUM_STAGES)]
     if sweep:
-        configs += [(64, 4, 2), (128, 8, 2)]
+        configs += [(64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2), (128, 8, 4)]
     t_fla_f = ms(fla)
     t_fla_fb = ms(lambda: fla().backward(do))
-    row("lightning fwd fla chunk_simple_gla", f"{t_fla_f:.3f} ms", "", "1.00x", "")
-    row("lightning fwd+bwd fla", f"{t_fla_fb:.3f} ms", "", "1.00x", "")
+    row("lightning fwd fla chunk_simple_gla", f"{t_fla_f:.3f} ms", "", "1.00x", "", ms=t_fla_f)
+    row("lightning fwd+bwd fla", f"{t_fla_fb:.3f} ms", "", "1.00x", "", ms=t_fla_fb)
     for bv, nw, ns in configs:
         lchunk.BLOCK_V, lchunk.NUM_WARPS, lchunk.NUM_STAGES = bv, nw, ns
         try:
@@ -84,8 +91,13 @@ def bench_lightning(sweep: bool) -> None:
         except Exception as e:  # a config that does not compile (registers, smem) is reported, not fatal
             row(f"lightning BV={bv} warps={nw} stages={ns}", "failed", type(e).__name__, "", "")
             continue
-        row(f"lightning fwd ours BV={bv} w={nw} s={ns}", f"{t_f:.3f} ms", f"rel err vs fla {err:.1e}", f"{t_fla_f / t_f:.2f}x", "goal 1.5x")
-        row(f"lightning fwd+bwd ours BV={bv} w={nw} s={ns}", f"{t_fb:.3f} ms", "", f"{t_fla_fb / t_fb:.2f}x", "goal 1.2x")
+        row(f"lightning fwd ours BV={bv} w={nw} s={ns}", f"{t_f:.3f} ms", f"rel err vs fla {err:.1e}", f"{t_fla_f / t_f:.2f}x", "goal 1.5x",
+            ms=t_f, vs_fla=t_fla_f / t_f)
+        row(f"lightning fwd+bwd ours BV={bv} w={nw} s={ns}", f"{t_fb:.3f} ms", "", f"{t_fla_fb / t_fb:.2f}x", "goal 1.2x",
+            ms=t_fb, vs_fla=t_fla_fb / t_fb)
+        if (bv, nw, ns) == configs[0]:
+            HEADLINE["lightning_fwd_vs_fla"] = t_fla_f / t_f
+            HEADLINE["lightning_fwd_bwd_vs_fla"] = t_fla_fb / t_fb
     lchunk.BLOCK_V, lchunk.NUM_WARPS, lchunk.NUM_STAGES = configs[0]
 
 
@@ -100,8 +112,11 @@ def bench_decode(bw: float) -> None:
     t = ms(lambda: lightning_decode(q, k, v, g, state))
     tf = ms(lambda: fused_recurrent_simple_gla(q[:, None], k[:, None], v[:, None], g_gamma=g, scale=D ** -0.5,
                                                initial_state=state, output_final_state=True))
-    row("lightning decode fla fused_recurrent", f"{tf:.3f} ms", f"{nbytes / tf / 1e9:.2f} TB/s", f"{nbytes / tf / 1e9 / bw:.0%} of copy", "")
-    row("lightning decode ours (in place)", f"{t:.3f} ms", f"{nbytes / t / 1e9:.2f} TB/s", f"{nbytes / t / 1e9 / bw:.0%} of copy", "goal 85%")
+    row("lightning decode fla fused_recurrent", f"{tf:.3f} ms", f"{nbytes / tf / 1e9:.2f} TB/s", f"{nbytes / tf / 1e9 / bw:.0%} of copy", "",
+        ms=tf, of_copy=nbytes / tf / 1e9 / bw)
+    row("lightning decode ours (in place)", f"{t:.3f} ms", f"{nbytes / t / 1e9:.2f} TB/s", f"{nbytes / t / 1e9 / bw:.0%} of copy", "goal 85%",
+        ms=t, of_copy=nbytes / t / 1e9 / bw)
+    HEADLINE["lightning_decode_of_copy"] = nbytes / t / 1e9 / bw
 
 
 def bench_mla_prefill(sweep: bool) -> None:
@@ -117,8 +132,8 @@ def bench_mla_prefill(sweep: bool) -> None:
     f_sdpa = 2 * B * H * T * T / 2 * (128 + 128)
     ts, tsb = ms(sdpa), ms(lambda: sdpa().backward(dos))
     tf_s, tfb_s = f_sdpa / ts / 1e9, 3.5 * f_sdpa / tsb / 1e9
-    row("mla prefill fwd SDPA (D=128)", f"{ts:.3f} ms", f"{tf_s:.0f} TFLOP/s", "1.00x", "")
-    row("mla prefill fwd+bwd SDPA", f"{tsb:.3f} ms", f"{tfb_s:.0f} TFLOP/s", "1.00x", "")
+    row("mla prefill fwd SDPA (D=128)", f"{ts:.3f} ms", f"{tf_s:.0f} TFLOP/s", "1.00x", "", ms=ts)
+    row("mla prefill fwd+bwd SDPA", f"{tsb:.3f} ms", f"{tfb_s:.0f} TFLOP/s", "1.00x", "", ms=tsb)
     default = (mp.FWD_CFG, mp.BWD_KV_CFG, mp.BWD_Q_CFG)
     configs = [default]
     if sweep:
@@ -134,8 +149,13 @@ def bench_mla_prefill(sweep: bool) -> None:
             row(f"mla prefill {cfg}", "failed", type(e).__name__, "", "")
             continue
         tf_o, tfb_o = f_ours / to / 1e9, 3.5 * f_ours / tob / 1e9
-        row(f"mla prefill fwd ours (192/128) {cfg[0]}", f"{to:.3f} ms", f"{tf_o:.0f} TFLOP/s", f"{tf_o / tf_s:.2f}x", "goal 0.8x")
-        row(f"mla prefill fwd+bwd ours {cfg[1:]}", f"{tob:.3f} ms", f"{tfb_o:.0f} TFLOP/s", f"{tfb_o / tfb_s:.2f}x", "")
+        row(f"mla prefill fwd ours (192/128) {cfg[0]}", f"{to:.3f} ms", f"{tf_o:.0f} TFLOP/s", f"{tf_o / tf_s:.2f}x", "goal 0.8x",
+            ms=to, vs_sdpa=tf_o / tf_s)
+        row(f"mla prefill fwd+bwd ours {cfg[1:]}", f"{tob:.3f} ms", f"{tfb_o:.0f} TFLOP/s", f"{tfb_o / tfb_s:.2f}x", "",
+            ms=tob, vs_sdpa=tfb_o / tfb_s)
+        if cfg == default:
+            HEADLINE["mla_prefill_fwd_vs_sdpa"] = tf_o / tf_s
+            HEADLINE["mla_prefill_fwd_bwd_vs_sdpa"] = tfb_o / tfb_s
     mp.FWD_CFG, mp.BWD_KV_CFG, mp.BWD_Q_CFG = default
 
 
@@ -154,25 +174,39 @@ def bench_mla_decode(bw: float, sweep: bool) -> None:
         return torch.einsum("bhn,bnd->bhd", p, kv[..., :512])
 
     t = ms(torch_batched)
-    row("mla decode torch (gather+einsum)", f"{t:.3f} ms", f"{nbytes / t / 1e9:.2f} TB/s", f"{nbytes / t / 1e9 / bw:.0%} of copy", "")
+    row("mla decode torch (gather+einsum)", f"{t:.3f} ms", f"{nbytes / t / 1e9:.2f} TB/s", f"{nbytes / t / 1e9 / bw:.0%} of copy", "",
+        ms=t, of_copy=nbytes / t / 1e9 / bw)
+    kv32 = cache[table.long()].reshape(B, ctx, Dk).float()  # fp32 reference: every config must compute the same
+    ref = torch.einsum("bhn,bnd->bhd", (torch.einsum("bhd,bnd->bhn", q.float(), kv32) * Dk ** -0.5).softmax(-1), kv32[..., :512])
+    del kv32
     configs = [dict()]
     if sweep:
-        configs += [dict(block_h=64, block_n=64, num_stages=3), dict(block_h=64, block_n=128),
-                    dict(block_h=64, block_n=64, num_splits=2), dict(block_h=32, block_n=64, num_warps=4)]
+        configs += [dict(num_splits=s) for s in (1, 2, 3, 6, 8)]
+        configs += [dict(block_n=32, num_stages=s) for s in (2, 3, 4)]
+        configs += [dict(num_stages=3), dict(num_warps=16), dict(num_warps=16, num_stages=3), dict(block_n=128),
+                    dict(block_n=128, num_warps=16), dict(block_h=32, num_warps=4), dict(block_h=32, num_warps=8),
+                    dict(block_h=32, block_n=32, num_warps=4, num_stages=3)]
     for cfg in configs:
         try:
-            t = ms(lambda: paged_decode_triton(q, cache, table, lens, Dk ** -0.5, 512, **cfg))
+            fn = lambda: paged_decode_triton(q, cache, table, lens, Dk ** -0.5, 512, max_len=ctx, **cfg)  # noqa: E731
+            err = ((fn().float() - ref).norm() / ref.norm()).item()
+            t = ms(fn)
         except Exception as e:
             row(f"mla decode ours {cfg}", "failed", type(e).__name__, "", "")
             continue
-        row(f"mla decode ours {cfg or 'default'}", f"{t:.3f} ms", f"{nbytes / t / 1e9:.2f} TB/s", f"{nbytes / t / 1e9 / bw:.0%} of copy", "goal 70%")
+        row(f"mla decode ours {cfg or 'default'}", f"{t:.3f} ms", f"{nbytes / t / 1e9:.2f} TB/s", f"{nbytes / t / 1e9 / bw:.0%} of copy",
+            f"goal 70%, err {err:.1e}", ms=t, of_copy=nbytes / t / 1e9 / bw, relerr=err)
+        if not cfg:
+            HEADLINE["mla_decode_of_copy"] = nbytes / t / 1e9 / bw
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sweep", action="store_true", help="also time alternative launch configs")
+    ap.add_argument("--sweep", nargs="?", const="lightning,prefill,mla_decode", default="",
+                    help="also time alternative launch configs (comma list of benches, default all)")
     ap.add_argument("--only", default="lightning,decode,prefill,mla_decode")
+    ap.add_argument("--json", action="store_true", help="print a JSON summary last")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA GPU")
@@ -182,17 +216,24 @@ def main() -> None:
     row("what", "time", "rate", "ratio", "goal")
     row("---", "---", "---", "---", "---")
     bw = copy_bw()
+    sweep = a.sweep.split(",")
     if "lightning" in only:
-        bench_lightning(a.sweep)
+        bench_lightning("lightning" in sweep)
     if "decode" in only:
         bench_decode(bw)
     if "prefill" in only:
-        bench_mla_prefill(a.sweep)
+        bench_mla_prefill("prefill" in sweep)
     if "mla_decode" in only:
-        bench_mla_decode(bw, a.sweep)
+        bench_mla_decode(bw, "mla_decode" in sweep)
     if a.out:
         with open(a.out, "w") as f:
             f.write("\n".join(ROWS) + "\n")
+    if a.json:
+        goals = {"lightning_fwd_vs_fla": 1.5, "lightning_fwd_bwd_vs_fla": 1.2, "lightning_decode_of_copy": 0.85,
+                 "mla_prefill_fwd_vs_sdpa": 0.8, "mla_decode_of_copy": 0.7}
+        print(json.dumps({"device": torch.cuda.get_device_name(), "copy_tb_s": bw, "headline": HEADLINE,
+                          "goals": goals, "met": {k: HEADLINE[k] >= v for k, v in goals.items() if k in HEADLINE},
+                          "rows": RECORDS}))
 
 
 if __name__ == "__main__":

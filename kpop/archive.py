@@ -50,6 +50,7 @@ _SCHEMA = pa.schema([
     ("run_id", pa.string()),
     ("group_id", pa.string()),
     ("env_id", pa.string()),
+    ("env_kwargs", pa.string()),  # JSON; absent from parts written before it existed
     ("task_id", pa.string()),
     ("seed", pa.int64()),
     ("status", pa.string()),  # archive status
@@ -305,7 +306,8 @@ def _row(traj: Trajectory, status: str, step: int | None, policy_version: int | 
     lo, hi = traj.min_policy_version, traj.max_policy_version
     return {
         "trajectory_id": traj.trajectory_id, "run_id": traj.run_id, "group_id": traj.group_id,
-        "env_id": traj.env_id, "task_id": traj.task_id, "seed": traj.seed, "status": status, "step": step,
+        "env_id": traj.env_id, "env_kwargs": json.dumps(traj.env_kwargs, default=str), "task_id": traj.task_id,
+        "seed": traj.seed, "status": status, "step": step,
         "policy_version": policy_version, "min_version": lo, "max_version": hi,
         "staleness": None if policy_version is None or lo is None else max(0, policy_version - lo),
         "reward": float(traj.reward), "reward_detail": json.dumps(traj.reward_detail, default=str),
@@ -329,8 +331,8 @@ def _record(row: dict[str, Any], part: str) -> ArchivedTrajectory:
     try:
         traj = Trajectory(
             run_id=row["run_id"], trajectory_id=row["trajectory_id"], group_id=row["group_id"],
-            env_id=row["env_id"], task_id=row["task_id"], seed=row["seed"],
-            messages=json.loads(row["messages"]), token_ids=row["token_ids"] or [],
+            env_id=row["env_id"], env_kwargs=json.loads(row.get("env_kwargs") or "{}"),
+            task_id=row["task_id"], seed=row["seed"], messages=json.loads(row["messages"]), token_ids=row["token_ids"] or [],
             logprobs=row["logprobs"] or [], loss_mask=row["loss_mask"] or [],
             segments=[Segment(*s) for s in row["segments"] or []], reward=row["reward"],
             reward_detail=json.loads(row["reward_detail"]), status=row["episode_status"], error=row["error"],

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sandboxes.limits import Limits
 
@@ -30,6 +30,7 @@ class PolicyConfig(_Section):
 
     checkpoint: Path | None = None  # HF-format dir (config.json + safetensors); wins over `arch`
     arch: dict[str, Any] = Field(default_factory=dict)  # HF `bailing_hybrid` config fields
+    preset: Literal["tiny", "small"] = "tiny"  # the architecture when `arch` is empty (kpop/policy/presets.py)
     tokenizer: Path | None = None  # dir with tokenizer.json; None = build the local BPE tokenizer
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     fp32_lm_head: bool = True  # Ring-2.6 keeps the LM head in fp32 in training and inference
@@ -59,6 +60,16 @@ class EnvironmentsConfig(_Section):
     eval: list[EnvSpec] = Field(default_factory=list)  # empty = same ids as train
     eval_seeds: list[int] = Field(default_factory=lambda: list(range(10_000, 10_032)))
     step_timeout_s: float = Field(60.0, gt=0.0)
+
+    @field_validator("eval_seeds", mode="before")
+    @classmethod
+    def _seed_count(cls, v: Any) -> Any:
+        """`eval_seeds: 64` is shorthand for the seeds 10000..10063."""
+        if isinstance(v, int) and not isinstance(v, bool):
+            if v < 1:
+                raise ValueError(f"a seed count must be >= 1, got {v}")
+            return list(range(10_000, 10_000 + v))
+        return v
 
 
 class SandboxConfig(_Section):

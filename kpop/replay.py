@@ -86,7 +86,7 @@ class _RecordedActions:
 
 
 def _make_env(traj: Trajectory, env_kwargs: dict[str, Any]) -> ChatEnv:
-    kwargs = dict(env_kwargs)
+    kwargs = {**traj.env_kwargs, **env_kwargs}  # the recorded constructor kwargs, unless overridden
     # a fresh sandbox of the recording's kind (coding's `backend`/`image`), if the env takes those
     if traj.sandbox is not None and traj.sandbox.backend in ("bwrap", "docker") and is_registered(traj.env_id):
         entry = gymnasium.registry[traj.env_id].entry_point

@@ -22,7 +22,7 @@ def _traj(i: int, env: str = "kpop/tooluse-v0", versions: tuple[int, ...] = (3, 
     mask = [0] * 4 + [1] * 3 + [0] * 2 + [1] * 3
     # logprobs representable in float32, as the wire format stores them
     lps = [float(-rng.randint(0, 64) / 16) if m else 0.0 for m in mask]
-    return Trajectory(run_id="r", task_id=f"t{i}", env_id=env, seed=i,
+    return Trajectory(run_id="r", task_id=f"t{i}", env_id=env, env_kwargs={"difficulty": i % 3}, seed=i,
                       messages=[{"role": "user", "content": f"q{i} ü"}, {"role": "assistant", "content": "a"}],
                       token_ids=list(range(i, i + n)), logprobs=lps, loss_mask=mask,
                       segments=[Segment(4, 7, versions[0]), Segment(9, 12, versions[-1])], reward=reward,

@@ -39,6 +39,7 @@ def test_save_load_round_trip_single_and_sharded(tmp_path):
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     for path in (single, sharded):
+        assert json.loads((path / "config.json").read_text())["architectures"] == ["BailingMoeV2_5ForCausalLM"]
         loaded = load_checkpoint(path)
         assert torch.equal(_logits(loaded), ref)
         assert torch.equal(loaded.model.layers[1].mlp.gate.expert_bias, model.model.layers[1].mlp.gate.expert_bias)
@@ -175,6 +176,8 @@ def test_load_policy_from_arch_and_from_checkpoint(tmp_path):
         load_policy(PolicyConfig(arch={"hiden_size": 64}))
     with pytest.raises(ValueError, match="policy.arch.*num_experts_per_tok"):
         load_policy(PolicyConfig(arch=tiny_arch(num_experts_per_tok=7)))
+    small, _ = load_policy(PolicyConfig(preset="small"))  # an empty arch takes the named preset
+    assert small.config.hidden_size == 128 and small.config.num_hidden_layers == 4
 
 
 def test_hf_from_pretrained_reads_our_checkpoint(tmp_path):

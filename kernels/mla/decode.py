@@ -20,6 +20,59 @@ from kernels.mla.prefill import LOG2E, _split
 
 
 @triton.jit
+def _decode_tiles(acc, l_i, m_i, qa, qb, kv, table, lo, hi, end, qk_scale,
+                  DK: tl.constexpr, DVAL: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BDV: tl.constexpr,
+                  PAGE: tl.constexpr, BN: tl.constexpr, SAME_V: tl.constexpr, UPCAST: tl.constexpr,
+                  PAGE_TILES: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """Online softmax over cached tokens [lo, hi) in tiles of BN; tokens >= end are masked (MASK only)."""
+    o_a = tl.arange(0, DA)
+    o_b = DA + tl.arange(0, DB if DB > 0 else 16)
+    o_dv = tl.arange(0, BDV)
+    for start in range(lo, hi, BN):
+        o_n = start + tl.arange(0, BN)
+        if PAGE_TILES:  # the whole tile lies in one page: one table read, contiguous rows
+            page = tl.load(table + start // PAGE).to(tl.int64)
+            row = kv + (page * PAGE + start % PAGE + tl.arange(0, BN))[:, None] * DK
+        elif MASK:
+            page = tl.load(table + o_n // PAGE, mask=o_n < end, other=0).to(tl.int64)
+            row = kv + (page * PAGE + o_n % PAGE)[:, None] * DK
+        else:
+            page = tl.load(table + o_n // PAGE).to(tl.int64)
+            row = kv + (page * PAGE + o_n % PAGE)[:, None] * DK
+        if MASK:
+            m_n = o_n < end
+            ka = tl.load(row + o_a[None, :], mask=m_n[:, None], other=0.0)
+        else:
+            ka = tl.load(row + o_a[None, :])
+        s = mm(qa, tl.trans(ka), UPCAST, PREC)
+        if DB > 0:
+            if MASK:
+                kb = tl.load(row + o_b[None, :], mask=m_n[:, None] & (o_b[None, :] < DK), other=0.0)
+            elif DA + DB > DK:
+                kb = tl.load(row + o_b[None, :], mask=o_b[None, :] < DK, other=0.0)
+            else:
+                kb = tl.load(row + o_b[None, :])
+            s += mm(qb, tl.trans(kb), UPCAST, PREC)
+        if MASK:
+            s = tl.where(m_n[None, :], s * qk_scale, float("-inf"))
+        else:
+            s = s * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if SAME_V:
+            b_v = ka
+        elif MASK:
+            b_v = tl.load(row + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DVAL), other=0.0)
+        else:
+            b_v = tl.load(row + o_dv[None, :], mask=o_dv[None, :] < DVAL, other=0.0)
+        acc = acc * alpha[:, None] + mm(p.to(b_v.dtype), b_v, UPCAST, PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _decode_split(
     q, kv, block_table, seq_lens, o_part, lse_part, qk_scale, stride_bt,
     H: tl.constexpr, DK: tl.constexpr, DVAL: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BDV: tl.constexpr,
@@ -44,31 +97,13 @@ def _decode_split(
     m_i = tl.full([BH], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BH], dtype=tl.float32)
     acc = tl.zeros([BH, BDV], dtype=tl.float32)
-    for start in range(lo, hi, BN):
-        o_n = start + tl.arange(0, BN)
-        m_n = o_n < hi
-        if PAGE_TILES:  # the whole tile lies in one page: one table read, contiguous rows
-            page = tl.load(block_table + i_b * stride_bt + start // PAGE).to(tl.int64)
-            row = kv + (page * PAGE + start % PAGE + tl.arange(0, BN))[:, None] * DK
-        else:
-            page = tl.load(block_table + i_b * stride_bt + o_n // PAGE, mask=m_n, other=0).to(tl.int64)
-            row = kv + (page * PAGE + o_n % PAGE)[:, None] * DK
-        ka = tl.load(row + o_a[None, :], mask=m_n[:, None], other=0.0)
-        s = mm(qa, tl.trans(ka), UPCAST, PREC)
-        if DB > 0:
-            kb = tl.load(row + o_b[None, :], mask=m_n[:, None] & (o_b[None, :] < DK), other=0.0)
-            s += mm(qb, tl.trans(kb), UPCAST, PREC)
-        s = tl.where(m_n[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if SAME_V:
-            b_v = ka
-        else:
-            b_v = tl.load(row + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DVAL), other=0.0)
-        acc = acc * alpha[:, None] + mm(p.to(b_v.dtype), b_v, UPCAST, PREC)
-        m_i = m_new
+    # whole tiles need no token mask (one select and one masked load fewer per tile); the
+    # ragged end of the slice, at most one tile, goes through the masked copy of the step
+    full = lo + (hi - lo) // BN * BN
+    acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, qa, qb, kv, block_table + i_b * stride_bt, lo, full, hi, qk_scale,
+                                  DK, DVAL, DA, DB, BDV, PAGE, BN, SAME_V, UPCAST, PAGE_TILES, PREC, False)
+    acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, qa, qb, kv, block_table + i_b * stride_bt, full, hi, hi, qk_scale,
+                                  DK, DVAL, DA, DB, BDV, PAGE, BN, SAME_V, UPCAST, PAGE_TILES, PREC, True)
     # an empty slice leaves l_i = 0 and m_i = -inf: lse = -inf and the merge weights it 0
     part = (i_b * H + o_h) * NS + i_s
     tl.store(lse_part + part, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf")), mask=m_h)
@@ -77,40 +112,68 @@ def _decode_split(
 
 
 @triton.jit
-def _merge(o_part, lse_part, o, DVAL: tl.constexpr, BDV: tl.constexpr, NS: tl.constexpr):
-    i_bh = tl.program_id(0)
-    o_s = tl.arange(0, NS)
+def _merge(o_part, lse_part, o, DVAL: tl.constexpr, BDV: tl.constexpr, NS: tl.constexpr, NSP: tl.constexpr, BHM: tl.constexpr):
+    """BHM (sequence, head) rows per program: out = sum_s w_s o_s with w = softmax over splits of lse."""
+    rows = tl.program_id(0) * BHM + tl.arange(0, BHM)
+    o_s = tl.arange(0, NSP)
     o_dv = tl.arange(0, BDV)
-    lse = tl.load(lse_part + i_bh * NS + o_s)
-    w = tl.exp2(lse - tl.max(lse, 0))
-    w = w / tl.sum(w, 0)
-    parts = tl.load(o_part + (i_bh * NS + o_s)[:, None] * BDV + o_dv[None, :])
-    out = tl.sum(parts * w[:, None], 0)
-    tl.store(o + i_bh * DVAL + o_dv, out.to(o.dtype.element_ty), mask=o_dv < DVAL)
+    lse = tl.load(lse_part + rows[:, None] * NS + o_s[None, :], mask=o_s[None, :] < NS, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 1)[:, None])
+    w = w / tl.sum(w, 1)[:, None]
+    out = tl.zeros([BHM, BDV], dtype=tl.float32)
+    for i_s in tl.static_range(NS):
+        w_s = tl.sum(tl.where(o_s[None, :] == i_s, w, 0.0), 1)
+        out += tl.load(o_part + (rows * NS + i_s)[:, None] * BDV + o_dv[None, :]) * w_s[:, None]
+    tl.store(o + rows[:, None] * DVAL + o_dv[None, :], out.to(o.dtype.element_ty), mask=o_dv[None, :] < DVAL)
 
 
-# launch knobs (bench/kernels.py sweeps them)
-BLOCK_H, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 64, 8, 2
+# launch knobs for 16-bit caches (bench/kernels.py sweeps them): heads per program, tokens per
+# tile, warps, pipeline stages, and programs per multiprocessor that the KV split aims for
+BLOCK_H, BLOCK_N, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM = 64, 64, 8, 2, 2
+# fp32 caches double every tile: 64 heads x 64 tokens needs 311552 B of shared memory (sm_90 limit
+# 232448); 32 x 32 at 4 warps needs 151680 B (triton 3.9, tests/test_kernels_smem.py). Not a hot path.
+FP32_CFG = (32, 32, 4, 2)
 
 
-def _num_splits(B: int, head_blocks: int, device: torch.device) -> int:
+def launch_config(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(heads per program, tokens per tile, warps, stages) that fit Hopper's shared memory for `dtype`."""
+    if dtype == torch.float32:
+        return FP32_CFG
+    return BLOCK_H, BLOCK_N, NUM_WARPS, NUM_STAGES
+
+
+def _num_splits(B: int, head_blocks: int, max_len: int, block_n: int, device: torch.device) -> int:
+    """KV splits per sequence so that the grid fills the multiprocessors about PROGRAMS_PER_SM
+    times over, never with slices shorter than a tile. No power-of-two rounding: B=64 on 132
+    SMs gets 4 splits (one wave of 256 programs at 2 per SM), and with fewer splits each
+    partial output written to and read back from memory (fp32) costs less."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    # about two programs per multiprocessor; power of two for the merge kernel's tile
-    want = max(1, (2 * sms) // max(1, B * head_blocks))
-    return min(16, triton.next_power_of_2(want))
+    want = max(1, round(PROGRAMS_PER_SM * sms / max(1, B * head_blocks)))
+    return max(1, min(want, triton.cdiv(max_len, block_n)))
 
 
 def paged_decode_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float, v_dim: int,
-                        block_h: int = BLOCK_H, block_n: int = BLOCK_N, num_splits: int | None = None,
-                        num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> Tensor:
+                        block_h: int | None = None, block_n: int | None = None, num_splits: int | None = None,
+                        num_warps: int | None = None, num_stages: int | None = None, max_len: int | None = None) -> Tensor:
+    """Launch knobs left None come from launch_config(q.dtype); max_len (longest seq_lens, read from the
+    device when not given) only sizes the split."""
     B, H, DK = q.shape
     PAGE = kv_cache.shape[1]
+    cfg = launch_config(q.dtype)
+    block_h = block_h or cfg[0]
+    block_n = block_n or cfg[1]
+    num_warps = num_warps or cfg[2]
+    num_stages = num_stages or cfg[3]
     DA, DB = _split(DK)
     BDV = max(16, triton.next_power_of_2(v_dim))
     SAME_V = BDV == v_dim == DA
     BH = max(16, min(block_h, triton.next_power_of_2(H)))
     HB = triton.cdiv(H, BH)
-    NS = num_splits or _num_splits(B, HB, q.device)
+    if num_splits is None:
+        if max_len is None:
+            max_len = block_table.shape[1] * PAGE  # no device sync: the table bounds every length
+        num_splits = _num_splits(B, HB, max_len, block_n, q.device)
+    NS = num_splits
     q = q.contiguous()
     block_table = block_table.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
@@ -122,5 +185,7 @@ def paged_decode_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_le
         PAGE_TILES=PAGE % block_n == 0, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     o = torch.empty(B, H, v_dim, device=q.device, dtype=q.dtype)
-    _merge[(B * H,)](o_part, lse_part, o, DVAL=v_dim, BDV=BDV, NS=NS, num_warps=4)
+    BHM = 4 if B * H % 4 == 0 else 1
+    _merge[(B * H // BHM,)](o_part, lse_part, o, DVAL=v_dim, BDV=BDV, NS=NS, NSP=max(2, triton.next_power_of_2(NS)), BHM=BHM,
+                            num_warps=4)
     return o

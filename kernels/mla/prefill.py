@@ -19,10 +19,24 @@ from torch import Tensor
 from kernels._triton import mm, upcast_dots
 
 LOG2E = 1.4426950408889634
-# (rows, cols, warps, stages) per kernel; bench/kernels.py sweeps them
+# (rows, cols, warps, stages) per kernel for 16-bit inputs; bench/kernels.py sweeps them
 FWD_CFG = (128, 64, 8, 3)
 BWD_KV_CFG = (64, 128, 8, 2)   # (query rows per step, key block, ...)
 BWD_Q_CFG = (128, 64, 8, 2)    # (query block, keys per step, ...)
+# fp32 inputs double every tile: the 16-bit shapes need 295424 / 279040 / 278528 B of shared
+# memory at Dqk=192, Dv=128 (sm_90 limit 232448). Halved tiles need 147712 / 131328 / 131072 B
+# (triton 3.9 compiling for sm_90, tests/test_kernels_smem.py). fp32 is the exact-check path,
+# not a hot one, so smaller tiles cost nothing that matters.
+FP32_FWD_CFG = (64, 64, 8, 2)
+FP32_BWD_KV_CFG = (32, 64, 4, 2)
+FP32_BWD_Q_CFG = (64, 32, 4, 2)
+
+
+def launch_config(dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
+    """(forward, backward dk/dv, backward dq) launch configs that fit Hopper's shared memory for `dtype`."""
+    if dtype == torch.float32:
+        return FP32_FWD_CFG, FP32_BWD_KV_CFG, FP32_BWD_Q_CFG
+    return FWD_CFG, BWD_KV_CFG, BWD_Q_CFG
 
 
 def _split(d: int) -> tuple[int, int]:
@@ -279,7 +293,7 @@ class FlashAttnFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         cu, N, max_len = _seqs(q, cu_seqlens)
         meta = _meta(q, v)
-        BM, BN, warps, stages = FWD_CFG
+        BM, BN, warps, stages = launch_config(q.dtype)[0]
         o = torch.empty_like(v)
         lse = torch.empty(q.shape[0] * q.shape[1], meta["H"], device=q.device, dtype=torch.float32)
         grid = (triton.cdiv(max_len, BM), N, meta["H"])
@@ -298,11 +312,12 @@ class FlashAttnFunction(torch.autograd.Function):
         delta = (o.float() * do.float()).sum(-1).reshape(-1, H)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = (ctx.scale * LOG2E, ctx.scale)
-        BM, BN, warps, stages = BWD_KV_CFG
+        _, kv_cfg, q_cfg = launch_config(q.dtype)
+        BM, BN, warps, stages = kv_cfg
         _bwd_dkdv[(triton.cdiv(ctx.max_len, BN), ctx.N, H)](
             q, k, v, do, lse, delta, dk, dv, cu, *args, **meta, BM=BM, BN=BN, CAUSAL=ctx.causal,
             num_warps=warps, num_stages=stages)
-        BM, BN, warps, stages = BWD_Q_CFG
+        BM, BN, warps, stages = q_cfg
         _bwd_dq[(triton.cdiv(ctx.max_len, BM), ctx.N, H)](
             q, k, v, do, lse, delta, dq, cu, *args, **meta, BM=BM, BN=BN, CAUSAL=ctx.causal,
             num_warps=warps, num_stages=stages)

@@ -6,7 +6,7 @@
     checkpoint.py  HF checkpoints (safetensors, sharded), build_model, load_policy
     tokenizer.py   the local byte-level BPE tokenizer; chat.py its chat template and output parser
     plan.py        parameter / memory arithmetic behind `kpop plan`
-    presets.py     tiny_arch / tiny_config for CPU tests and the quickstart
+    presets.py     tiny (CPU tests) and small (the quickstart) architectures
 
 Import the submodules directly; this package imports nothing heavy on purpose.
 """

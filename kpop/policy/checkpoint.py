@@ -50,6 +50,8 @@ def save_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dtype = _as_dtype(dtype)
+    # as HF's save_pretrained does: vLLM and AutoModel pick the model class from this field
+    model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(path)
     state = {}
     for name, t in model.state_dict().items():
@@ -196,17 +198,17 @@ def load_policy(cfg: "PolicyConfig", device: torch.device | str = "cpu", seed: i
     """(model, tokenizer) for a run config's `policy` section.
 
     `checkpoint` set: load it (its config wins over `arch`). Otherwise build from `arch` (HF
-    fields); an empty `arch` means the tiny preset. A missing `vocab_size` takes the tokenizer's.
+    fields); an empty `arch` means the named `preset`. A missing `vocab_size` takes the tokenizer's.
     `tokenizer` set: load that directory; otherwise the locally trained BPE tokenizer.
     """
-    from kpop.policy.presets import tiny_arch
+    from kpop.policy.presets import preset_arch
     from kpop.policy.tokenizer import get_tokenizer, load_tokenizer
 
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer is not None else get_tokenizer()
     if cfg.checkpoint is not None:
         model = load_checkpoint(cfg.checkpoint, device=device)
     else:
-        arch = dict(cfg.arch) if cfg.arch else tiny_arch(len(tokenizer))
+        arch = dict(cfg.arch) if cfg.arch else preset_arch(cfg.preset, len(tokenizer))
         arch.setdefault("vocab_size", len(tokenizer))
         arch.setdefault("pad_token_id", tokenizer.pad_token_id)
         arch.setdefault("eos_token_id", tokenizer.eos_token_id)

@@ -137,11 +137,11 @@ def plan_policy(
 
 def plan_run_config(cfg) -> PolicyPlan:
     """Plan a `kpop.config.RunConfig`'s policy: the checkpoint's config.json if set (no weights
-    read), else `policy.arch` (empty = the tiny preset); serving is sized for one rollout
+    read), else `policy.arch` (empty = `policy.preset`); serving is sized for one rollout
     worker's `max_concurrent_episodes x group_size` sequences of `max_episode_tokens`."""
     import json
 
-    from kpop.policy.presets import tiny_arch
+    from kpop.policy.presets import preset_arch
     from kpop.policy.tokenizer import DEFAULT_VOCAB_SIZE
 
     p = cfg.policy
@@ -150,7 +150,7 @@ def plan_run_config(cfg) -> PolicyPlan:
 
         arch = load_config(p.checkpoint)
     else:
-        fields = dict(p.arch) if p.arch else tiny_arch()
+        fields = dict(p.arch) if p.arch else preset_arch(p.preset)
         if "vocab_size" not in fields:
             vocab = DEFAULT_VOCAB_SIZE
             if p.tokenizer is not None and (p.tokenizer / "tokenizer.json").is_file():

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerFast
 
 from kpop.policy.chat import CHAT_TEMPLATE, SPECIAL_TOKENS
 
-FORMAT_VERSION = 1  # bump when the corpus, the special tokens or the template change
+FORMAT_VERSION = 2  # bump when the corpus, the pre-tokenizer, the special tokens or the template change
 DEFAULT_VOCAB_SIZE = 1024
 _DOC_MODULES = (
     "abc argparse asyncio base64 bisect collections contextlib copy csv dataclasses datetime decimal "
@@ -37,11 +37,17 @@ _DOC_MODULES = (
 ).split()
 
 
+# The chat format's own fixed pieces. Pydoc text rarely says "assistant" or `"arguments": {`, so
+# without these every turn header and tool call would cost the model a dozen tokens.
+_CHAT_PIECES = ("<|im_start|>user\n", "<|im_start|>assistant\n", "<|im_start|>tool\n<tool_response>\n",
+                "\n</tool_response><|im_end|>\n", '<tool_call>\n{"name": "', '", "arguments": {"', '"}}\n</tool_call>')
+
+
 def training_corpus() -> list[str]:
-    """Documentation text shipped with CPython, in a fixed order."""
+    """Documentation text shipped with CPython, in a fixed order, plus the chat format's pieces."""
     from pydoc_data.topics import topics
 
-    texts = [topics[k] for k in sorted(topics)]
+    texts = [topics[k] for k in sorted(topics)] + list(_CHAT_PIECES) * 200
     with warnings.catch_warnings():  # some modules warn on attribute access (typing.io, ...)
         warnings.simplefilter("ignore", DeprecationWarning)
         texts += _module_docstrings()
@@ -71,7 +77,10 @@ def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, corpus: list[str] | No
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size must exceed the 256 byte tokens + {len(SPECIAL_TOKENS)} special tokens")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # one token per digit (as Llama and DeepSeek do): a number then reads the same wherever it
+    # appears (" 43" in a question, "43" in a tool call), so a small model can copy it token by token
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
