@@ -52,7 +52,8 @@ class ControllerState:
     sft_done: bool = False
     rl_step: int = 0
     task_counter: int = 0
-    eval_before: float | None = None
+    eval_before: float | None = None  # greedy
+    eval_before_sampled: float | None = None
     submitted: int = 0  # episodes handed to the rollout pool
 
     @classmethod
@@ -166,20 +167,29 @@ class Controller:
         self.state.sft_done = True
         self._checkpoint()
 
-    def evaluate(self, tag: str) -> float:
-        """Mean greedy reward on the held-out seeds of the eval environments."""
+    def evaluate(self, tag: str) -> tuple[float, float | None]:
+        """Mean reward on the held-out seeds of the eval environments: greedy, and sampled at the
+        rollout temperature (`schedule.eval_samples` episodes per seed; None when 0)."""
         cfg = self.cfg
         specs = cfg.environments.eval or cfg.environments.train
+        modes: list[float | None] = [None] + [cfg.rollout.temperature] * cfg.schedule.eval_samples
         tasks = [RolloutTask(env_id=s.id, seed=seed, group_id=f"eval-{tag}", env_kwargs=s.kwargs,
-                             policy_version=self.version)
-                 for s in specs for seed in cfg.environments.eval_seeds]
+                             policy_version=self.version, temperature=t)
+                 for s in specs for seed in cfg.environments.eval_seeds for t in modes]
         results = self.eval_pool.run(tasks)
-        reward = statistics.fmean(r.reward for r in results)
-        per_env = {s.id: statistics.fmean(r.reward for r, t in zip(results, tasks) if t.env_id == s.id) for s in specs}
-        self.metrics.log(self.state.rl_step, {"eval_reward": reward, "version": self.version,
-                                              **{f"eval_reward/{k}": v for k, v in per_env.items()}}, phase="eval")
-        log.info("eval %s: mean reward %.3f over %d episodes (version %d)", tag, reward, len(results), self.version)
-        return reward
+        greedy = [r for r, t in zip(results, tasks) if t.temperature is None]
+        sampled = [r for r, t in zip(results, tasks) if t.temperature is not None]
+        reward = statistics.fmean(r.reward for r in greedy)
+        reward_sampled = statistics.fmean(r.reward for r in sampled) if sampled else None
+        per_env = {s.id: statistics.fmean(r.reward for r, t in zip(results, tasks)
+                                          if t.env_id == s.id and t.temperature is None) for s in specs}
+        row = {"eval_reward": reward, "version": self.version, **{f"eval_reward/{k}": v for k, v in per_env.items()}}
+        if reward_sampled is not None:
+            row["eval_reward_sampled"] = reward_sampled
+        self.metrics.log(self.state.rl_step, row, phase="eval")
+        log.info("eval %s: mean reward %.3f greedy over %d episodes%s (version %d)", tag, reward, len(greedy),
+                 "" if reward_sampled is None else f", {reward_sampled:.3f} sampled over {len(sampled)}", self.version)
+        return reward, reward_sampled
 
     def rl(self) -> None:
         cfg, sched = self.cfg, self.cfg.schedule
@@ -244,10 +254,11 @@ class Controller:
         self.sft()
         self._broadcast()
         if cfg.schedule.eval_before_rl and self.state.eval_before is None:
-            self.state.eval_before = self.evaluate("before_rl")
+            self.state.eval_before, self.state.eval_before_sampled = self.evaluate("before_rl")
             self._checkpoint()
         self.rl()
-        eval_after = self.evaluate("after_rl") if cfg.schedule.rl_steps else self.state.eval_before
+        eval_after = (self.evaluate("after_rl") if cfg.schedule.rl_steps
+                      else (self.state.eval_before, self.state.eval_before_sampled))
         self._save_policy()
         summary = self._summary(eval_after)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -265,7 +276,7 @@ class Controller:
         save_checkpoint(model, out)
         tok.save_pretrained(out)
 
-    def _summary(self, eval_after: float | None) -> dict[str, Any]:
+    def _summary(self, eval_after: tuple[float | None, float | None]) -> dict[str, Any]:
         rows = read_metrics(self.run_dir, phase="rl")
         latest: dict[int, dict] = {}
         for r in rows:  # a resumed run may have logged a step twice: keep the newest
@@ -282,7 +293,9 @@ class Controller:
             "reward_first": mean("reward_mean", rows[:k]),
             "reward_last": mean("reward_mean", rows[-k:]),
             "eval_reward_before_rl": self.state.eval_before,
-            "eval_reward_after_rl": eval_after,
+            "eval_reward_after_rl": eval_after[0],
+            "eval_reward_sampled_before_rl": self.state.eval_before_sampled,
+            "eval_reward_sampled_after_rl": eval_after[1],
             "rl_steps": self.state.rl_step,
             "trajectories_consumed": int(last.get("consumed", 0)),
             "trajectories_dropped_stale": int(last.get("dropped_stale", 0)),

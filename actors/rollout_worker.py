@@ -47,6 +47,7 @@ class RolloutTask(BaseModel):
     policy_version: int = Field(0, ge=0)  # the worker waits until it has at least this version
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
     task_id: str = Field(default_factory=_task_id)  # becomes the trajectory id
+    temperature: float | None = Field(None, ge=0.0)  # None = the worker's rollout.temperature
 
 
 class TaskResult(BaseModel):
@@ -150,7 +151,8 @@ class RolloutWorker:
         from environments import make, run_episode
 
         t0 = time.perf_counter()
-        session = ChatSession(self.client, max_total_tokens=self.cfg.max_episode_tokens)
+        sampling = {} if task.temperature is None else {"temperature": task.temperature}
+        session = ChatSession(self.client, max_total_tokens=self.cfg.max_episode_tokens, **sampling)
         env = make(task.env_id, **task.env_kwargs)
         try:
             ep = await run_episode(env, session, seed=task.seed, max_turns=self.cfg.max_turns,

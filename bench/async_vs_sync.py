@@ -47,8 +47,9 @@ def overrides(args: argparse.Namespace, base: Path, name: str) -> list[str]:
 
 
 def latency_env(args: argparse.Namespace) -> str:
+    inner = load_config(ROOT / "configs/quickstart.yaml").environments.train[0]  # what SFT trained on
     spec = {"id": "kpop/latency-v0", "kwargs": {
-        "inner": "kpop/tooluse-v0", "inner_kwargs": {"difficulty": 0, "split": "train"},
+        "inner": inner.id, "inner_kwargs": inner.kwargs,
         "fast_s": args.fast_s, "slow_s": args.slow_s, "p_slow": args.p_slow, "sigma": args.sigma}}
     return f"environments.train=[{json.dumps(spec)}]"
 
@@ -72,6 +73,8 @@ def run_mode(args: argparse.Namespace, base: Path, mode: str) -> dict:
             "reward_last": summary["reward_last"], "reward_first": summary["reward_first"],
             "eval_reward_after_rl": summary["eval_reward_after_rl"],
             "eval_reward_before_rl": summary["eval_reward_before_rl"],
+            "eval_sampled_after_rl": summary["eval_reward_sampled_after_rl"],
+            "eval_sampled_before_rl": summary["eval_reward_sampled_before_rl"],
             "mean_staleness": summary["mean_staleness"], "dropped_stale": summary["trajectories_dropped_stale"]}
 
 
@@ -79,13 +82,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="JSON lines on stdout (last line has `speedup`)")
     ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
-    ap.add_argument("--steps", type=int, default=8, help="learner steps per mode")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16, help="learner steps per mode")
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=32, help="episodes in flight per rollout worker")
     ap.add_argument("--max-staleness", type=int, default=4, help="async mode's bound (sync is 0)")
-    ap.add_argument("--sft-steps", type=int, default=30)
-    ap.add_argument("--eval-episodes", type=int, default=8)
+    ap.add_argument("--sft-steps", type=int, default=500, help="the quickstart's, so rewards are not all 0")
+    ap.add_argument("--eval-episodes", type=int, default=64, help="held-out seeds (greedy + the quickstart's samples)")
     ap.add_argument("--fast-s", type=float, default=0.5)
     ap.add_argument("--slow-s", type=float, default=8.0)
     ap.add_argument("--p-slow", type=float, default=0.3)
@@ -114,7 +117,8 @@ def main() -> None:
     final = {"speedup": round(s["rl_s"] / a["rl_s"], 3), "sync_rl_s": s["rl_s"], "async_rl_s": a["rl_s"],
              "sync_reward_last": s["reward_last"], "async_reward_last": a["reward_last"],
              "sync_eval_reward": s["eval_reward_after_rl"], "async_eval_reward": a["eval_reward_after_rl"],
-             "eval_reward_before_rl": s["eval_reward_before_rl"], "steps": args.steps, "batch": args.batch,
+             "sync_eval_sampled": s["eval_sampled_after_rl"], "async_eval_sampled": a["eval_sampled_after_rl"],
+             "eval_reward_before_rl": s["eval_reward_before_rl"], "eval_sampled_before_rl": s["eval_sampled_before_rl"], "steps": args.steps, "batch": args.batch,
              "latency": {"fast_s": args.fast_s, "slow_s": args.slow_s, "p_slow": args.p_slow, "sigma": args.sigma}}
     print(json.dumps(final) if args.json else f"speedup {final['speedup']:.2f}x")
     if args.record:
@@ -128,13 +132,15 @@ def record(args: argparse.Namespace, results: dict, final: dict) -> None:
              f"other jobs; quickstart policy, tool-use wrapped in kpop/latency-v0 (fast {args.fast_s} s, slow "
              f"{args.slow_s} s with p {args.p_slow}, lognormal sigma {args.sigma}), {args.steps} learner steps x "
              f"batch {args.batch} (groups of {args.group}), SFT {args.sft_steps} steps shared.\n",
-             "| mode | RL wall s | total wall s | reward_last | eval after RL | mean staleness | dropped stale |",
+             "| mode | RL wall s | total wall s | reward_last | eval after RL (greedy / sampled) | mean staleness | dropped stale |",
              "|---|---|---|---|---|---|---|"]
     for r in results.values():
+        sampled = "-" if r["eval_sampled_after_rl"] is None else f"{r['eval_sampled_after_rl']:.3f}"
         lines.append(f"| {r['mode']} | {r['rl_s']} | {r['total_wall_s']} | {r['reward_last']:.3f} | "
-                     f"{r['eval_reward_after_rl']:.3f} | {r['mean_staleness']:.2f} | {r['dropped_stale']} |")
+                     f"{r['eval_reward_after_rl']:.3f} / {sampled} | {r['mean_staleness']:.2f} | {r['dropped_stale']} |")
+    before = final["eval_sampled_before_rl"]
     lines.append(f"\nspeedup = {final['speedup']} (goal >= 2.5; AReaL reports 2.77); eval before RL "
-                 f"{final['eval_reward_before_rl']:.3f}\n")
+                 f"{final['eval_reward_before_rl']:.3f} greedy / {'-' if before is None else f'{before:.3f}'} sampled\n")
     with open(ROOT / "bench" / "RESULTS.md", "a") as f:
         f.write("\n".join(lines))
 

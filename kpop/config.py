@@ -145,6 +145,9 @@ class ScheduleConfig(_Section):
     weight_sync_timeout_s: float = Field(120.0, gt=0.0)  # watchdog on a weight broadcast
     eval_before_rl: bool = True
     eval_every: int = Field(0, ge=0)  # 0 = only before and after RL
+    # eval is greedy on every held-out seed; eval_samples > 0 adds that many episodes per seed
+    # sampled at rollout.temperature (the policy RL actually trains), reported beside greedy
+    eval_samples: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _sync_means_fresh(self) -> "ScheduleConfig":

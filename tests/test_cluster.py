@@ -105,6 +105,7 @@ def test_kpop_train_attaches_to_a_two_node_cluster(two_node_cluster, tmp_path):
     cmd = [sys.executable, "-m", "kpop.cli.main", "train", str(ROOT / "configs/quickstart.yaml"),
            "name=cluster", f"run_dir={tmp_path}", "learner.sft_steps=0", "schedule.eval_before_rl=false",
            "schedule.rl_steps=2", "schedule.batch_size=8", "rollout.group_size=4", "environments.eval_seeds=[10000]",
+           "policy.preset=tiny", "schedule.eval_samples=0",
            "logging.tensorboard=false", "logging.progress=false", "algorithm.dynamic_filter=false",
            "--ray-address", address]
     out = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)

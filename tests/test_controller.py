@@ -28,7 +28,8 @@ def small_config(run_dir: Path, name: str, *overrides: str) -> RunConfig:
     return load_config(ROOT / "configs/quickstart.yaml", [
         f"name={name}", f"run_dir={run_dir}", "learner.sft_steps=2", "learner.sft_batch_size=4",
         "schedule.rl_steps=3", f"schedule.batch_size={BATCH}", "rollout.group_size=4",
-        "environments.eval_seeds=[10000,10001]", "logging.tensorboard=false", "logging.progress=false",
+        "policy.preset=tiny", "environments.eval_seeds=[10000,10001]", "schedule.eval_samples=1",
+        "logging.tensorboard=false", "logging.progress=false",
         "learner.checkpoint_every=1", "algorithm.dynamic_filter=false", *overrides])
 
 
@@ -68,7 +69,8 @@ def test_run_directory_and_summary(resumed):
     on_disk = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk) and on_disk["rl_steps"] == 4
     assert summary["trajectories_consumed"] == 4 * BATCH and summary["mode"] == "async"
-    for key in ("reward_first", "reward_last", "eval_reward_before_rl", "eval_reward_after_rl"):
+    for key in ("reward_first", "reward_last", "eval_reward_before_rl", "eval_reward_after_rl",
+                "eval_reward_sampled_before_rl", "eval_reward_sampled_after_rl"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["mean_staleness"] is not None and summary["wall_s"] > 0
     phases = {r["phase"] for r in read_metrics(run)}

@@ -51,11 +51,13 @@ def test_partial_credit_components():
     no_tool = play(env, _answer_with(str(answer)), 3)
     wrong = play(env, _answer_with(str(answer + 1), ("calculator", {"expression": gold_expr})), 3)
     nothing = play(env, _answer_with("no idea"), 3)
+    wrong_call = play(env, _answer_with("no idea", ("calculator", {"expression": f"{gold_expr}+1"})), 3)
     bad_call = play(env, _answer_with(str(answer + 1), ("calculator", {"expression": "1/0"})), 3)
     assert both.reward == 1.0
     assert no_tool.reward == 0.5 and no_tool.reward_detail["tool"] == 0.0
     assert wrong.reward == 0.5 and wrong.reward_detail["answer"] == 0.0
     assert nothing.reward == 0.0 and bad_call.reward == 0.0
+    assert wrong_call.reward == pytest.approx(0.1) and wrong_call.reward_detail["call"] == 1.0  # format credit only
     assert bad_call.messages[2]["content"] == "error: division by zero"
 
 
@@ -67,7 +69,7 @@ def test_two_step_sql_task_credits_each_required_result():
             break
     q1 = env.task.data["gold"][0]
     ep = play(env, _answer_with(str(env.task.data["answer"]), ("sql_query", {"query": q1})), seed)
-    assert ep.reward_detail["tool"] == pytest.approx(1 / 3) and ep.reward == pytest.approx(0.5 + 0.5 / 3)
+    assert ep.reward_detail["tool"] == pytest.approx(1 / 3) and ep.reward == pytest.approx(0.1 + 0.4 / 3 + 0.5)
 
 
 def test_tools_themselves():

@@ -37,7 +37,11 @@ def test_cuda_fp32_matches_cpu_reference():
 
 
 def test_cuda_bf16_cache_decode_matches_forward():
-    model = build_model(tiny_config(256, **REAL_HEADS), seed=0, device="cuda", dtype="bfloat16").eval()
+    # every expert routed: top-k routing is discontinuous, and at a near-tie bf16 rounding in the
+    # cached path can pick another expert (measured on the H200: one position, drift 0.048, with
+    # either kernel set). That is routing, not attention; this test is about the attention caches.
+    model = build_model(tiny_config(256, **REAL_HEADS, num_experts_per_tok=8, topk_group=4), seed=0, device="cuda",
+                        dtype="bfloat16").eval()
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (n,), generator=g).cuda() for n in (33, 80, 5)]
     with torch.no_grad():

@@ -11,7 +11,10 @@ Difficulty (the `difficulty` kwarg) exists so that a tiny model trained from scr
 held-out reward really is measured on prompts never trained on.
 
 Reward (partial credit, so a weak policy still gets signal):
-  0.5 * tool   -- fraction of the task's required tool results that some successful call produced
+  0.1 * call   -- some tool call parsed and ran: format credit. Without it a well-formed call with
+                  wrong numbers scores like a malformed one, and RL's push-down on wrong episodes
+                  also pushes down the JSON that follows the mistake, until calls stop parsing.
+  0.4 * tool   -- fraction of the task's required tool results that some successful call produced
   0.5 * answer -- the last number in the final message equals the answer (relative tol 1e-4)
 """
 
@@ -264,8 +267,9 @@ class ToolUseEnv(ChatEnv):
         answer = self.task.data["answer"]
         got = last_number(final.get("content") or "") if final else None
         answer_score = float(same_number(got, answer))
-        return 0.5 * tool_score + 0.5 * answer_score, {
-            "tool": tool_score, "answer": answer_score, "expected": format_number(answer),
+        call_score = float(bool(results))
+        return 0.1 * call_score + 0.4 * tool_score + 0.5 * answer_score, {
+            "call": call_score, "tool": tool_score, "answer": answer_score, "expected": format_number(answer),
             "got": None if got is None else format_number(got), "tool_calls": len(results)}
 
     def oracle_action(self, messages: Sequence[Message]) -> Message:

@@ -10,7 +10,8 @@ Backward is three more sweeps of the same kernel (G_t = dL/dS_t):
 with G_t = lam G_{t+1} + scale q_t^T do_t, G_T += dL/dS_T, and dL/dS_0 = lam G_1.
 In reverse time the chunks are aligned to the sequence end and the in-chunk index runs
 backwards, so the decay algebra is the forward one on r = C-1-i.
-Precision: only q k^T multiplies 16-bit inputs; A, the state and the decays stay fp32 (see dot32).
+Precision: q k^T multiplies 16-bit inputs; A, the state and the decays are fp32, rounded to one or
+two bf16 pieces for the other products (see dot32 and SPLIT_STATE).
 """
 from __future__ import annotations
 
@@ -21,27 +22,54 @@ from torch import Tensor
 
 from kernels._triton import mm, upcast_dots
 
-CHUNK = 64
-# launch knobs (bench/kernels.py sweeps them): value-block width and warps per program
-BLOCK_V = 128
-NUM_WARPS = 8
-NUM_STAGES = 3
+# launch knobs for bf16 inputs (bench/kernels.py sweeps them): chunk length, value-block width,
+# warps, pipeline stages. Triton lays a chain of dots (q k^T -> A v) out with every warp along the
+# rows, so with a 64-row chunk 8 warps compute each product twice (two warpgroups of 64 rows on the
+# same 64 rows); one warpgroup (4 warps) does it once, and a 128 x 64 fp32 state still fits its
+# registers (255 a thread, 84 B spilled). H200, B2 T16k H64 D128 bf16 forward (bench/RESULTS.md,
+# 2026-11-29 runs 4-6): 64/128/8/3 1.69 ms, 64/64/4/2 1.22 ms, 128/64/8/2 1.68 ms, 64/32/4/2 1.64 ms.
+CHUNK, BLOCK_V, NUM_WARPS, NUM_STAGES = 64, 64, 4, 2
+# fp32 inputs (or fp32 dot operands for fp16) double every tile, and 256-wide keys double q/k:
+# (chunk, value block, warps, stages) that fit the shared memory for those
+WIDE_CFG = (64, 64, 8, 2)
+# bf16 precision of the fp32 operands (dot32). The state update k^T (v * decay) is split into two bf16
+# MMAs: its rounding error is carried from chunk to chunk and into the final state that decode resumes
+# from (plain bf16 there: final state 1.6e-3 off; split: ~3e-7). The output products A v and q S feed one
+# output tile each, rounded to bf16 right after, so their error does not compound: plain bf16 MMAs
+# there give 1.4x the error of rounding the exact output to bf16 (split: 1.0x) for 2 MMAs fewer per
+# chunk (5 instead of 7). SPLIT_OUT_* = True restores the split (forward; the three backward sweeps).
+SPLIT_STATE, SPLIT_OUT_FWD, SPLIT_OUT_BWD = True, False, True
 
 
 @triton.jit
-def dot32(a, b, F32_LEFT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+def _mm16(x, y, acc, UPCAST: tl.constexpr):
+    """acc + x @ y for bf16 x, y; the CPU interpreter cannot multiply bf16, so there in fp32 (exact)."""
+    if UPCAST:
+        c = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    else:
+        c = tl.dot(x, y, acc)
+    return c
+
+
+@triton.jit
+def dot32(a, b, F32_LEFT: tl.constexpr, BF16: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+          PREC: tl.constexpr):
     """a @ b with one fp32 operand (the left one if F32_LEFT) and one holding exact 16/32-bit inputs.
-    SPLIT (bf16 inputs, compiled): the fp32 operand is split into bf16 hi + lo, two bf16 MMAs give a
-    ~16-bit mantissa for the price of one tf32 MMA (which keeps only 10 bits). Else fp32 at PREC."""
-    if SPLIT:
+    BF16 (bf16 inputs): the fp32 operand is rounded to bf16 (hi) for one bf16 MMA; with SPLIT its
+    remainder lo = x - hi is a second bf16 MMA into the same accumulator, a ~16-bit mantissa for the
+    price of one tf32 MMA (which keeps only 10 bits). The interpreter does the same roundings (_mm16).
+    Else (fp32, fp16 inputs) one fp32 dot at PREC."""
+    if BF16:
         if F32_LEFT:
             hi = a.to(tl.bfloat16)
-            lo = (a - hi.to(tl.float32)).to(tl.bfloat16)
-            c = tl.dot(hi, b) + tl.dot(lo, b)
+            c = _mm16(hi, b, None, UPCAST)
+            if SPLIT:
+                c = _mm16((a - hi.to(tl.float32)).to(tl.bfloat16), b, c, UPCAST)
         else:
             hi = b.to(tl.bfloat16)
-            lo = (b - hi.to(tl.float32)).to(tl.bfloat16)
-            c = tl.dot(a, hi) + tl.dot(a, lo)
+            c = _mm16(a, hi, None, UPCAST)
+            if SPLIT:
+                c = _mm16(a, (b - hi.to(tl.float32)).to(tl.bfloat16), c, UPCAST)
     else:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     return c
@@ -53,7 +81,8 @@ def _sweep(
     H: tl.constexpr, KD: tl.constexpr, VD: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     REVERSE: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
-    PREC: tl.constexpr, F32PREC: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr, F32PREC: tl.constexpr, BF16: tl.constexpr, SPLIT_O: tl.constexpr,
+    SPLIT_S: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -98,17 +127,17 @@ def _sweep(
         b_k = tl.load(k + p_qk, mask=m_t[:, None] & m_k[None, :], other=0.0)
         b_v = tl.load(v + p_v, mask=m_t[:, None] & m_v[None, :], other=0.0)
 
-        # Only q k^T multiplies in the input dtype (exact products, fp32 accumulator). o = A v + q S and
-        # the state update sum large terms that mostly cancel, so A, S and the decays stay fp32 (dot32);
-        # rounding them to bf16 first (as fla does) gave ~5x the error of rounding o itself.
+        # q k^T multiplies the inputs (exact products, fp32 accumulator). A, S and the decays are fp32;
+        # dot32 rounds them to bf16 for the MMAs: split in two pieces for the state update (SPLIT_S),
+        # one or two pieces for A v and q S (SPLIT_O, see SPLIT_OUT_FWD at the top).
         b_A = mm(b_q, tl.trans(b_k), UPCAST, PREC) * (D * k_scale)
-        b_o = dot32(b_A, b_v, True, SPLIT, F32PREC)
-        b_o += dot32(b_q, b_h, False, SPLIT, F32PREC) * q_decay[:, None]
+        b_o = dot32(b_A, b_v, True, BF16, SPLIT_O, UPCAST, F32PREC)
+        b_o += dot32(b_q, b_h, False, BF16, SPLIT_O, UPCAST, F32PREC) * q_decay[:, None]
         tl.store(o + p_v, (b_o * o_scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
         k_decay = tl.exp(tl.where(r < L, (L - 1 - r).to(tl.float32) * g, float("-inf"))) * k_scale
         b_vd = b_v.to(tl.float32) * k_decay[:, None]
-        b_h = b_h * tl.exp(L.to(tl.float32) * g) + dot32(tl.trans(b_k), b_vd, False, SPLIT, F32PREC)
+        b_h = b_h * tl.exp(L.to(tl.float32) * g) + dot32(tl.trans(b_k), b_vd, False, BF16, SPLIT_S, UPCAST, F32PREC)
 
     if STORE_HT:
         tl.store(ht + h_off, b_h, mask=m_h)
@@ -118,24 +147,25 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def launch_config(dtype: torch.dtype, BK: int, VD: int) -> tuple[int, int, int]:
-    """(value block, warps, pipeline stages) that fit 232448 B of shared memory (H100/H200).
+def launch_config(dtype: torch.dtype, BK: int, VD: int) -> tuple[int, int, int, int]:
+    """(chunk, value block, warps, pipeline stages) that fit 232448 B of shared memory (H100/H200).
 
-    A wide value block amortises q k^T over V, and a 128 x 128 fp32 state still fits 8 warps'
-    registers. fp32 inputs (or fp32 dot operands for fp16) double every tile, and 256-wide keys
-    double q/k: both halve the value block and drop to 2 stages. Shared memory compiled for sm_90
-    (triton 3.9, KD = VD): bf16 128 98304 B, 256 131072; fp16 128 65536, 256 131072; fp32 128
-    131072, 256 229376 (the old fp32 128 at 128/8/3 needed 262144). All launch fwd+bwd on an H200.
+    Shared memory compiled for sm_90 at KD = VD = 128 (triton 3.9, tests/test_kernels_smem.py):
+    bf16 64/64/4/2 106496 B, fp16 (wide) 106496 B, fp32 (wide) 131072 B; session 1 measured the wide
+    config at KD = VD = 256: bf16 131072, fp32 229376 (the old fp32 128 x 128, 8 warps, 3 stages
+    needed 262144).
     """
     wide = dtype != torch.bfloat16 or BK > 128
-    BV = min(BLOCK_V // 2 if wide else BLOCK_V, _pow2(VD))
-    num_warps = NUM_WARPS if BK * BV >= 128 * 32 else 4
-    return BV, num_warps, min(NUM_STAGES, 2) if wide else NUM_STAGES
+    BT, BV, num_warps, num_stages = WIDE_CFG if wide else (CHUNK, BLOCK_V, NUM_WARPS, NUM_STAGES)
+    BV = min(BV, _pow2(VD))
+    if BK * BV < 128 * 32:  # small heads (the CPU tests): one warpgroup is plenty
+        num_warps = 4
+    return BT, BV, num_warps, num_stages
 
 
 def sweep(
     q: Tensor, k: Tensor, v: Tensor, g_gamma: Tensor, cu_seqlens: Tensor, o_scale: float, k_scale: float,
-    h0: Tensor | None, store_ht: bool, reverse: bool,
+    h0: Tensor | None, store_ht: bool, reverse: bool, split_out: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """q,k [1 or B, T, H, KD], v [.., VD] contiguous; cu_seqlens [N+1] int32 over the flattened B*T."""
     H, KD, VD = q.shape[2], q.shape[3], v.shape[3]
@@ -143,20 +173,21 @@ def sweep(
     BK = _pow2(KD)
     if BK > 256:
         raise ValueError(f"lightning: key head dim {KD} > 256 is not supported by the Triton kernel")
-    BV, num_warps, num_stages = launch_config(q.dtype, BK, VD)
+    BT, BV, num_warps, num_stages = launch_config(q.dtype, BK, VD)
     o = torch.empty_like(v)
     ht = q.new_empty(N, H, KD, VD, dtype=torch.float32) if store_ht else None
     upcast = upcast_dots(q.dtype)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    # fp32 dots for 16-bit inputs: bf16 splits into two bf16 MMAs (dot32); fp16, or bf16 under the
-    # interpreter, multiplies fp32 operands with three tf32 passes (near-ieee, fp16 is not a hot path)
+    # fp32 dot operands for 16-bit inputs: bf16 rounds them to one or two bf16 pieces (dot32, also under
+    # the interpreter); fp16 multiplies them with three tf32 passes (near-ieee, fp16 is not a hot path)
     f32prec = "ieee" if q.dtype == torch.float32 else "tf32x3"
     grid = (triton.cdiv(VD, BV), N * H)
     _sweep[grid](
         q, k, v, o, g_gamma, h0, ht, cu_seqlens, o_scale, k_scale,
-        H=H, KD=KD, VD=VD, BT=CHUNK, BK=BK, BV=BV,
+        H=H, KD=KD, VD=VD, BT=BT, BK=BK, BV=BV,
         REVERSE=reverse, USE_H0=h0 is not None, STORE_HT=store_ht,
-        PREC=prec, F32PREC=f32prec, SPLIT=q.dtype == torch.bfloat16 and not upcast, UPCAST=upcast,
+        PREC=prec, F32PREC=f32prec, BF16=q.dtype == torch.bfloat16, SPLIT_O=split_out, SPLIT_S=SPLIT_STATE,
+        UPCAST=upcast,
         num_warps=num_warps, num_stages=num_stages,
     )
     return o, ht
@@ -173,7 +204,7 @@ class LightningFunction(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         g = g_gamma.float().contiguous()
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        o, ht = sweep(q, k, v, g, cu, scale, 1.0, h0, output_final_state, reverse=False)
+        o, ht = sweep(q, k, v, g, cu, scale, 1.0, h0, output_final_state, reverse=False, split_out=SPLIT_OUT_FWD)
         ctx.save_for_backward(q, k, v, g, h0, cu)
         ctx.scale = scale
         return o, ht
@@ -184,15 +215,15 @@ class LightningFunction(torch.autograd.Function):
         scale = ctx.scale
         do = do.contiguous()
         h0T = h0.transpose(-1, -2).contiguous() if h0 is not None else None
-        dq, _ = sweep(do, v, k, g, cu, scale, 1.0, h0T, False, reverse=False)
+        dq, _ = sweep(do, v, k, g, cu, scale, 1.0, h0T, False, reverse=False, split_out=SPLIT_OUT_BWD)
         if dht is not None:
             # the sweep decays a carried-in state once before the first step it meets, but
             # G_T = dht + scale q_T^T do_T takes dht undecayed: pre-divide by lam
             dht = (dht * (-g).exp()[None, :, None, None]).contiguous()
         dhtT = dht.transpose(-1, -2).contiguous() if dht is not None else None
-        dk, _ = sweep(v, do, q, g, cu, 1.0, scale, dhtT, False, reverse=True)
+        dk, _ = sweep(v, do, q, g, cu, 1.0, scale, dhtT, False, reverse=True, split_out=SPLIT_OUT_BWD)
         need_dh0 = h0 is not None and ctx.needs_input_grad[5]
-        dv, G1 = sweep(k, q, do, g, cu, 1.0, scale, dht, need_dh0, reverse=True)
+        dv, G1 = sweep(k, q, do, g, cu, 1.0, scale, dht, need_dh0, reverse=True, split_out=SPLIT_OUT_BWD)
         dh0 = G1 * g.exp()[None, :, None, None] if need_dh0 else None
         return dq, dk, dv, None, None, dh0, None, None
 

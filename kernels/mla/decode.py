@@ -20,56 +20,54 @@ from kernels.mla.prefill import LOG2E, _split
 
 
 @triton.jit
-def _decode_tiles(acc, l_i, m_i, qa, qb, kv, table, lo, hi, end, qk_scale,
-                  DK: tl.constexpr, DVAL: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BDV: tl.constexpr,
-                  PAGE: tl.constexpr, BN: tl.constexpr, SAME_V: tl.constexpr, UPCAST: tl.constexpr,
-                  PAGE_TILES: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
-    """Online softmax over cached tokens [lo, hi) in tiles of BN; tokens >= end are masked (MASK only)."""
+def _decode_tile(acc, l_i, m_i, qa, qb, kv, table, start, end, qk_scale,
+                 DK: tl.constexpr, DVAL: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BDV: tl.constexpr,
+                 PAGE: tl.constexpr, BN: tl.constexpr, SAME_V: tl.constexpr, UPCAST: tl.constexpr,
+                 PAGE_TILES: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """One online-softmax step over cached tokens [start, start + BN); tokens >= end are masked (MASK only)."""
     o_a = tl.arange(0, DA)
     o_b = DA + tl.arange(0, DB if DB > 0 else 16)
     o_dv = tl.arange(0, BDV)
-    for start in range(lo, hi, BN):
-        o_n = start + tl.arange(0, BN)
-        if PAGE_TILES:  # the whole tile lies in one page: one table read, contiguous rows
-            page = tl.load(table + start // PAGE).to(tl.int64)
-            row = kv + (page * PAGE + start % PAGE + tl.arange(0, BN))[:, None] * DK
-        elif MASK:
-            page = tl.load(table + o_n // PAGE, mask=o_n < end, other=0).to(tl.int64)
-            row = kv + (page * PAGE + o_n % PAGE)[:, None] * DK
-        else:
-            page = tl.load(table + o_n // PAGE).to(tl.int64)
-            row = kv + (page * PAGE + o_n % PAGE)[:, None] * DK
+    o_n = start + tl.arange(0, BN)
+    if PAGE_TILES:  # the whole tile lies in one page: one table read, contiguous rows
+        page = tl.load(table + start // PAGE).to(tl.int64)
+        row = kv + (page * PAGE + start % PAGE + tl.arange(0, BN))[:, None] * DK
+    elif MASK:
+        page = tl.load(table + o_n // PAGE, mask=o_n < end, other=0).to(tl.int64)
+        row = kv + (page * PAGE + o_n % PAGE)[:, None] * DK
+    else:
+        page = tl.load(table + o_n // PAGE).to(tl.int64)
+        row = kv + (page * PAGE + o_n % PAGE)[:, None] * DK
+    m_n = o_n < end
+    if MASK:
+        ka = tl.load(row + o_a[None, :], mask=m_n[:, None], other=0.0)
+    else:
+        ka = tl.load(row + o_a[None, :])
+    s = mm(qa, tl.trans(ka), UPCAST, PREC)
+    if DB > 0:
         if MASK:
-            m_n = o_n < end
-            ka = tl.load(row + o_a[None, :], mask=m_n[:, None], other=0.0)
+            kb = tl.load(row + o_b[None, :], mask=m_n[:, None] & (o_b[None, :] < DK), other=0.0)
+        elif DA + DB > DK:
+            kb = tl.load(row + o_b[None, :], mask=o_b[None, :] < DK, other=0.0)
         else:
-            ka = tl.load(row + o_a[None, :])
-        s = mm(qa, tl.trans(ka), UPCAST, PREC)
-        if DB > 0:
-            if MASK:
-                kb = tl.load(row + o_b[None, :], mask=m_n[:, None] & (o_b[None, :] < DK), other=0.0)
-            elif DA + DB > DK:
-                kb = tl.load(row + o_b[None, :], mask=o_b[None, :] < DK, other=0.0)
-            else:
-                kb = tl.load(row + o_b[None, :])
-            s += mm(qb, tl.trans(kb), UPCAST, PREC)
-        if MASK:
-            s = tl.where(m_n[None, :], s * qk_scale, float("-inf"))
-        else:
-            s = s * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if SAME_V:
-            b_v = ka
-        elif MASK:
-            b_v = tl.load(row + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DVAL), other=0.0)
-        else:
-            b_v = tl.load(row + o_dv[None, :], mask=o_dv[None, :] < DVAL, other=0.0)
-        acc = acc * alpha[:, None] + mm(p.to(b_v.dtype), b_v, UPCAST, PREC)
-        m_i = m_new
-    return acc, l_i, m_i
+            kb = tl.load(row + o_b[None, :])
+        s += mm(qb, tl.trans(kb), UPCAST, PREC)
+    if MASK:
+        s = tl.where(m_n[None, :], s * qk_scale, float("-inf"))
+    else:
+        s = s * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if SAME_V:
+        b_v = ka
+    elif MASK:
+        b_v = tl.load(row + o_dv[None, :], mask=m_n[:, None] & (o_dv[None, :] < DVAL), other=0.0)
+    else:
+        b_v = tl.load(row + o_dv[None, :], mask=o_dv[None, :] < DVAL, other=0.0)
+    acc = acc * alpha[:, None] + mm(p.to(b_v.dtype), b_v, UPCAST, PREC)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -97,13 +95,17 @@ def _decode_split(
     m_i = tl.full([BH], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BH], dtype=tl.float32)
     acc = tl.zeros([BH, BDV], dtype=tl.float32)
-    # whole tiles need no token mask (one select and one masked load fewer per tile); the
-    # ragged end of the slice, at most one tile, goes through the masked copy of the step
-    full = lo + (hi - lo) // BN * BN
-    acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, qa, qb, kv, block_table + i_b * stride_bt, lo, full, hi, qk_scale,
-                                  DK, DVAL, DA, DB, BDV, PAGE, BN, SAME_V, UPCAST, PAGE_TILES, PREC, False)
-    acc, l_i, m_i = _decode_tiles(acc, l_i, m_i, qa, qb, kv, block_table + i_b * stride_bt, full, hi, hi, qk_scale,
-                                  DK, DVAL, DA, DB, BDV, PAGE, BN, SAME_V, UPCAST, PAGE_TILES, PREC, True)
+    # whole tiles need no token mask (one select and one masked load fewer per tile); the ragged
+    # end of the slice, at most one tile, is a single masked step outside the loop, so that the
+    # software pipeliner gives shared-memory buffers to the main loop only
+    table = block_table + i_b * stride_bt
+    full = lo + tl.maximum(hi - lo, 0) // BN * BN
+    for start in range(lo, full, BN):
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, qa, qb, kv, table, start, hi, qk_scale,
+                                     DK, DVAL, DA, DB, BDV, PAGE, BN, SAME_V, UPCAST, PAGE_TILES, PREC, False)
+    if full < hi:
+        acc, l_i, m_i = _decode_tile(acc, l_i, m_i, qa, qb, kv, table, full, hi, qk_scale,
+                                     DK, DVAL, DA, DB, BDV, PAGE, BN, SAME_V, UPCAST, PAGE_TILES, PREC, True)
     # an empty slice leaves l_i = 0 and m_i = -inf: lse = -inf and the merge weights it 0
     part = (i_b * H + o_h) * NS + i_s
     tl.store(lse_part + part, tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf")), mask=m_h)
@@ -128,8 +130,11 @@ def _merge(o_part, lse_part, o, DVAL: tl.constexpr, BDV: tl.constexpr, NS: tl.co
 
 
 # launch knobs for 16-bit caches (bench/kernels.py sweeps them): heads per program, tokens per
-# tile, warps, pipeline stages, and programs per multiprocessor that the KV split aims for
-BLOCK_H, BLOCK_N, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM = 64, 64, 8, 2, 2
+# tile, warps, pipeline stages, and programs per multiprocessor that the KV split aims for. One
+# program holds a 64 x 512 fp32 accumulator (255 registers a thread at 8 warps) and 221184 B of
+# shared memory (q + two KV tiles), so one program fits a multiprocessor and one wave is best:
+# H200 B64 ctx 8192 (2026-11-29 run 4): 2 splits 0.303 ms, 4 splits 0.313, 6 0.331, 8 0.338, 3 0.394.
+BLOCK_H, BLOCK_N, NUM_WARPS, NUM_STAGES, PROGRAMS_PER_SM = 64, 64, 8, 2, 1
 # fp32 caches double every tile: 64 heads x 64 tokens needs 311552 B of shared memory (sm_90 limit
 # 232448); 32 x 32 at 4 warps needs 151680 B (triton 3.9, tests/test_kernels_smem.py). Not a hot path.
 FP32_CFG = (32, 32, 4, 2)
@@ -144,19 +149,20 @@ def launch_config(dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 def _num_splits(B: int, head_blocks: int, max_len: int, block_n: int, device: torch.device) -> int:
     """KV splits per sequence so that the grid fills the multiprocessors about PROGRAMS_PER_SM
-    times over, never with slices shorter than a tile. No power-of-two rounding: B=64 on 132
-    SMs gets 4 splits (one wave of 256 programs at 2 per SM), and with fewer splits each
-    partial output written to and read back from memory (fp32) costs less."""
+    times over, never with slices shorter than a tile. Any count works (the merge masks its
+    tile), so B=64 on 132 SMs gets 2 splits: 128 programs in one wave, and half the partial
+    outputs (fp32, written then read back) of the power-of-two rounding's 4."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
     want = max(1, round(PROGRAMS_PER_SM * sms / max(1, B * head_blocks)))
-    return max(1, min(want, triton.cdiv(max_len, block_n)))
+    # at most 32: each count compiles its own pair of kernels, and the merge unrolls over splits
+    return max(1, min(want, 32, triton.cdiv(max_len, block_n)))
 
 
 def paged_decode_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float, v_dim: int,
                         block_h: int | None = None, block_n: int | None = None, num_splits: int | None = None,
                         num_warps: int | None = None, num_stages: int | None = None, max_len: int | None = None) -> Tensor:
-    """Launch knobs left None come from launch_config(q.dtype); max_len (longest seq_lens, read from the
-    device when not given) only sizes the split."""
+    """Launch knobs left None come from launch_config(q.dtype). max_len (the longest seq_lens) only
+    sizes the split; without it the block table's capacity stands in, so no device sync is needed."""
     B, H, DK = q.shape
     PAGE = kv_cache.shape[1]
     cfg = launch_config(q.dtype)
@@ -164,6 +170,8 @@ def paged_decode_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_le
     block_n = block_n or cfg[1]
     num_warps = num_warps or cfg[2]
     num_stages = num_stages or cfg[3]
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"mla decode: block_n={block_n} must be a power of two >= 16 (tensor-core K dimension)")
     DA, DB = _split(DK)
     BDV = max(16, triton.next_power_of_2(v_dim))
     SAME_V = BDV == v_dim == DA
