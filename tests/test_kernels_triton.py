@@ -113,8 +113,9 @@ def test_lightning_prefill_then_decode_keeps_fp32_state(dtype, seed):
     share a large mean that q is orthogonal to, so the state is large and q S mostly cancels: any
     rounding of the state, of A or of the decayed k/v to 16 bits before a dot shows up. Outputs
     must stay within 3x the error of rounding the exact output to dtype (a kernel that cast them
-    to bf16 was at 5x, its state 2e-3 off; fp16 state 2e-5). Compiled bf16 splits fp32 operands
-    into two bf16 MMAs (chunk.dot32), which the interpreter cannot run: the GPU run checks that."""
+    to bf16 was at 5x, its state 2e-3 off; fp16 state 2e-5). bf16 splits the state update's fp32
+    operand into two bf16 MMAs and rounds A and S to one bf16 piece for the output products
+    (chunk.dot32, ~1.4x here); the interpreter makes the same roundings (chunk.rne16)."""
     B, T, steps, H, K, V = 2, 150, 3, 2, 16, 32
     q = torch.randn(B, T + steps, H, K, device=DEV)
     q[..., 0] = 0

@@ -38,17 +38,19 @@ WIDE_CFG = (64, 64, 8, 2)
 # output tile each, rounded to bf16 right after, so their error does not compound: plain bf16 MMAs
 # there give 1.4x the error of rounding the exact output to bf16 (split: 1.0x) for 2 MMAs fewer per
 # chunk (5 instead of 7). SPLIT_OUT_* = True restores the split (forward; the three backward sweeps).
+# H200, bench shape (bench/RESULTS.md run 8): forward all split 1.15 ms, this 0.91 ms (o 2.35e-3 vs
+# fp64, floor 1.66e-3; fla 2.64e-3), all plain 0.76 ms (2.64e-3, final state 1.6e-3). fwd+bwd 5.76 ms;
+# with SPLIT_OUT_BWD = False 4.70 ms (gradients 1.4x their bf16 floor; not yet the default).
 SPLIT_STATE, SPLIT_OUT_FWD, SPLIT_OUT_BWD = True, False, True
 
 
 @triton.jit
-def _mm16(x, y, acc, UPCAST: tl.constexpr):
-    """acc + x @ y for bf16 x, y; the CPU interpreter cannot multiply bf16, so there in fp32 (exact)."""
-    if UPCAST:
-        c = tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
-    else:
-        c = tl.dot(x, y, acc)
-    return c
+def rne16(x):
+    """fp32 x rounded to the nearest-even bf16 value, kept in fp32: what the GPU's fp32 -> bf16 cast
+    gives. The CPU interpreter's cast truncates, so the interpreted path rounds with this instead."""
+    b = x.to(tl.uint32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return ((b >> 16) << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -57,19 +59,31 @@ def dot32(a, b, F32_LEFT: tl.constexpr, BF16: tl.constexpr, SPLIT: tl.constexpr,
     """a @ b with one fp32 operand (the left one if F32_LEFT) and one holding exact 16/32-bit inputs.
     BF16 (bf16 inputs): the fp32 operand is rounded to bf16 (hi) for one bf16 MMA; with SPLIT its
     remainder lo = x - hi is a second bf16 MMA into the same accumulator, a ~16-bit mantissa for the
-    price of one tf32 MMA (which keeps only 10 bits). The interpreter does the same roundings (_mm16).
+    price of one tf32 MMA (which keeps only 10 bits). UPCAST (the CPU interpreter, which cannot
+    multiply bf16) makes the same roundings (rne16) and multiplies them exactly in fp32.
     Else (fp32, fp16 inputs) one fp32 dot at PREC."""
     if BF16:
-        if F32_LEFT:
+        if UPCAST:
+            if F32_LEFT:
+                hi = rne16(a)
+                c = tl.dot(hi, b.to(tl.float32), input_precision="ieee")
+                if SPLIT:
+                    c = tl.dot(rne16(a - hi), b.to(tl.float32), c, input_precision="ieee")
+            else:
+                hi = rne16(b)
+                c = tl.dot(a.to(tl.float32), hi, input_precision="ieee")
+                if SPLIT:
+                    c = tl.dot(a.to(tl.float32), rne16(b - hi), c, input_precision="ieee")
+        elif F32_LEFT:
             hi = a.to(tl.bfloat16)
-            c = _mm16(hi, b, None, UPCAST)
+            c = tl.dot(hi, b)
             if SPLIT:
-                c = _mm16((a - hi.to(tl.float32)).to(tl.bfloat16), b, c, UPCAST)
+                c = tl.dot((a - hi.to(tl.float32)).to(tl.bfloat16), b, c)
         else:
             hi = b.to(tl.bfloat16)
-            c = _mm16(a, hi, None, UPCAST)
+            c = tl.dot(a, hi)
             if SPLIT:
-                c = _mm16(a, (b - hi.to(tl.float32)).to(tl.bfloat16), c, UPCAST)
+                c = tl.dot(a, (b - hi.to(tl.float32)).to(tl.bfloat16), c)
     else:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     return c
@@ -133,7 +147,10 @@ def _sweep(
         b_A = mm(b_q, tl.trans(b_k), UPCAST, PREC) * (D * k_scale)
         b_o = dot32(b_A, b_v, True, BF16, SPLIT_O, UPCAST, F32PREC)
         b_o += dot32(b_q, b_h, False, BF16, SPLIT_O, UPCAST, F32PREC) * q_decay[:, None]
-        tl.store(o + p_v, (b_o * o_scale).to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        b_o = b_o * o_scale
+        if BF16 and UPCAST:  # round as the GPU does (the interpreter's cast truncates)
+            b_o = rne16(b_o)
+        tl.store(o + p_v, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
 
         k_decay = tl.exp(tl.where(r < L, (L - 1 - r).to(tl.float32) * g, float("-inf"))) * k_scale
         b_vd = b_v.to(tl.float32) * k_decay[:, None]
