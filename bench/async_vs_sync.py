@@ -128,7 +128,7 @@ def main() -> None:
 def record(args: argparse.Namespace, results: dict, final: dict) -> None:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "PYTHONPATH=. python bench/async_vs_sync.py " + " ".join(sys.argv[1:])
-    lines = [f"\n## async_vs_sync\n", f"`{cmd}` on {when}, {os.cpu_count()} CPUs ({platform.machine()}) shared with "
+    lines = [f"\n### {when}\n", f"`{cmd}` on {when}, {os.cpu_count()} CPUs ({platform.machine()}) shared with "
              f"other jobs; quickstart policy, tool-use wrapped in kpop/latency-v0 (fast {args.fast_s} s, slow "
              f"{args.slow_s} s with p {args.p_slow}, lognormal sigma {args.sigma}), {args.steps} learner steps x "
              f"batch {args.batch} (groups of {args.group}), SFT {args.sft_steps} steps shared.\n",

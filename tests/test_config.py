@@ -40,6 +40,8 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.stream.max_backlog == 8 and cfg.ray.address == "auto"
     assert cfg.stream.redis_url is None  # embedded Redis by default
     assert cfg.out_dir == Path("runs") / "t"
+    assert load_config(write(tmp_path, MINIMAL), ["environments.eval_seeds=3"]).environments.eval_seeds == [
+        10000, 10001, 10002]  # a count is shorthand for seeds from 10000
 
 
 @pytest.mark.parametrize(
@@ -53,6 +55,8 @@ def test_defaults_and_overrides(tmp_path):
         (MINIMAL, ["schedule.mode=sync", "schedule.max_staleness=2"], "schedule", "max_staleness must be 0"),
         (MINIMAL, ["algorithm.advantage=rloo", "rollout.group_size=1"], "<root>", "group_size >= 2"),
         ({"name": "t"}, [], "<root>", "environments.train is empty"),
+        (MINIMAL, ["environments.eval_seeds=0"], "environments.eval_seeds", "seed count must be >= 1"),
+        (MINIMAL, ["policy.preset=huge"], "policy.preset", "'tiny' or 'small'"),
     ],
 )
 def test_bad_config_names_file_field_reason(tmp_path, data, overrides, field, reason):
