@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--concurrency", type=int, default=32, help="episodes in flight per rollout worker")
     ap.add_argument("--max-staleness", type=int, default=4, help="async mode's bound (sync is 0)")
-    ap.add_argument("--sft-steps", type=int, default=500, help="the quickstart's, so rewards are not all 0")
+    ap.add_argument("--sft-steps", type=int, default=500, help="cold-start SFT steps, shared (enough for reward > 0)")
     ap.add_argument("--eval-episodes", type=int, default=64, help="held-out seeds (greedy + the quickstart's samples)")
     ap.add_argument("--fast-s", type=float, default=0.5)
     ap.add_argument("--slow-s", type=float, default=8.0)
