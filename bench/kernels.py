@@ -186,9 +186,10 @@ def bench_mla_decode(bw: float, sweep: bool) -> None:
     kv32 = cache[table.long()].reshape(B, ctx, Dk).float()  # fp32 reference: every config must compute the same
     ref = torch.einsum("bhn,bnd->bhd", (torch.einsum("bhd,bnd->bhn", q.float(), kv32) * Dk ** -0.5).softmax(-1), kv32[..., :512])
     del kv32
-    configs = [dict()]
+    # default = the Gluon kernel on sm_90 (decode_hopper.py); the portable Triton kernel beside it
+    configs = [dict(), dict(kernel="triton")]
     if sweep:
-        configs += [dict(num_splits=4), dict(block_n=32, num_stages=4), dict(num_warps=4)]
+        configs += [dict(num_splits=4), dict(num_splits=1), dict(kernel="triton", num_splits=4), dict(block_n=32, num_stages=4)]
     for cfg in configs:
         try:
             fn = lambda: paged_decode_triton(q, cache, table, lens, Dk ** -0.5, 512, max_len=ctx, **cfg)  # noqa: E731

@@ -84,3 +84,45 @@ def test_mla_decode_real_shape():
     q = torch.randn(B, H, Dk, device="cuda", dtype=torch.bfloat16)
     o = mla_decode(q, cache, table, lens, Dk ** -0.5, 512)
     assert relerr(o, paged_decode(q.float(), cache.float(), table, lens, Dk ** -0.5, 512)) < BF16_TOL
+
+
+def _hopper_gluon() -> bool:
+    from kernels.mla import decode_hopper
+    return decode_hopper.HAVE_GLUON and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.parametrize("kernel", ["gluon", "triton"])
+@pytest.mark.parametrize("H,lens,page,dtype,splits", [
+    (64, [1, 63, 64, 65, 777, 4096], 64, torch.bfloat16, None),  # ragged ends inside a tile, one token
+    (64, [1, 63, 64, 65, 777, 4096], 64, torch.bfloat16, 7),     # empty KV splits weigh nothing
+    (16, [5, 100, 1000, 3000], 64, torch.bfloat16, 1),           # fewer heads than a 64-row block
+    (128, [70, 640, 2049], 128, torch.float16, 3),              # two head blocks, 128-token pages
+])
+def test_mla_decode_kernels_match_reference(kernel, H, lens, page, dtype, splits):
+    """Both decode kernels at Ring-2.6's latent width (576 = 512 + 64). The cache rows past each
+    sequence's end hold large finite values: the Gluon kernel loads whole tiles and must weigh them 0."""
+    from kernels.mla.decode import paged_decode_triton
+
+    if kernel == "gluon" and not _hopper_gluon():
+        pytest.skip("the Gluon MLA decode needs sm_90 and triton.experimental.gluon")
+    torch.manual_seed(0)
+    B = len(lens)
+    nb = (max(lens) + page - 1) // page + 1
+    cache = torch.randn(B * nb + 3, page, 576, device="cuda", dtype=dtype) * 100
+    table = torch.randperm(B * nb + 3, device="cuda")[: B * nb].reshape(B, nb).int()
+    seq_lens = torch.tensor(lens, device="cuda", dtype=torch.int32)
+    q = torch.randn(B, H, 576, device="cuda", dtype=dtype) * 0.01
+    o = paged_decode_triton(q, cache, table, seq_lens, 576 ** -0.5, 512, num_splits=splits, kernel=kernel)
+    ref = paged_decode(q.float(), cache.float(), table, seq_lens, 576 ** -0.5, 512)
+    assert o.shape == (B, H, 512) and o.dtype == dtype
+    assert relerr(o, ref) < BF16_TOL
+
+
+def test_mla_decode_picks_gluon_on_hopper():
+    from kernels.mla import decode_hopper
+
+    q = torch.zeros(2, 64, 576, device="cuda", dtype=torch.bfloat16)
+    cache = torch.zeros(4, 64, 576, device="cuda", dtype=torch.bfloat16)
+    assert decode_hopper.supported(q, cache, 512) == _hopper_gluon()
+    assert not decode_hopper.supported(q, cache, 256)  # value width other than the latent
+    assert not decode_hopper.supported(q, cache[:, :16], 512)  # 16-token pages: a tile would straddle pages

@@ -197,3 +197,15 @@ def test_mla_paged_decode_any_split_count(num_splits, seed):
     o = paged_decode_triton(q, cache, table, lens, 0.2, 32, block_n=16, num_splits=num_splits)
     ref = paged_decode(q.double(), cache.double(), table, lens, 0.2, 32)
     assert relerr(o, ref) < TOL[torch.float32], f"rel err {relerr(o, ref):.2e} (seed {seed})"
+
+
+def test_mla_decode_kernel_choice_errors():
+    """The Gluon kernel is Hopper-only: asking for it elsewhere, or for an unknown kernel, is a clear error."""
+    from kernels.mla.decode import paged_decode_triton
+
+    q, cache = torch.randn(1, 4, 48, device=DEV), torch.randn(2, 8, 48, device=DEV)
+    table, lens = torch.zeros(1, 2, dtype=torch.int32, device=DEV), torch.tensor([5], dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="sm_90"):
+        paged_decode_triton(q, cache, table, lens, 0.2, 32, kernel="gluon")
+    with pytest.raises(ValueError, match="kernel='flash'"):
+        paged_decode_triton(q, cache, table, lens, 0.2, 32, kernel="flash")

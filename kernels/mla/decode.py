@@ -160,11 +160,27 @@ def _num_splits(B: int, head_blocks: int, max_len: int, block_n: int, device: to
 
 def paged_decode_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, scale: float, v_dim: int,
                         block_h: int | None = None, block_n: int | None = None, num_splits: int | None = None,
-                        num_warps: int | None = None, num_stages: int | None = None, max_len: int | None = None) -> Tensor:
-    """Launch knobs left None come from launch_config(q.dtype). max_len (the longest seq_lens) only
-    sizes the split; without it the block table's capacity stands in, so no device sync is needed."""
+                        num_warps: int | None = None, num_stages: int | None = None, max_len: int | None = None,
+                        kernel: str = "auto") -> Tensor:
+    """kernel: "gluon" (decode_hopper.py, sm_90 only), "triton" (this file's kernel, any GPU and the
+    interpreter), or "auto" (gluon where supported and no launch knob is given). Launch knobs left
+    None come from launch_config(q.dtype). max_len (the longest seq_lens) only sizes the split;
+    without it the block table's capacity stands in, so no device sync is needed."""
+    from kernels.mla import decode_hopper
+
     B, H, DK = q.shape
     PAGE = kv_cache.shape[1]
+    if kernel not in ("auto", "gluon", "triton"):
+        raise ValueError(f"mla decode: kernel={kernel!r} must be 'auto', 'gluon' or 'triton'")
+    knobs = (block_h, block_n, num_warps, num_stages)
+    if kernel == "auto":
+        kernel = "gluon" if decode_hopper.supported(q, kv_cache, v_dim) and knobs == (None,) * 4 else "triton"
+    if kernel == "gluon":
+        if not decode_hopper.supported(q, kv_cache, v_dim):
+            raise ValueError("mla decode: the gluon kernel needs an sm_90 GPU, a 16-bit 576-wide cache with v_dim 512 "
+                             f"and pages of a multiple of 64 tokens; got {q.dtype} q {tuple(q.shape)}, cache "
+                             f"{tuple(kv_cache.shape)}, v_dim {v_dim}")
+        block_h, block_n = decode_hopper.BH, decode_hopper.BN
     cfg = launch_config(q.dtype)
     block_h = block_h or cfg[0]
     block_n = block_n or cfg[1]
@@ -187,11 +203,15 @@ def paged_decode_triton(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_le
     seq_lens = seq_lens.to(torch.int32).contiguous()
     o_part = torch.empty(B, H, NS, BDV, device=q.device, dtype=torch.float32)
     lse_part = torch.empty(B, H, NS, device=q.device, dtype=torch.float32)
-    _decode_split[(HB, NS, B)](
-        q, kv_cache, block_table, seq_lens, o_part, lse_part, scale * LOG2E, block_table.stride(0),
-        H=H, DK=DK, DVAL=v_dim, DA=DA, DB=DB, BDV=BDV, PAGE=PAGE, BH=BH, BN=block_n, NS=NS, SAME_V=SAME_V, UPCAST=upcast_dots(q.dtype),
-        PAGE_TILES=PAGE % block_n == 0, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
-    )
+    if kernel == "gluon":
+        decode_hopper.decode_split(q, kv_cache, block_table, seq_lens, scale * LOG2E, o_part, lse_part)
+    else:
+        _decode_split[(HB, NS, B)](
+            q, kv_cache, block_table, seq_lens, o_part, lse_part, scale * LOG2E, block_table.stride(0),
+            H=H, DK=DK, DVAL=v_dim, DA=DA, DB=DB, BDV=BDV, PAGE=PAGE, BH=BH, BN=block_n, NS=NS, SAME_V=SAME_V,
+            UPCAST=upcast_dots(q.dtype), PAGE_TILES=PAGE % block_n == 0, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=num_warps, num_stages=num_stages,
+        )
     o = torch.empty(B, H, v_dim, device=q.device, dtype=q.dtype)
     BHM = 4 if B * H % 4 == 0 else 1
     _merge[(B * H // BHM,)](o_part, lse_part, o, DVAL=v_dim, BDV=BDV, NS=NS, NSP=max(2, triton.next_power_of_2(NS)), BHM=BHM,
