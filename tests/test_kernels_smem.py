@@ -90,7 +90,7 @@ SCRIPT = textwrap.dedent('''
     desc = f"tensordesc<bf16[64, 64],{dh.smem_layout(torch.bfloat16)!r}>"
     sig = {"q_desc": desc, "kv_desc": desc, "block_table": "*i32", "seq_lens": "*i32", "o_part": "*fp32",
            "lse_part": "*fp32", "qk_scale": "fp32", "stride_bt": "i32"}
-    consts = dict(H=64, NS=2, PAGE=64, BH=dh.BH, BN=dh.BN, DL=dh.DL, DR=dh.DR)
+    consts = dict(H=64, NS=2, PAGE=64, BH=dh.BH, BN=dh.BN, DL=dh.DL, DR=dh.DR, NST=dh.STAGES)
     out["mla decode gluon bf16"] = shared(dh._decode_split_hopper, sig, consts, dh.NUM_WARPS, 1, GluonASTSource)
     print(json.dumps(out))
 ''')

@@ -38,10 +38,11 @@ WIDE_CFG = (64, 64, 8, 2)
 # output tile each, rounded to bf16 right after, so their error does not compound: plain bf16 MMAs
 # there give 1.4x the error of rounding the exact output to bf16 (split: 1.0x) for 2 MMAs fewer per
 # chunk (5 instead of 7). SPLIT_OUT_* = True restores the split (forward; the three backward sweeps).
-# H200, bench shape (bench/RESULTS.md run 8): forward all split 1.15 ms, this 0.91 ms (o 2.35e-3 vs
-# fp64, floor 1.66e-3; fla 2.64e-3), all plain 0.76 ms (2.64e-3, final state 1.6e-3). fwd+bwd 5.76 ms;
-# with SPLIT_OUT_BWD = False 4.70 ms (gradients 1.4x their bf16 floor; not yet the default).
-SPLIT_STATE, SPLIT_OUT_FWD, SPLIT_OUT_BWD = True, False, True
+# The backward's output products (dq, dk, dv tiles) are plain for the same reason. H200, bench shape
+# (bench/RESULTS.md run 8): forward all split 1.15 ms, this 0.91 ms (o 2.35e-3 vs fp64, floor
+# 1.66e-3; fla 2.64e-3), all plain 0.76 ms (2.64e-3, final state 1.6e-3); fwd+bwd with the backward
+# split 5.76 ms, plain 4.70 ms (gradients 1.4x their bf16 floor, like the output).
+SPLIT_STATE, SPLIT_OUT_FWD, SPLIT_OUT_BWD = True, False, False
 
 
 @triton.jit

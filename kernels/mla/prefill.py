@@ -86,14 +86,15 @@ def _fwd_inner(acc, l_i, m_i, qa, qb, k_ptr, v_ptr, o_m, lo, hi, T, qk_scale,
         s = mm(qa, tl.trans(ka), UPCAST, PREC)
         if DB > 0:
             s += mm(qb, tl.trans(kb), UPCAST, PREC)
-        s = s * qk_scale
         if MASK:
             keep = m_n[None, :]
             if CAUSAL:
                 keep = keep & (o_m[:, None] >= o_n[None, :])
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+        # the scale goes on the row max (BM values) and into one fused multiply-add per score
+        # below, not a separate multiply of every score (qk_scale > 0, so the max commutes)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         b_v = _load_rows(v_ptr, o_n, m_n, H * DV, DV, BDV, MASK)
