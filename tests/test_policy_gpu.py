@@ -36,7 +36,8 @@ def test_cuda_fp32_matches_cpu_reference():
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
 
 
-def test_cuda_bf16_cache_decode_matches_forward():
+@pytest.mark.parametrize("block_size", [16, 64])  # 64: whole-tile pages, the Gluon MLA decode on sm_90
+def test_cuda_bf16_cache_decode_matches_forward(block_size):
     # every expert routed: top-k routing is discontinuous, and at a near-tie bf16 rounding in the
     # cached path can pick another expert (measured on the H200: one position, drift 0.048, with
     # either kernel set). That is routing, not attention; this test is about the attention caches.
@@ -46,7 +47,7 @@ def test_cuda_bf16_cache_decode_matches_forward():
     prompts = [torch.randint(0, 256, (n,), generator=g).cuda() for n in (33, 80, 5)]
     with torch.no_grad():
         full = [model(p[None]).logits[0] for p in prompts]
-    cache = HybridCache.for_model(model, max_seqs=4, num_blocks=64, block_size=16)
+    cache = HybridCache.for_model(model, max_seqs=4, num_blocks=64, block_size=block_size)
     slots = [cache.allocate() for _ in prompts]
     cut = [n - 4 for n in (33, 80, 5)]
     out = model.forward_step(torch.cat([p[:c] for p, c in zip(prompts, cut)]), slots, cut, cache)
@@ -65,3 +66,25 @@ def test_cuda_backward_through_packed_batch():
     out.loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if ".experts." not in n]
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+
+
+def test_embedded_engine_on_cuda_pages_of_64_and_greedy_matches_forward():
+    """The engine's GPU default page (64 tokens) and its decode loop through the GPU kernels:
+    greedy tokens equal the argmax of a full forward over the growing sequence."""
+    from kpop.rollout.embedded import EmbeddedEngine
+    from kpop.rollout.engine import GenerationRequest, SamplingParams
+
+    model = build_model(tiny_config(256, **REAL_HEADS), seed=0, device="cuda").eval()
+    engine = EmbeddedEngine(model, max_seqs=4)
+    try:
+        assert engine.cache.block_size == 64
+        prompt = torch.randint(2, 256, (70,), generator=torch.Generator().manual_seed(2)).tolist()
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        out = engine.generate([GenerationRequest(prompt_token_ids=prompt, params=params)])[0].token_ids
+    finally:
+        engine.close()
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq], device="cuda")).logits[0, -1].argmax()))
+    assert out == seq[len(prompt):]

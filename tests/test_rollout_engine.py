@@ -123,6 +123,7 @@ def test_stop_tokens_and_eos(model, engine):
     assert stop.finish_reason == "stop" and stop.stop_reason == third
     # the same token as the model's eos ends generation unless ignore_eos
     eos_engine = EmbeddedEngine(model, max_seqs=2)
+    assert eos_engine.cache.block_size == 16  # the CPU default page (64 on a GPU: tests/test_policy_gpu.py)
     eos_engine.eos_ids = {third}
     r = eos_engine.generate([GenerationRequest(prompt_token_ids=p, params=SamplingParams(temperature=0, max_tokens=8))])[0]
     eos_engine.close()

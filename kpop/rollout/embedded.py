@@ -64,7 +64,7 @@ class EmbeddedEngine(Engine):
         tokenizer: Any | None = None,  # needed for stop strings and `result.text`
         *,
         max_seqs: int = 32,
-        block_size: int = 16,
+        block_size: int | None = None,  # tokens per cache page; None: 64 on a GPU, 16 on CPU
         num_blocks: int | None = None,
         max_model_len: int | None = None,
         max_batch_tokens: int = 4096,  # prefill tokens per step (chunked beyond that)
@@ -77,6 +77,10 @@ class EmbeddedEngine(Engine):
         if max_batch_tokens < max_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_seqs ({max_seqs})")
         self.max_batch_tokens = max_batch_tokens
+        if block_size is None:
+            # the GPU MLA decode kernels read whole 64-token tiles from one page (the Hopper one
+            # only then runs: kernels/mla/decode_hopper.py); on CPU smaller pages waste less memory
+            block_size = 64 if next(model.parameters()).is_cuda else 16
         num_blocks = num_blocks or max_seqs * -(-min(self.max_model_len, 2048) // block_size)
         self.cache = HybridCache.for_model(model, max_seqs=max_seqs, num_blocks=num_blocks, block_size=block_size)
         if -(-self.max_model_len // block_size) > num_blocks:
