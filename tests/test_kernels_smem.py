@@ -87,8 +87,8 @@ SCRIPT = textwrap.dedent('''
     # the Hopper (Gluon) MLA decode: compiled with this Triton, so an API drift shows here too
     from triton.experimental.gluon._runtime import GluonASTSource
     from kernels.mla import decode_hopper as dh
-    desc = f"tensordesc<bf16[64, 64],{dh.smem_layout(torch.bfloat16)!r}>"
-    sig = {"q_desc": desc, "kv_desc": desc, "block_table": "*i32", "seq_lens": "*i32", "o_part": "*fp32",
+    desc = "tensordesc<bf16[{}, 64],%r>" % dh.smem_layout(torch.bfloat16)
+    sig = {"q_desc": desc.format(dh.BH), "kv_desc": desc.format(dh.BN), "block_table": "*i32", "seq_lens": "*i32", "o_part": "*fp32",
            "lse_part": "*fp32", "qk_scale": "fp32", "stride_bt": "i32"}
     consts = dict(H=64, NS=2, PAGE=64, BH=dh.BH, BN=dh.BN, DL=dh.DL, DR=dh.DR, NST=dh.STAGES)
     out["mla decode gluon bf16"] = shared(dh._decode_split_hopper, sig, consts, dh.NUM_WARPS, 1, GluonASTSource)

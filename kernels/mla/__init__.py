@@ -6,7 +6,8 @@ mla_decode:  absorbed-weight decode, MQA over a paged latent cache [num_blocks, 
              value = first v_dim (512) values of each cached vector.
 mla_cache_write: scatter new latent vectors into that cache by slot (vLLM's slot_mapping
              convention: slot = block_id * block_size + offset; slot < 0 is skipped, for padding).
-Triton on CUDA, the torch reference (naive.py) on CPU; KPOP_KERNELS overrides (kernels/_dispatch.py).
+Triton on CUDA (the decode in Gluon on sm_90: decode_hopper.py), the torch reference (naive.py) on
+CPU; KPOP_KERNELS overrides (kernels/_dispatch.py).
 """
 from __future__ import annotations
 
