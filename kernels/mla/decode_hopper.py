@@ -77,6 +77,18 @@ if HAVE_GLUON:
         _load_rows(kv_desc, page * PAGE + start % PAGE, lat, rope, bar)
 
     @gluon.jit
+    def _store_half(acc, l, o_part, pbase, h0, COL0: gl.constexpr, NS: gl.constexpr, H: gl.constexpr):
+        """acc / l (l in acc's row layout) into value columns [COL0, COL0 + width) of the partial
+        outputs of heads h0.. (o_part rows of 2 x width values)."""
+        layout: gl.constexpr = acc.type.layout
+        BH: gl.constexpr = acc.shape[0]
+        W: gl.constexpr = acc.shape[1]
+        out = acc / gl.where(l > 0, l, 1.0)[:, None]
+        o_h = h0 + gl.arange(0, BH, gl.SliceLayout(1, layout))
+        o_dv = COL0 + gl.arange(0, W, gl.SliceLayout(0, layout))
+        gl.store(o_part + (pbase + o_h * NS)[:, None] * (2 * W) + o_dv[None, :], out, mask=(o_h < H)[:, None])
+
+    @gluon.jit
     def _ws_producer(q_desc, kv_desc, table, lo, n, q_row, PAGE: gl.constexpr, q_lat, q_rope, k_lat, k_rope, bars):
         """One warp: TMA q, then each tile into a stage as soon as both warpgroups are done with it."""
         _load_rows(q_desc, q_row, q_lat, q_rope, bars.index(0))
@@ -106,11 +118,7 @@ if HAVE_GLUON:
             mbarrier.arrive(bars.index(2 + 2 * NST), count=1)  # p and the factors consumed
             mbarrier.arrive(bars.index(1 + NST + st), count=1)  # this warpgroup is done with the stage
         mbarrier.wait(bars.index(3 + 2 * NST), 0)  # the softmax denominators are in a_smem
-        l_o = a_smem.load(row_o)
-        out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
-        o_h = h0 + gl.arange(0, BH, row_o)
-        o_dv = HALF + gl.arange(0, HALF, gl.SliceLayout(0, o_layout))
-        gl.store(o_part + (pbase + o_h * NS)[:, None] * (2 * HALF) + o_dv[None, :], out, mask=(o_h < H)[:, None])
+        _store_half(acc, a_smem.load(row_o), o_part, pbase, h0, HALF, NS, H)
 
     @gluon.jit
     def _ws_softmax(n, lo, hi, qk_scale, q_lat, q_rope, k_lat, k_rope, p_smem, a_smem, bars, o_part, lse_part, pbase,
@@ -161,11 +169,7 @@ if HAVE_GLUON:
         o_h = h0 + gl.arange(0, BH, row_s)
         lse = gl.where(l_i > 0, m_i + gl.log2(gl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         gl.store(lse_part + pbase + o_h * NS, lse, mask=o_h < H)
-        l_o = gl.convert_layout(l_i, row_o)
-        out = acc / gl.where(l_o > 0, l_o, 1.0)[:, None]
-        o_ho = h0 + gl.arange(0, BH, row_o)
-        o_dv = gl.arange(0, HALF, gl.SliceLayout(0, o_layout))
-        gl.store(o_part + (pbase + o_ho * NS)[:, None] * (2 * HALF) + o_dv[None, :], out, mask=(o_ho < H)[:, None])
+        _store_half(acc, gl.convert_layout(l_i, row_o), o_part, pbase, h0, 0, NS, H)
 
     @gluon.jit
     def _decode_split_hopper(q_desc, kv_desc, block_table, seq_lens, o_part, lse_part, qk_scale, stride_bt,
