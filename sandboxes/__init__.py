@@ -24,7 +24,8 @@ def create_sandbox(backend: Backend = "bwrap", image: str | None = None, limits:
                    mounts: dict[str, str] | None = None) -> Sandbox:
     """A started sandbox. `image`: docker image (default kpop-sandbox:latest); for bwrap a path
     is a rootfs directory and anything else means the host's /usr. `mounts`: {host path:
-    sandbox path}, read-only (docker runs as nobody: mounted files must be world-readable)."""
+    sandbox path}, read-only; both backends run as host nobody, so mounted files must be
+    world-readable, and the host root and its sensitive directories are refused."""
     if backend == "bwrap":
         from sandboxes.bwrap import BwrapSandbox
 
