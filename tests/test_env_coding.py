@@ -52,15 +52,15 @@ def test_wrong_answers_fail(env):
     assert wrong.reward == 0.0 and "AssertionError" in wrong.reward_detail["stderr_tail"]
     # An early exit(0) must not count as passing: the tests never ran.
     cheat = play(env, answer(f"```python\n{p.prompt}    return True\nimport sys\nsys.exit(0)\n```"), task)
-    assert cheat.reward == 0.0 and cheat.reward_detail["exit_code"] == 0
-    # Nor can a solution that hunts for the marker in the files and environment it can see.
+    assert cheat.reward == 0.0 and "SystemExit: 0" in cheat.reward_detail["stderr_tail"]
+    # Nor can a solution that hunts for a verdict in the files and environment it can see.
     hunt = ("import os, re, sys\n"
             "blob = ' '.join(open(f, errors='ignore').read() for f in os.listdir('.') if os.path.isfile(f))\n"
             "blob += repr(dict(os.environ)) + ' '.join(sys.argv)\n"
             "found = re.findall(r'KPOP-TESTS-PASSED-[0-9a-f]+', blob)\n"
             "print(found[-1] if found else 'none'); sys.stdout.flush(); os._exit(0)\n")
     hunter = play(env, answer(f"```python\n{p.prompt}    return True\n{hunt}```"), task)
-    assert hunter.reward == 0.0 and hunter.reward_detail["exit_code"] == 0
+    assert hunter.reward == 0.0 and "process ended" in hunter.reward_detail["stderr_tail"]
     hang = play(env, answer(f"```python\n{p.prompt}    while True: pass\n```"), task)
     assert hang.reward == 0.0 and hang.reward_detail["timed_out"]
     assert play(env, answer("I cannot do this."), task).reward == 0.0
