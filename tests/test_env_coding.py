@@ -232,3 +232,22 @@ def test_episodes_share_a_worker_pool_without_leaking(backend):
                 env.close()
         assert pool.starts == 1
         assert all("stdout:\n[]" in m for m in marks), marks
+
+
+def test_tampering_with_the_supervisor_neither_passes_nor_breaks_grading(backend):
+    """run_python code lowers the supervisor's limits (it shares its uid); the sandbox is then
+    discarded, and grading happens in a fresh one: a right answer still passes, a wrong one fails."""
+    tamper = "import resource; resource.prlimit(1, resource.RLIMIT_NOFILE, (8, 8)); print('lowered')"
+    env = make("kpop/coding-v0", backend=backend, limits={"wall_time_s": 5.0, "cpu_time_s": 5.0})
+    try:
+        for right, reward in ((True, 1.0), (False, 0.0)):
+            async def agent(messages, tools):
+                if messages[-1]["role"] == "user":
+                    return assistant(None, ("run_python", {"code": tamper}))
+                return assistant(f"```python\n{env.coding_task.canonical if right else 'def nope(): pass'}```")
+
+            ep = play(env, agent, "coding/gen/1")
+            assert "lowered" in ep.messages[2]["content"], ep.messages[2]
+            assert ep.status == "ok" and ep.reward == reward, (ep.error, ep.reward_detail)
+    finally:
+        env.close()

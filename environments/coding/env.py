@@ -30,6 +30,7 @@ import numpy as np
 from environments.coding.tasks import CodingTask, generated, humaneval
 from environments.core import ChatEnv, Message, Resources, Task, assistant
 from environments.tools import Tool, Toolbox, make_tool
+from sandboxes.base import SandboxDeadError
 from sandboxes.limits import Limits
 
 if TYPE_CHECKING:
@@ -144,7 +145,10 @@ class CodingEnv(ChatEnv):
         t = self.coding_task
         nonce = secrets.token_hex(16)
         sb = self.sandbox()
-        sb.reset()  # files the agent left (say a planted typing.py) must not run inside the tests
+        try:
+            sb.reset()  # files the agent left (say a planted typing.py) must not run inside the tests
+        except SandboxDeadError:  # e.g. the agent's code tampered with it: grade in a fresh one
+            sb = self.sandbox()
         sb.write_file("solution.py", solution_program(t, final.get("content") or ""))
         spec = json.dumps({"nonce": nonce, "prelude": t.prompt, "test": t.test, "entry_point": t.entry_point,
                            "source": GRADER_SOURCE})
