@@ -4,8 +4,11 @@
     with create_sandbox("bwrap", limits=Limits(wall_time_s=5)) as sb:
         sb.write_file("main.py", "print(6 * 7)")
         sb.exec(["python3", "main.py"]).stdout   # '42\\n'
-    pool = SandboxPool("docker", size=4)
-    with pool.acquire() as sb: ...
+    pool = SandboxPool("docker", size=4)        # one per worker: warm sandboxes, kept per spec
+    with pool.acquire() as sb: ...              # or sb = pool.take(limits=...); ...; pool.put(sb)
+
+What sandboxed code may and may not do: sandboxes/base.py, sandboxes/supervisor.py and the
+project README's security model.
 """
 
 from __future__ import annotations
