@@ -251,3 +251,45 @@ def test_tampering_with_the_supervisor_neither_passes_nor_breaks_grading(backend
             assert ep.status == "ok" and ep.reward == reward, (ep.error, ep.reward_detail)
     finally:
         env.close()
+
+
+def _grade(backend, solution, test, entry="f"):
+    """Run the grader alone in a sandbox: (passed, stdout, stderr)."""
+    import json
+    import secrets
+
+    from environments.coding.env import GRADER_SOURCE
+    from sandboxes import create_sandbox
+
+    nonce = secrets.token_hex(8)
+    with create_sandbox(backend) as sb:
+        sb.write_file("solution.py", solution)
+        spec = {"nonce": nonce, "prelude": "", "test": test, "entry_point": entry, "source": GRADER_SOURCE}
+        r = sb.exec(["python3", "-I", "-c", GRADER_SOURCE, "grade"], stdin=json.dumps(spec))
+    return r.exit_code == 0 and r.stdout == f"KPOP-VERDICT {nonce} pass\n", r.stdout, r.stderr
+
+
+def test_grader_passes_plain_data_and_owns_its_stdout(backend):
+    identity = "def f(x, scale=1):\n    print('solution noise')\n    return x\n"
+    test = ("import math\n"
+            "def check(c):\n"
+            "    print('tests may print')\n"
+            "    for v in [None, True, 3, -0.5, 'é', b'\\x00', 1 + 2j, [1, [2]], (1, (2,)), {1: 'a', (2, 3): [4]},\n"
+            "              {1, 2}, frozenset({3}), float('inf'), 10 ** 40]:\n"
+            "        out = c(v)\n"
+            "        assert out == v and type(out) is type(v), (v, out)\n"
+            "    assert math.isnan(c(float('nan'))) and c(5, scale=2) == 5\n")
+    passed, out, err = _grade(backend, identity, test)
+    assert passed, (out, err)
+    assert "tests may print" in err and "solution noise" not in out + err
+
+
+def test_grader_exceptions_cross_only_when_plain(backend):
+    expects_value_error = ("def check(c):\n    try:\n        c(-1)\n    except ValueError:\n        return\n"
+                           "    raise AssertionError('no ValueError')\n")
+    raising = "def f(x):\n    raise ValueError('negative')\n"
+    assert _grade(backend, raising, expects_value_error)[0]
+    # StopIteration would end the tests' own loop early, as if every case had passed
+    stop = "def f(x):\n    raise StopIteration\n"
+    passed, _, err = _grade(backend, stop, "def check(c):\n    assert all(map(c, [0, 0, 0]))\n")
+    assert not passed and "SolutionFailed: StopIteration" in err

@@ -165,6 +165,9 @@ def grade():
     protect_self()
     spec = json.loads(sys.stdin.buffer.read())
     nonce = spec["nonce"]
+    # the verdict gets stdout to itself: whatever the tests print goes to stderr
+    verdict = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     ok = False
     try:
         ns = {"__name__": "kpop_hidden_tests"}
@@ -188,9 +191,10 @@ def grade():
         ok = True
     except BaseException:
         traceback.print_exc()
-    sys.stderr.flush()
-    sys.stdout.write(f"KPOP-VERDICT {nonce} {'pass' if ok else 'fail'}\n")
     sys.stdout.flush()
+    sys.stderr.flush()
+    verdict.write(f"KPOP-VERDICT {nonce} {'pass' if ok else 'fail'}\n")
+    verdict.flush()
     os._exit(0 if ok else 1)  # at once: no cleanup that waits on the solution's process
 
 
