@@ -70,10 +70,11 @@ def check_host_path(path: str, what: str) -> str:
     the container runtime's socket."""
     real = os.path.realpath(path)
     bad = real in _NEVER_EXACT or any(real == d or real.startswith(d + "/") for d in _NEVER_UNDER)
-    try:
-        bad = bad or os.path.samefile(real, "/")
-    except OSError:
-        pass
+    for d in (*_NEVER_EXACT, *_NEVER_UNDER):  # the same directory under another name (a bind mount)
+        try:
+            bad = bad or os.path.samefile(real, d)
+        except OSError:
+            pass
     if bad:
         raise SandboxError(f"{what} {path!r} resolves to {real!r}, a host path no sandbox may see "
                            f"(the host root, {', '.join(_NEVER_UNDER)} and what lies under them)")
@@ -155,7 +156,8 @@ class Sandbox(ABC):
             "file_size_mb": lim.file_size_mb,
             "max_output_bytes": lim.max_output_kb * 1024,
             "oom_files": oom_files,
-            # without a cgroup, the per-process rlimits are the only memory/pid guard
+            # without a cgroup, the per-process rlimits are the only memory/pid guard (a coarse one:
+            # RLIMIT_NPROC counts every process of the host user the sandbox runs as, nobody)
             "rlimit_as_mb": lim.memory_mb if rlimit_fallback else 0,
             "rlimit_nproc": lim.max_pids if rlimit_fallback else 0,
         })

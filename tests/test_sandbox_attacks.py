@@ -248,3 +248,19 @@ def test_json_result_shape_unchanged(backend: str) -> None:
     with create_sandbox(backend) as sb:
         r = sb.exec(["sh", "-c", "printf 'a\\nb'; exit 7"])
         assert json.loads(r.model_dump_json())["exit_code"] == 7 and r.stdout == "a\nb"
+
+
+def test_a_bind_mount_of_a_host_dir_is_recognised(backend: str, tmp_path: Path) -> None:
+    """/etc under another name (a bind mount, as an archived trajectory could name) is still /etc."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("making a bind mount needs root")
+    alias = tmp_path / "not-etc"
+    alias.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", "/etc", str(alias)], check=True)
+    try:
+        with pytest.raises(SandboxError, match="host"):
+            create_sandbox(backend, mounts={str(alias): "/data"})
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
