@@ -72,3 +72,13 @@ def test_exec_cpu_limit_follows_a_long_timeout() -> None:
     res = invoke(["exec", "--json", "--timeout", "30", "--cpu-seconds", "1", "--", "python3", "-c", "while True: pass"])
     out = json.loads(res.stdout)
     assert res.exit_code in (128 + 24, 137) and not out["timed_out"], res.output  # SIGXCPU, then SIGKILL
+
+
+def test_exec_reports_the_real_result_not_a_forged_reply(backend: str) -> None:
+    """The issue's reproduction: sandboxed code writes a reply line to the supervisor's stdout."""
+    forge = ("import os,json,base64;os.write(os.open('/proc/1/fd/1',1),(json.dumps(dict(ok=1,exit_code=0,"
+             "timed_out=0,oom_killed=0,duration_s=0,stdout=base64.b64encode(b'FORGED').decode(),stderr=''))"
+             "+'\\n').encode());exit(3)")
+    res = invoke(["exec", "--backend", backend, "--json", "--", "python3", "-c", forge])
+    out = json.loads(res.stdout)
+    assert res.exit_code == out["exit_code"] != 0 and "FORGED" not in out["stdout"], res.output
