@@ -17,9 +17,9 @@ between the two leaves a part without an index; opening the archive rebuilds tha
 the part. Linking (not renaming) means a second writer can never overwrite a part: it takes the
 next free number instead. Reopening after a resume continues the numbering.
 
-Archive status (why the trajectory was kept) is separate from the episode's own status:
-"consumed" (trained on), "dropped_stale" (too old for the learner), "failed" (the episode or its
-processing failed). The learner's recomputed logprobs (`train_logprobs`) are optional per row.
+Archive status (`ArchiveStatus`: why the trajectory was kept) is separate from the episode's own
+status (`kpop.trajectory.TrajectoryStatus`: ok | failed | truncated). The learner's recomputed
+logprobs (`train_logprobs`) are optional per row.
 """
 
 from __future__ import annotations
@@ -31,15 +31,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kpop.trajectory import Segment, Trajectory
+from kpop.trajectory import ArchiveStatus, Segment, Trajectory, TrajectoryStatus
 
-ArchiveStatus = Literal["consumed", "dropped_stale", "dropped_small_group", "failed"]
-STATUSES: tuple[str, ...] = ("consumed", "dropped_stale", "dropped_small_group", "failed")
+STATUSES: tuple[str, ...] = tuple(ArchiveStatus)
+EPISODE_STATUSES: tuple[str, ...] = tuple(TrajectoryStatus)
 ARCHIVE_DIR = "trajectories"
 FORMAT_VERSION = 1
 
@@ -61,7 +61,7 @@ _SCHEMA = pa.schema([
     ("staleness", pa.int64()),  # policy_version - min_version
     ("reward", pa.float64()),
     ("reward_detail", pa.string()),  # JSON
-    ("episode_status", pa.string()),  # Trajectory.status: ok | failed | truncated
+    ("episode_status", pa.string()),  # Trajectory.status (TrajectoryStatus)
     ("error", pa.string()),
     ("messages", pa.string()),  # JSON: the OpenAI chat messages
     ("token_ids", pa.list_(pa.int32())),
@@ -129,7 +129,8 @@ class TrajectoryArchive:
         if self._closed:
             raise ArchiveError("write() on a closed archive")
         if status not in STATUSES:
-            raise ArchiveError(f"status must be one of {STATUSES}, got {status!r}")
+            raise ArchiveError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        status = ArchiveStatus(status)
         for name, value in (("step", step), ("policy_version", policy_version)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ArchiveError(f"{name} must be an int >= 0 or None, got {value!r}")
@@ -307,11 +308,11 @@ def _row(traj: Trajectory, status: str, step: int | None, policy_version: int | 
     return {
         "trajectory_id": traj.trajectory_id, "run_id": traj.run_id, "group_id": traj.group_id,
         "env_id": traj.env_id, "env_kwargs": json.dumps(traj.env_kwargs, default=str), "task_id": traj.task_id,
-        "seed": traj.seed, "status": status, "step": step,
+        "seed": traj.seed, "status": str(status), "step": step,
         "policy_version": policy_version, "min_version": lo, "max_version": hi,
         "staleness": None if policy_version is None or lo is None else max(0, policy_version - lo),
         "reward": float(traj.reward), "reward_detail": json.dumps(traj.reward_detail, default=str),
-        "episode_status": traj.status, "error": traj.error, "messages": json.dumps(traj.messages),
+        "episode_status": str(traj.status), "error": traj.error, "messages": json.dumps(traj.messages),
         "token_ids": traj.token_ids, "logprobs": traj.logprobs, "loss_mask": traj.loss_mask,
         "train_logprobs": None if train_logprobs is None else [float(x) for x in train_logprobs],
         "segments": [list(s) for s in traj.segments], "timings": json.dumps(traj.timings),

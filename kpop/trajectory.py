@@ -39,7 +39,8 @@ import time
 import uuid
 import warnings
 from array import array
-from typing import Any, Callable, Literal, NamedTuple
+from enum import StrEnum
+from typing import Any, Callable, NamedTuple
 
 import msgpack
 from pydantic import (
@@ -68,6 +69,24 @@ class TrajectoryDecodeError(ValueError):
 
 class FutureSchemaWarning(UserWarning):
     """A trajectory from a newer, compatible writer had fields this reader ignored."""
+
+
+class TrajectoryStatus(StrEnum):
+    """How an episode ended (`Trajectory.status`). A `str`, so `traj.status == "ok"` holds."""
+
+    OK = "ok"  # the env ended the episode and its verifier graded the final state
+    FAILED = "failed"  # an env, tool or engine error ended it; `Trajectory.error` says which
+    TRUNCATED = "truncated"  # cut (turn or token budget) before the env ended it; not a graded answer
+
+
+class ArchiveStatus(StrEnum):
+    """Why the learner kept a trajectory in the run's archive (kpop.archive); separate from how the
+    episode ended. Defined here, beside `TrajectoryStatus`, so the CLI can list both without pyarrow."""
+
+    CONSUMED = "consumed"  # trained on
+    DROPPED_STALE = "dropped_stale"  # older than the staleness bound allows
+    DROPPED_SMALL_GROUP = "dropped_small_group"  # its group had too few usable samples to normalise
+    FAILED = "failed"  # the episode or its processing failed
 
 
 class Segment(NamedTuple):
@@ -126,7 +145,7 @@ class Trajectory(BaseModel):
 
     reward: float = 0.0
     reward_detail: dict[str, Any] = Field(default_factory=dict)  # whatever the verifier reports
-    status: Literal["ok", "failed", "truncated"] = "ok"
+    status: TrajectoryStatus = TrajectoryStatus.OK
     error: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)  # env_s, gen_s, wall_s, ...
     sandbox: SandboxIdentity | None = None
@@ -177,7 +196,7 @@ class Trajectory(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "Trajectory":
         _check_shapes(len(self.token_ids), len(self.logprobs), len(self.loss_mask), self.segments)
-        if self.status == "failed" and not self.error:
+        if self.status == TrajectoryStatus.FAILED and not self.error:
             raise ValueError("status 'failed' needs an error message")
         return self
 

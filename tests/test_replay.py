@@ -87,3 +87,14 @@ def test_cli_json_and_exit_codes(run_dir, tmp_path):
     assert res.exit_code == 0 and "regrade: 4/4 match" in res.stdout
     res = runner.invoke(app, [str(tmp_path / "missing")])
     assert res.exit_code == 2 and "not a run directory" in res.stderr
+
+
+def test_status_help_lists_every_status_the_code_accepts():
+    from kpop.trajectory import ArchiveStatus, TrajectoryStatus
+
+    app = typer.Typer()
+    app.command()(replay_cmd)
+    res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400", "NO_COLOR": "1"})
+    help_text = " ".join(res.stdout.split())
+    for status in [*ArchiveStatus, *TrajectoryStatus]:
+        assert status.value in help_text

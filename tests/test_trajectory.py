@@ -217,3 +217,13 @@ def test_tampered_packed_arrays_fail_with_decode_error(field, wire, needle):
     doc[field] = wire
     with pytest.raises(TrajectoryDecodeError, match=needle):
         decode(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_status_vocabularies_are_str_enums_that_travel_as_plain_strings():
+    assert [s.value for s in T.TrajectoryStatus] == ["ok", "failed", "truncated"]
+    assert [s.value for s in T.ArchiveStatus] == ["consumed", "dropped_stale", "dropped_small_group", "failed"]
+    traj = make(status="truncated")
+    assert traj.status is T.TrajectoryStatus.TRUNCATED and traj.status == "truncated"
+    assert _doc(traj)["status"] == "truncated" and decode(encode(traj)).status == "truncated"
+    with pytest.raises(ValidationError, match="status"):
+        make(status="stale")
