@@ -59,15 +59,28 @@ def replay_cmd(
     env: Optional[str] = typer.Option(None, "--env", help="only this environment id"),
     status: Optional[str] = typer.Option(None, "--status", help=_STATUS_HELP),
     episode_status: Optional[str] = typer.Option(None, "--episode-status", help=_EPISODE_STATUS_HELP),
+    trust_archive: bool = typer.Option(
+        False, "--trust-archive",
+        help="use every archived env kwarg (sandbox image, limits, host paths ...) and the recorded docker "
+             "image; only for archives you wrote yourself"),
 ) -> None:
-    """Re-execute recorded actions against fresh environments and re-grade. Exit 1 unless all match."""
+    """Re-execute recorded actions against fresh environments and re-grade. Exit 1 unless all match,
+    2 if nothing matches the filters.
+
+    The archive is untrusted input: archived env kwargs that would configure the sandbox or name a
+    host path are not used (the report lists them) unless --trust-archive is given."""
     from kpop.archive import ArchiveError
     from kpop.replay import format_report, replay_path
 
+    filters = _archive_filters(env, status, episode_status)
     try:
-        report = replay_path(path, regrade_only=regrade_only, **_archive_filters(env, status, episode_status))
+        report = replay_path(path, regrade_only=regrade_only, trust_archive=trust_archive, **filters)
     except ArchiveError as exc:
         _fail("replay", str(exc))
+    if report.total == 0:
+        what = ", ".join(f"{k}={v}" for k, v in filters.items()) or "no filters"
+        skipped = f"; {len(report.skipped_parts)} unreadable parts skipped" if report.skipped_parts else ""
+        _fail("replay", f"no trajectories to replay in {path} ({what}{skipped})")
     typer.echo(report.model_dump_json() if json_out else format_report(report))
     if report.matched != report.total:
         raise typer.Exit(1)
