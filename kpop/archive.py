@@ -202,9 +202,11 @@ class TrajectoryArchive:
             path = _index_path(part)
             try:
                 index_rows = json.loads(path.read_text())["rows"]
+                if not all(isinstance(r, dict) and set(INDEX_FIELDS) <= set(r) for r in index_rows):
+                    raise ValueError("rows without the index fields")
             except FileNotFoundError:  # written after _repair by a concurrent writer's crash
                 index_rows = self._read_index_rows(part)
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
                 log.warning("%s: corrupt index (%s); rebuilding it from the part in memory", path, exc)
                 index_rows = self._read_index_rows(part)
             if index_rows is not None:

@@ -151,7 +151,7 @@ class ReadOnlySql:
                 raise ToolError(f"SQL error: {type(exc).__name__}: {exc}") from None
             finally:
                 self._deadline = math.inf
-        return json.dumps([[_sql_value(v) for v in row] for row in rows], ensure_ascii=False)
+        return json.dumps([[_sql_value(v) for v in row] for row in rows])
 
     def close(self) -> None:
         """Stop a running query (it ends with a tool error), then close; never waits on a query."""
