@@ -13,7 +13,7 @@ Guarantees, and how:
   consumer's pending list, from which `get` then delivers them n at a time; a restarted consumer
   first re-reads its own pending entries.
 - never train twice: `ack` adds the trajectory ids to the persistent set `<key>:seen` in the
-  same MULTI as XACK, so a re-delivered copy (XAUTOCLAIM race, a producer retry that had in
+  same MULTI as XACK, so a re-delivered copy (a claim race, a producer retry that had in
   fact reached Redis, a restarted learner) is recognised in `get` and acked, not returned.
 - bounded memory and backpressure: acked entries are deleted (XDEL), so XLEN is exactly the
   backlog of unacknowledged trajectories; `put` waits, with exponential backoff, while it is

@@ -141,6 +141,8 @@ class ReadOnlySql:
             try:
                 rows = self.db.execute(query).fetchmany(SQL_MAX_ROWS)
             except sqlite3.OperationalError as exc:
+                if str(exc) == "interrupted" and self._closed:
+                    raise ToolError("SQL error: the episode ended while the query ran; it was stopped") from None
                 if str(exc) == "interrupted":
                     raise ToolError(f"SQL error: the query exceeded the time limit of {self.time_limit_s:g} s "
                                     "and was stopped") from None
@@ -154,7 +156,8 @@ class ReadOnlySql:
         return json.dumps([[_sql_value(v) for v in row] for row in rows])
 
     def close(self) -> None:
-        """Stop a running query (it ends with a tool error), then close; never waits on a query."""
+        """Stop a running query (it ends with a tool error), then close: waits only for the interrupted
+        query to unwind, never for a query to finish."""
         self._closed = True
         self.db.interrupt()
         with self._lock:  # the running query, if any, is being interrupted: this wait is short
