@@ -13,6 +13,8 @@ env is made, so a broken plugin cannot break `kpop env list`.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -74,3 +76,17 @@ def make(env_id: str, **kwargs: Any) -> ChatEnv:
     if not isinstance(env, ChatEnv):
         raise TypeError(f"{env_id!r} made a {type(env).__name__}, which is not an environments.core.ChatEnv")
     return env
+
+
+def constructor_params(env_id: str) -> tuple[dict[str, inspect.Parameter], bool]:
+    """The keyword arguments `make(env_id, ...)` accepts: (named parameters, takes **kwargs).
+    Imports the env's module (a plugin's too); raises KeyError for an unknown id."""
+    if not is_registered(env_id):
+        raise KeyError(f"unknown environment {env_id!r}; known: {', '.join(list_envs())}")
+    entry = gymnasium.registry[env_id].entry_point
+    if isinstance(entry, str):
+        module, _, name = entry.partition(":")
+        entry = getattr(importlib.import_module(module), name)
+    params = inspect.signature(entry).parameters
+    named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named, any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -7,32 +7,45 @@ from typing import Optional
 
 import typer
 
+from kpop.trajectory import ArchiveStatus, TrajectoryStatus
+
+STATUSES = tuple(ArchiveStatus)
+EPISODE_STATUSES = tuple(TrajectoryStatus)
+
 
 def _fail(command: str, message: str, code: int = 2) -> None:
     typer.echo(f"kpop {command}: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _archive_filters(env: Optional[str], status: Optional[str]) -> dict:
-    from kpop.archive import STATUSES
-
+def _archive_filters(env: Optional[str], status: Optional[str], episode_status: Optional[str] = None) -> dict:
     if status is not None and status not in STATUSES:
         raise typer.BadParameter(f"--status must be one of {', '.join(STATUSES)}, got {status!r}")
-    return {k: v for k, v in (("env_id", env), ("status", status)) if v is not None}
+    if episode_status is not None and episode_status not in EPISODE_STATUSES:
+        raise typer.BadParameter(f"--episode-status must be one of {', '.join(EPISODE_STATUSES)}, "
+                                 f"got {episode_status!r}")
+    filters = (("env_id", env), ("status", status), ("episode_status", episode_status))
+    return {k: v for k, v in filters if v is not None}
+
+
+# The help texts list the vocabularies from their one home, so they cannot fall behind the code.
+_STATUS_HELP = "only trajectories archived as: " + " | ".join(STATUSES)
+_EPISODE_STATUS_HELP = "only episodes that ended: " + " | ".join(EPISODE_STATUSES)
 
 
 def export_cmd(
     run: Path = typer.Argument(..., help="run directory (or its trajectories/ archive)"),
     atif: Path = typer.Option(..., "--atif", help="output directory: one ATIF JSON file per trajectory"),
     env: Optional[str] = typer.Option(None, "--env", help="only this environment id"),
-    status: Optional[str] = typer.Option(None, "--status", help="only consumed | dropped_stale | failed"),
+    status: Optional[str] = typer.Option(None, "--status", help=_STATUS_HELP),
+    episode_status: Optional[str] = typer.Option(None, "--episode-status", help=_EPISODE_STATUS_HELP),
 ) -> None:
     """Write the run's archived trajectories as ATIF (Agent Trajectory Interchange Format) JSON."""
     from kpop.archive import ArchiveError
     from kpop.atif import export_atif
 
     try:
-        written = export_atif(run, atif, **_archive_filters(env, status))
+        written = export_atif(run, atif, **_archive_filters(env, status, episode_status))
     except ArchiveError as exc:
         _fail("export", str(exc))
     typer.echo(f"wrote {len(written)} ATIF trajectories to {atif}")
@@ -44,16 +57,30 @@ def replay_cmd(
     regrade_only: bool = typer.Option(False, "--regrade-only",
                                       help="only re-run the verifier on the rebuilt final state"),
     env: Optional[str] = typer.Option(None, "--env", help="only this environment id"),
-    status: Optional[str] = typer.Option(None, "--status", help="only consumed | dropped_stale | failed"),
+    status: Optional[str] = typer.Option(None, "--status", help=_STATUS_HELP),
+    episode_status: Optional[str] = typer.Option(None, "--episode-status", help=_EPISODE_STATUS_HELP),
+    trust_archive: bool = typer.Option(
+        False, "--trust-archive",
+        help="use every archived env kwarg (sandbox image, limits, host paths ...) and the recorded docker "
+             "image; only for archives you wrote yourself"),
 ) -> None:
-    """Re-execute recorded actions against fresh environments and re-grade. Exit 1 unless all match."""
+    """Re-execute recorded actions against fresh environments and re-grade. Exit 1 unless all match,
+    2 if nothing matches the filters.
+
+    The archive is untrusted input: archived env kwargs that would configure the sandbox or name a
+    host path are not used (the report lists them) unless --trust-archive is given."""
     from kpop.archive import ArchiveError
     from kpop.replay import format_report, replay_path
 
+    filters = _archive_filters(env, status, episode_status)
     try:
-        report = replay_path(path, regrade_only=regrade_only, **_archive_filters(env, status))
+        report = replay_path(path, regrade_only=regrade_only, trust_archive=trust_archive, **filters)
     except ArchiveError as exc:
         _fail("replay", str(exc))
+    if report.total == 0:
+        what = ", ".join(f"{k}={v}" for k, v in filters.items()) or "no filters"
+        skipped = f"; {len(report.skipped_parts)} unreadable parts skipped" if report.skipped_parts else ""
+        _fail("replay", f"no trajectories to replay in {path} ({what}{skipped})")
     typer.echo(report.model_dump_json() if json_out else format_report(report))
     if report.matched != report.total:
         raise typer.Exit(1)

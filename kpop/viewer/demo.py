@@ -6,8 +6,8 @@ Episodes are played in the real environments by the env's oracle (reward 1) and 
 agent (one random action from the env's action space, then a wrong answer). Token streams are
 the real chat-template tokenisation of each conversation; the rollout / learner logprobs are
 *synthetic* (no model plays these episodes), drawn from a seeded generator so that the KPop mask
-and the logprob-mismatch colouring have something to show. The tokenizer is saved to
-`checkpoints/0/` like a policy checkpoint's, which is where the viewer looks for one.
+and the logprob-mismatch colouring have something to show. The tokenizer is saved to `policy/`,
+where a run saves its final policy and tokenizer. Metrics use the keys the learner logs.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def write_demo_run(run_dir: str | Path, env_ids: tuple[str, ...] = ("kpop/toolus
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tok = get_tokenizer()
-    tok.save_pretrained(str(run_dir / "checkpoints" / "0"))
+    tok.save_pretrained(str(run_dir / "policy"))  # where a run keeps its final policy's tokenizer
     rng = random.Random(seed)
     with TrajectoryArchive(run_dir) as archive:
         n = 0
@@ -121,7 +121,7 @@ def write_demo_run(run_dir: str | Path, env_ids: tuple[str, ...] = ("kpop/toolus
             f.write(json.dumps({"phase": "rl", "step": step, "time": 1.7e9 + step,
                                 "reward_mean": round(0.3 + 0.1 * step + rng.uniform(-0.05, 0.05), 4),
                                 "staleness_mean": round(rng.uniform(0.0, 2.0), 3),
-                                "kpop_mask_rate": round(0.05 + rng.uniform(0.0, 0.05), 4)}) + "\n")
+                                "mask_rate": round(0.05 + rng.uniform(0.0, 0.05), 4)}) + "\n")
             if step % 3 == 2:
                 f.write(json.dumps({"phase": "eval", "step": step, "time": 1.7e9 + step,
                                     "eval_reward": round(0.25 + 0.1 * step, 3)}) + "\n")
