@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from kpop.archive import TrajectoryArchive
 from kpop.cli.evals import replay_cmd
 from kpop.replay import first_divergence, replay, replay_path
-from kpop.viewer.demo import play
+from demo_run import play
 
 FAMILIES = ["kpop/tooluse-v0", "kpop/workflow-v0", "kpop/search-v0", "kpop/coding-v0"]
 

@@ -8,11 +8,12 @@ import time
 import pytest
 import torch
 
-from actors.rollout_worker import RolloutTask, RolloutWorker
 from kpop.config import PolicyConfig, RolloutConfig
 from kpop.policy.checkpoint import load_policy
 from kpop.redis_server import EmbeddedRedis
+from kpop.rollout.worker import RolloutTask, RolloutWorker
 from kpop.stream import StreamSpec
+from logprob_check import trajectory_consistency
 
 ENV = "kpop/tooluse-v0"
 ROLLOUT = RolloutConfig(max_new_tokens=12, max_turns=2, max_concurrent_episodes=4, max_episode_tokens=1024)
@@ -39,15 +40,10 @@ def drain(spec: StreamSpec, key_count: int, timeout_s: float = 30.0):
 def check_consistent(trajs) -> float:
     """The learner's full forward (same policy config -> same weights) over each trajectory
     reproduces its rollout logprobs on the model tokens."""
-    from kpop.rollout.consistency import logprob_consistency
-
     model, _ = load_policy(PolicyConfig(), seed=0)
     worst = 0.0
     for t in trajs:
-        ids = torch.tensor([t.token_ids])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(ids).logits[0], -1)[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
-        m = logprob_consistency(lp, torch.tensor(t.logprobs[1:]), torch.tensor(t.loss_mask[1:]), phi=0.1)
+        m = trajectory_consistency(model, t, phi=0.1)
         assert m["kpop_mask_rate"] == 0.0
         worst = max(worst, m["logprob_delta_max"])
     return worst
