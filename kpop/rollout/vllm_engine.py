@@ -98,6 +98,8 @@ class VLLMEngine(ThreadedEngine):
                  version: int = 0, enforce_eager: bool = True, seed: int = 0, **llm_kwargs: Any) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM logs to stdout by default; stdout belongs to the caller (`kpop eval --json`)
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM
 
         from kpop.rollout.vllm_model import register
@@ -112,7 +114,10 @@ class VLLMEngine(ThreadedEngine):
             hf_overrides={"architectures": ["BailingMoeV2_5ForCausalLM"]},
             # vLLM's CPU rotary custom op rotates 3-D MLA queries wrongly: use the torch path
             compilation_config={"custom_ops": ["all", "-rotary_embedding"]},
-            logprobs_mode="processed_logprobs", seed=seed, **llm_kwargs,
+            logprobs_mode="processed_logprobs", seed=seed,
+            # vLLM prefers its AMX MLA backend on CPUs with AMX, which takes only bf16/int8 weights;
+            # KPop rolls out in fp32 (the learner's precision), so ask for the reference CPU MLA
+            **({} if torch.cuda.is_available() else {"attention_backend": "CPU_MLA"}), **llm_kwargs,
         )
         self._engine = self.llm.llm_engine
         self._reqs: dict[str, _Req] = {}  # by vLLM id
