@@ -7,8 +7,10 @@ tasks are re-issued to the pool, not lost.
     pool.update_weights(state, version)    # broadcast; replacements get the latest weights too
     pool.shutdown()
 
-A re-issued task keeps its task id, which is also its trajectory id, so if the dead worker had in
-fact already written the trajectory the stream still trains on it only once.
+`worker_kwargs` are `kpop.rollout.worker.RolloutWorker`'s arguments (policy, rollout, stream,
+run_id, step_timeout_s, seed, sandbox). A re-issued task keeps its task id, which is also its
+trajectory id, so if the dead worker had in fact already written the trajectory the stream
+still trains on it once.
 """
 
 from __future__ import annotations

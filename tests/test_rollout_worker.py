@@ -297,3 +297,40 @@ def test_the_worker_keeps_one_sandbox_pool_for_its_envs(monkeypatch):
     assert len(starts) == 2  # the pool's two warm sandboxes served all six episodes
     assert all(t.sandbox == SandboxIdentity(backend="bwrap", image="") for t in trajs)
     assert tooluse[0].sandbox is None and "sandbox_pool" not in tooluse[0].env_kwargs
+
+
+def _coding_env_takes_a_pool() -> bool:
+    import inspect
+
+    from environments.coding import CodingEnv
+
+    return "sandbox_pool" in inspect.signature(CodingEnv).parameters
+
+
+@pytest.mark.skipif(not _coding_env_takes_a_pool(), reason="this CodingEnv has no sandbox_pool parameter yet")
+def test_coding_episodes_reuse_the_workers_sandboxes(monkeypatch):
+    """#13: a coding-env rollout through the worker does not start a sandbox per episode."""
+    import sandboxes
+    from kpop.config import SandboxConfig
+
+    real, starts = sandboxes.create_sandbox, []
+
+    def counting(*args, **kwargs):  # a spy: the real sandbox, counted
+        starts.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sandboxes, "create_sandbox", counting)
+    episodes, concurrent, pool_size = 6, 2, 1
+    worker = RolloutWorker(PolicyConfig(), RolloutConfig(max_new_tokens=8, max_turns=1, max_concurrent_episodes=concurrent,
+                                                         temperature=0.0),
+                           None, run_id="coding", step_timeout_s=60.0,
+                           sandbox=SandboxConfig(backend="bwrap", pool_size=pool_size))
+    try:
+        trajs = asyncio.run(worker.play([RolloutTask(env_id="kpop/coding-v0", seed=s, group_id="g",
+                                                     env_kwargs={"source": "generated"}) for s in range(episodes)]))
+    finally:
+        worker.close()
+    assert [t.status for t in trajs] == ["ok"] * episodes, [t.error for t in trajs]
+    assert all(t.sandbox is not None and t.sandbox.backend == "bwrap" for t in trajs)
+    # at most the pool's warm ones plus one per concurrent episode, however many episodes ran
+    assert len(starts) <= pool_size + concurrent < episodes, starts
