@@ -311,16 +311,17 @@ def _coding_env_takes_a_pool() -> bool:
 def test_coding_episodes_reuse_the_workers_sandboxes(monkeypatch):
     """#13: a coding-env rollout through the worker does not start a sandbox per episode."""
     import sandboxes
+    from environments.coding.env import DEFAULT_LIMITS
     from kpop.config import SandboxConfig
 
     real, starts = sandboxes.create_sandbox, []
 
     def counting(*args, **kwargs):  # a spy: the real sandbox, counted
-        starts.append(args)
+        starts.append(args + tuple(kwargs.values()))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sandboxes, "create_sandbox", counting)
-    episodes, concurrent, pool_size = 6, 2, 1
+    episodes, concurrent, pool_size = 8, 2, 2
     worker = RolloutWorker(PolicyConfig(), RolloutConfig(max_new_tokens=8, max_turns=1, max_concurrent_episodes=concurrent,
                                                          temperature=0.0),
                            None, run_id="coding", step_timeout_s=60.0,
@@ -332,5 +333,7 @@ def test_coding_episodes_reuse_the_workers_sandboxes(monkeypatch):
         worker.close()
     assert [t.status for t in trajs] == ["ok"] * episodes, [t.error for t in trajs]
     assert all(t.sandbox is not None and t.sandbox.backend == "bwrap" for t in trajs)
-    # at most the pool's warm ones plus one per concurrent episode, however many episodes ran
-    assert len(starts) <= pool_size + concurrent < episodes, starts
+    # one sandbox per concurrent episode of the coding env's spec, however many episodes ran (plus
+    # the pool's warm ones of the `sandbox:` spec)
+    coding = [s for s in starts if s[2] == DEFAULT_LIMITS]
+    assert 1 <= len(coding) <= concurrent and len(starts) <= pool_size + concurrent < episodes, starts
