@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from environments.core import Agent
 from environments.runner import EpisodeTruncated
 from kpop.policy.chat import parse_assistant
 from kpop.rollout.engine import Engine, GenerationRequest, GenerationResult, SamplingParams
@@ -211,7 +212,7 @@ class ChatSession:
     message is rendered by the chat template after the same prompt, up to and including the
     end-of-turn token, and recorded as model tokens (logprob 0, version `teacher_version`)."""
 
-    def __init__(self, client: ChatClient, max_total_tokens: int | None = None, *, teacher: Any = None,
+    def __init__(self, client: ChatClient, max_total_tokens: int | None = None, *, teacher: Agent | None = None,
                  teacher_version: int = 0, **sampling: Any) -> None:
         self.client, self.sampling, self.max_total_tokens = client, sampling, max_total_tokens
         self.teacher, self.teacher_version = teacher, teacher_version
