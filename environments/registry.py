@@ -29,7 +29,6 @@ BUILTIN: dict[str, str] = {
     "kpop/coding-v0": "environments.coding:CodingEnv",
     "kpop/search-v0": "environments.search:SearchEnv",
     "kpop/workflow-v0": "environments.workflow:WorkflowEnv",
-    "kpop/latency-v0": "environments.latency:LatencyEnv",  # benchmark/test wrapper: long-tailed step latency
 }
 
 
@@ -63,8 +62,13 @@ def list_envs() -> list[str]:
 
 
 def is_registered(env_id: str) -> bool:
+    """`env_id` may be `module:env-id`, as in `gymnasium.make`: the module is imported first
+    (registering the env), so a process that never imported it can still make it."""
     _discover()
-    return env_id in gymnasium.registry
+    module, _, name = env_id.rpartition(":")
+    if module:
+        importlib.import_module(module)
+    return name in gymnasium.registry
 
 
 def make(env_id: str, **kwargs: Any) -> ChatEnv:

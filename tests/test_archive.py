@@ -12,7 +12,7 @@ import pytest
 
 from kpop.archive import ArchiveError, TrajectoryArchive, archive_dir
 from kpop.trajectory import Segment, Trajectory
-from kpop.viewer.demo import play
+from demo_run import play
 
 
 def _traj(i: int, env: str = "kpop/tooluse-v0", versions: tuple[int, ...] = (3, 4), reward: float = 0.5,

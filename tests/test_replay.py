@@ -15,7 +15,7 @@ from kpop.archive import TrajectoryArchive
 from kpop.cli.evals import replay_cmd
 from kpop.replay import first_divergence, format_report, replay, replay_env_kwargs, replay_path
 from kpop.trajectory import SandboxIdentity
-from kpop.viewer.demo import play
+from demo_run import play
 
 FAMILIES = ["kpop/tooluse-v0", "kpop/workflow-v0", "kpop/search-v0", "kpop/coding-v0"]
 

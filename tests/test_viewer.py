@@ -15,7 +15,7 @@ import pytest
 from kpop.archive import TrajectoryArchive
 from kpop.viewer.plots import line_plot
 from kpop.viewer.server import make_server
-from kpop.viewer.demo import write_demo_run
+from demo_run import write_demo_run
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -62,7 +62,8 @@ def test_api(served):
     assert status == 200 and t["messages"][0]["role"] == "user"
     rec = TrajectoryArchive(run).records(ids=[tid])[0]
     assert [x["id"] for x in t["tokens"]] == rec.trajectory.token_ids
-    assert "".join(x["text"] for x in t["tokens"]).startswith("<|im_start|>user")
+    text = "".join(x["text"] for x in t["tokens"])  # the prompt as the rollout renders it: tools, then the task
+    assert text.startswith("<|im_start|>system\n# Tools") and t["messages"][0]["content"] in text
     model = [x for x in t["tokens"] if x["mask"]]
     assert model and all(x["kpop_keep"] in (True, False) and x["version"] is not None for x in model)
     assert all(x["kpop_keep"] is None for x in t["tokens"] if not x["mask"])

@@ -91,30 +91,43 @@ def eval_cmd(
     env: str = typer.Option(..., "--env", help="environment id, e.g. kpop/tooluse-v0"),
     episodes: int = typer.Option(..., "--episodes", min=1, help="number of tasks (seeds --seed, --seed+1, ...)"),
     samples: int = typer.Option(1, "--samples", "-k", min=1, help="samples per task (pass@k up to this k)"),
-    engine: str = typer.Option("embedded", "--engine", help="embedded | vllm"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="embedded | vllm [default: the run's rollout.engine]"),
     json_out: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
-    out: Optional[Path] = typer.Option(None, "--out", help="report directory (default: the checkpoint directory)"),
-    kwarg: Optional[list[str]] = typer.Option(None, "--kwarg", help="env constructor NAME=VALUE (JSON); repeatable"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write eval-<env>.json/.md into this directory"),
+    kwarg: Optional[list[str]] = typer.Option(None, "--kwarg", help="env constructor NAME=VALUE (JSON), over the "
+                                              "run's env kwargs; repeatable"),
     seed: int = typer.Option(10_000, help="first task seed"),
-    temperature: float = typer.Option(1.0, min=0.0),
-    max_new_tokens: int = typer.Option(128, min=1, help="per model turn"),
-    max_turns: int = typer.Option(8, min=1),
+    temperature: Optional[float] = typer.Option(None, min=0.0, help="[default: the run's rollout.temperature]"),
+    max_new_tokens: Optional[int] = typer.Option(None, min=1, help="per model turn [default: the run's]"),
+    max_turns: Optional[int] = typer.Option(None, min=1, help="[default: the run's rollout.max_turns]"),
+    max_episode_tokens: Optional[int] = typer.Option(None, min=1, help="[default: the run's]"),
     pass_threshold: float = typer.Option(1.0, help="an episode passes when reward >= this"),
+    run_config: Optional[Path] = typer.Option(None, "--run-config", help="the run's config.yaml [default: found "
+                                              "next to or above the checkpoint]"),
+    no_run_config: bool = typer.Option(False, "--no-run-config", help="ignore the run's config: built-in defaults"),
 ) -> None:
-    """Evaluate a checkpoint on an environment: mean reward and pass@k; writes eval-<env>.json/.md."""
-    from kpop.cli.env import _parse_kwargs
-    from kpop.evaluate import evaluate, format_markdown, write_report
+    """Evaluate a checkpoint on an environment: mean reward and pass@k.
 
-    if engine not in ("embedded", "vllm"):
+    A checkpoint of a run is evaluated with that run's env kwargs and rollout settings unless
+    given here; the settings used are printed. Reports are written only with --out."""
+    from kpop.cli.env import _parse_kwargs
+    from kpop.evaluate import evaluate, format_markdown, format_settings, write_report
+
+    if engine not in (None, "embedded", "vllm"):
         raise typer.BadParameter(f"--engine must be embedded or vllm, got {engine!r}")
+    if run_config is not None and no_run_config:
+        raise typer.BadParameter("--run-config and --no-run-config exclude each other")
     try:
         report = evaluate(checkpoint, env, episodes, samples=samples, engine=engine,  # type: ignore[arg-type]
                           env_kwargs=_parse_kwargs(kwarg or []), seed=seed, temperature=temperature,
-                          max_new_tokens=max_new_tokens, max_turns=max_turns, pass_threshold=pass_threshold)
+                          max_new_tokens=max_new_tokens, max_turns=max_turns, max_episode_tokens=max_episode_tokens,
+                          pass_threshold=pass_threshold, run_config=False if no_run_config else run_config)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         _fail("eval", str(exc))
-    js, md = write_report(report, out or checkpoint)
-    typer.echo(report.model_dump_json() if json_out else format_markdown(report) + f"\nreport: {js}, {md}")
+    typer.echo(f"kpop eval: {format_settings(report)}", err=True)
+    written = write_report(report, out) if out is not None else None
+    typer.echo(report.model_dump_json() if json_out else format_markdown(report)
+               + (f"\nreport: {written[0]}, {written[1]}" if written else "\nreport not written (--out DIR keeps it)"))
 
 
 def view_cmd(

@@ -1,13 +1,14 @@
-"""A small real run directory for trying the viewer, replay and export without training.
+"""Test fixture: a small real run directory for the viewer, replay and export tests.
 
-    write_demo_run("runs/demo")    # archive of real episodes + metrics.jsonl + a tokenizer
+    write_demo_run(tmp / "demo")    # archive of real episodes + metrics.jsonl + a tokenizer
 
-Episodes are played in the real environments by the env's oracle (reward 1) and by a wrong
-agent (one random action from the env's action space, then a wrong answer). Token streams are
-the real chat-template tokenisation of each conversation; the rollout / learner logprobs are
-*synthetic* (no model plays these episodes), drawn from a seeded generator so that the KPop mask
-and the logprob-mismatch colouring have something to show. The tokenizer is saved to `policy/`,
-where a run saves its final policy and tokenizer. Metrics use the keys the learner logs.
+Episodes are played in the real environments, through the rollout's episode loop
+(`play_episode`), by the env's oracle (reward 1) and by a wrong agent (one random action from
+the env's action space, then a wrong answer) as teachers. Token streams are the rollout's own
+tokenisation of each conversation; the rollout / learner logprobs are *synthetic* (no model
+plays these episodes), drawn from a seeded generator so that the KPop mask and the
+logprob-mismatch colouring have something to show. The tokenizer is saved to `policy/`, where a
+run saves its final policy and tokenizer. Metrics use the keys the learner logs.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import random
 from pathlib import Path
 from typing import Any, Literal
 
-from environments import make, oracle_agent, run_episode
+from environments import make, oracle_agent
 from environments.core import ChatEnv, Message
+from kpop.rollout.chat import ChatClient
+from kpop.rollout.worker import RolloutTask, play_episode
 from kpop.trajectory import Segment, Trajectory
 
 AgentKind = Literal["oracle", "wrong"]
@@ -45,53 +48,42 @@ def wrong_agent(env: ChatEnv):
 
 
 def play(env_id: str, agent: AgentKind, seed: int, run_id: str = "demo", env_kwargs: dict[str, Any] | None = None,
-         max_turns: int | None = None) -> Trajectory:
-    """One real episode as a `Trajectory` (no tokens)."""
+         max_turns: int | None = None, tokenizer: Any = None) -> Trajectory:
+    """One real episode, played through the rollout's episode loop with `agent` as the teacher:
+    its tokens are what the policy would have had to write (logprob 0, version 0)."""
+    from kpop.policy.tokenizer import get_tokenizer
+
+    task = RolloutTask(env_id=env_id, seed=seed, group_id=f"{env_id}#{seed}", env_kwargs=env_kwargs or {})
+    client = ChatClient(None, tokenizer or get_tokenizer())
     env = make(env_id, **(env_kwargs or {}))
     try:
-        player = oracle_agent(env) if agent == "oracle" else wrong_agent(env)
-        ep = asyncio.run(run_episode(env, player, seed=seed, max_turns=max_turns))
+        teacher = oracle_agent(env) if agent == "oracle" else wrong_agent(env)
+        return asyncio.run(play_episode(client, env, task, run_id=run_id, max_turns=max_turns, teacher=teacher))
     finally:
         env.close()
-    return Trajectory(run_id=run_id, task_id=ep.task_id or f"{env_id}#{seed}", env_id=env_id, seed=seed,
-                      messages=ep.messages, reward=ep.reward, reward_detail=ep.reward_detail, status=ep.status,
-                      error=ep.error, timings=ep.timings)
 
 
-def tokenize(traj: Trajectory, tokenizer: Any, versions: list[int], rng: random.Random,
-             tools: list[dict[str, Any]] | None = None) -> tuple[Trajectory, list[float]]:
-    """`traj` with the chat-template tokens of its messages; assistant turn k gets policy version
-    `versions[k % len(versions)]`. Returns (trajectory, synthetic learner logprobs)."""
-    ids: list[int] = []
-    mask: list[int] = []
-    segments: list[Segment] = []
-    prev = ""
-    turn = 0
-    for k in range(len(traj.messages)):
-        pieces: list[tuple[str, int]] = []
-        if traj.messages[k]["role"] == "assistant":
-            # the turn header is the prompt's (mask 0); the model writes what follows
-            head = tokenizer.apply_chat_template(traj.messages[:k], tools=tools, tokenize=False,
-                                                 add_generation_prompt=True)
-            pieces.append((head[len(prev):], 0))
-            prev = head
-        text = tokenizer.apply_chat_template(traj.messages[: k + 1], tools=tools, tokenize=False)
-        pieces.append((text[len(prev):] if text.startswith(prev) else text, int(traj.messages[k]["role"] == "assistant")))
-        prev = text
-        for piece, model in pieces:
-            new = tokenizer(piece, add_special_tokens=False)["input_ids"] if piece else []
-            if model and new:
-                segments.append(Segment(len(ids), len(ids) + len(new), versions[turn % len(versions)]))
-                turn += 1
-            mask += [model] * len(new)
-            ids += new
-    rollout = [-abs(rng.gauss(0.0, 1.0)) if m else 0.0 for m in mask]
+def synthetic_logprobs(traj: Trajectory, versions: list[int], rng: random.Random) -> tuple[Trajectory, list[float]]:
+    """`traj` with drawn rollout logprobs on its model tokens and assistant turn k tagged policy
+    version `versions[k % len(versions)]`. Returns (trajectory, synthetic learner logprobs)."""
+    segments = [Segment(s.start, s.end, versions[k % len(versions)]) for k, s in enumerate(_turns(traj.loss_mask))]
+    rollout = [-abs(rng.gauss(0.0, 1.0)) if m else 0.0 for m in traj.loss_mask]
     # the learner mostly agrees; a few tokens disagree a lot (what KPop masks out)
     train = [lp + (rng.choice([-2.5, 2.0]) if rng.random() < 0.08 else rng.gauss(0.0, 0.02)) if m else 0.0
-             for lp, m in zip(rollout, mask)]
+             for lp, m in zip(rollout, traj.loss_mask)]
     train = [min(t, 0.0) for t in train]
-    out = traj.model_copy(update={"token_ids": ids, "logprobs": rollout, "loss_mask": mask, "segments": segments})
-    return Trajectory.model_validate(out.model_dump()), train
+    return traj.model_copy(update={"logprobs": rollout, "segments": segments}), train
+
+
+def _turns(mask: list[int]) -> list[Segment]:
+    """Runs of model tokens (one per assistant turn)."""
+    out: list[Segment] = []
+    for i, m in enumerate(mask):
+        if m and out and out[-1].end == i:
+            out[-1] = Segment(out[-1].start, i + 1, 0)
+        elif m:
+            out.append(Segment(i, i + 1, 0))
+    return out
 
 
 def write_demo_run(run_dir: str | Path, env_ids: tuple[str, ...] = ("kpop/tooluse-v0", "kpop/workflow-v0"),
@@ -110,9 +102,9 @@ def write_demo_run(run_dir: str | Path, env_ids: tuple[str, ...] = ("kpop/toolus
         for env_id in env_ids:
             for s in seeds:
                 for agent in ("oracle", "wrong"):
-                    traj = play(env_id, agent, s, run_id=run_dir.name)  # type: ignore[arg-type]
+                    traj = play(env_id, agent, s, run_id=run_dir.name, tokenizer=tok)  # type: ignore[arg-type]
                     step = n % steps
-                    traj, train = tokenize(traj, tok, versions=[step, step + 1], rng=rng)
+                    traj, train = synthetic_logprobs(traj, versions=[step, step + 1], rng=rng)
                     status = "failed" if traj.status == "failed" else ("dropped_stale" if n % 5 == 4 else "consumed")
                     archive.write([traj], status=status, step=step, policy_version=step + 2, train_logprobs=[train])
                     n += 1
