@@ -65,18 +65,22 @@ def _prompt(t: CodingTask) -> str:
 
 
 class CodingEnv(ChatEnv):
-    def __init__(self, source: Literal["mixed", "humaneval", "generated"] = "mixed", backend: str = "bwrap",
+    def __init__(self, source: Literal["mixed", "humaneval", "generated"] = "mixed", backend: str | None = None,
                  image: str | None = None, limits: Limits | dict[str, Any] | None = None,
                  max_turns: int | None = None, render_mode: str | None = None,
                  sandbox_pool: "SandboxPool | None" = None):
         super().__init__(max_turns=max_turns, render_mode=render_mode)
         if source not in ("mixed", "humaneval", "generated"):
             raise ValueError(f"source must be 'mixed', 'humaneval' or 'generated', got {source!r}")
-        if backend not in ("bwrap", "docker"):
+        if backend not in (None, "bwrap", "docker"):
             raise ValueError(f"backend must be 'bwrap' or 'docker', got {backend!r}")
-        self.source, self.backend, self.image = source, backend, image
-        self.limits = Limits.model_validate(limits) if isinstance(limits, dict) else (limits or DEFAULT_LIMITS)
+        # Settings left unset come from the worker's pool (the run's `sandbox:` section) when there is one.
         self._pool = sandbox_pool
+        if sandbox_pool is not None:
+            backend, limits = backend or sandbox_pool.backend, limits or sandbox_pool.limits
+            image = sandbox_pool.image if image is None else image
+        self.source, self.backend, self.image = source, backend or "bwrap", image
+        self.limits = Limits.model_validate(limits) if isinstance(limits, dict) else (limits or DEFAULT_LIMITS)
         self._sandbox: "Sandbox | None" = None
         self._tool: Tool = make_tool(self.run_python)
         self.coding_task: CodingTask | None = None
