@@ -31,15 +31,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kpop.scheduler import Disposition
 from kpop.trajectory import Segment, Trajectory
 
-ArchiveStatus = Literal["consumed", "dropped_stale", "dropped_small_group", "failed"]
-STATUSES: tuple[str, ...] = ("consumed", "dropped_stale", "dropped_small_group", "failed")
+ArchiveStatus = Disposition | str  # what the learner did with the trajectory: one vocabulary
+STATUSES: tuple[str, ...] = tuple(d.value for d in Disposition)
 ARCHIVE_DIR = "trajectories"
 FORMAT_VERSION = 1
 

@@ -2,6 +2,9 @@
 
 JSONL is the source of truth (the viewer and `summary.json` read it back); TensorBoard is
 for people watching a run. Appending keeps a resumed run's history in one file.
+
+Each metric is written once, by the level that computes it: a level adding its own metrics to a
+row it received uses `add_once`, so it cannot silently replace a lower level's value.
 """
 
 from __future__ import annotations
@@ -36,6 +39,14 @@ class MetricsWriter:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def add_once(row: dict[str, Any], **new: Any) -> dict[str, Any]:
+    """`row` with `new` added; a key already in `row` is an error naming it."""
+    clash = sorted(set(row) & set(new))
+    if clash:
+        raise ValueError(f"metrics {clash} are already in the row: each metric has one writer")
+    return {**row, **new}
 
 
 def read_metrics(run_dir: Path, phase: str | None = None) -> list[dict[str, Any]]:
