@@ -6,7 +6,10 @@ RL is asynchronous by default: rollout workers keep generating while the learner
 weights reach the workers after every step (in-flight episodes continue under the new version,
 each segment tagged with the version that wrote it), and the learner drops samples older than
 `schedule.max_staleness`. Sync mode is the same loop with admission limited to one batch per
-policy version, so the two are an honest comparison.
+policy version, so the two are an honest comparison. The schedule's logic is
+`kpop.scheduler.Admission` (what may start, and the counters behind it); the learner's is
+`learner.service.LearnerService`. Weights go from the learner to the workers by reference: this
+process forwards a `WeightHandle` and never holds the tensors.
 
 Fault tolerance: the rollout pool replaces dead workers and re-issues their tasks; a dead learner
 actor is restarted from the newest checkpoint (unacknowledged trajectories are re-read from the
@@ -79,7 +82,7 @@ class _Progress:
         return self
 
     def update(self, step: int, m: dict[str, float]) -> None:
-        info = (f"reward {m['task_reward_mean']:.3f}  staleness {m['staleness_mean']:.2f}  "
+        info = (f"reward {m['task_reward_mean']:.3f}  staleness {m.get('staleness_mean', 0.0):.2f}  "
                 f"tok/s {m['wall_tokens_per_s']:.0f}  kpop mask {m.get('mask_rate', 0.0):.3f}")
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
@@ -229,7 +232,8 @@ class Controller:
                     self.state.rl_step += 1
                     self.state.task_counter = source.counter
                     now = time.perf_counter()
-                    row = add_once(report.metrics, wall_tokens_per_s=report.metrics["tokens"] / max(now - t_step, 1e-9),
+                    trained = report.metrics.get("tokens", 0.0)  # absent: the learner skipped the step
+                    row = add_once(report.metrics, wall_tokens_per_s=trained / max(now - t_step, 1e-9),
                                    step_wall_s=now - t_step)
                     t_step = now
                     self._broadcast()
