@@ -88,8 +88,10 @@ def two_node_cluster(tmp_path_factory):
         found = re.search(r"--address='([^']+)'", head.stdout + head.stderr)
         assert found, head.stdout
         address = found.group(1)
+        # Ray itself needs RAY_AUTH_MODE=token to join a node at an explicit address (the
+        # operator's step, not the kpop user's: the user's env below stays without it)
         worker = subprocess.run([RAY, "start", f"--address={address}", *_node_args()],
-                                env=env, capture_output=True, text=True, timeout=120)
+                                env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
         assert worker.returncode == 0, worker.stdout + worker.stderr
         yield address, env, temp_dir
     finally:
@@ -108,7 +110,8 @@ def _train_cmd(run_dir: Path, address: str) -> list[str]:
 
 def _alive_nodes(address: str, env: dict) -> int:
     code = f"import ray; ray.init(address={address!r}); print(sum(n['Alive'] for n in ray.nodes()))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.strip().splitlines()[-1])
 
