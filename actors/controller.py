@@ -23,7 +23,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from actors.learner_actor import start_learner
 from actors.rollout_pool import RolloutPool
 from actors.rollout_worker import RolloutTask
 from kpop.config import RunConfig, dump_config
-from kpop.metrics import MetricsWriter, add_once, read_metrics
+from kpop.metrics import MetricsWriter, RLProgress, add_once, read_metrics, summarize_rl
 from kpop.ray_utils import init_ray, shutdown_ray
 from kpop.scheduler import Admission, Disposition, StalenessBound, TaskSource
 from kpop.stream import open_stream
@@ -60,38 +60,6 @@ class ControllerState:
     @classmethod
     def from_extra(cls, extra: dict | None) -> "ControllerState":
         return cls(**(extra or {}).get("controller", {}))
-
-
-@dataclass
-class _Progress:
-    """Rich progress line for the RL phase (plain log lines when disabled)."""
-
-    enabled: bool
-    total: int
-    bar: Any = field(default=None, init=False)
-    task: Any = field(default=None, init=False)
-
-    def __enter__(self) -> "_Progress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("[bold]RL"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.fields[info]}"))
-            self.bar.__enter__()
-            self.task = self.bar.add_task("rl", total=self.total, info="waiting for the first batch")
-        return self
-
-    def update(self, step: int, m: dict[str, float]) -> None:
-        info = (f"reward {m['task_reward_mean']:.3f}  staleness {m.get('staleness_mean', 0.0):.2f}  "
-                f"tok/s {m['wall_tokens_per_s']:.0f}  kpop mask {m.get('mask_rate', 0.0):.3f}")
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        else:
-            log.info("step %d/%d  %s", step, self.total, info)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 class Controller:
@@ -206,7 +174,7 @@ class Controller:
         source = TaskSource(cfg.environments.train, cfg.rollout.group_size, cfg.seed, self.state.task_counter)
         step_ref = None
         t_step = time.perf_counter()
-        with _Progress(cfg.logging.progress, sched.rl_steps) as progress:
+        with RLProgress(cfg.logging.progress, sched.rl_steps) as progress:
             while self.state.rl_step < sched.rl_steps:
                 while self.admission.capacity() >= cfg.rollout.group_size:  # keep the pipeline full
                     group = source.next_group()
@@ -274,35 +242,16 @@ class Controller:
         return summary
 
     def _summary(self, eval_after: tuple[float | None, float | None]) -> dict[str, Any]:
-        rows = read_metrics(self.run_dir, phase="rl")
-        latest: dict[int, dict] = {}
-        for r in rows:  # a resumed run may have logged a step twice: keep the newest
-            latest[r["step"]] = r
-        rows = [latest[s] for s in sorted(latest)]
-        k = max(1, len(rows) // 5)
-
-        def mean(key: str, part: list[dict]) -> float | None:
-            vals = [r[key] for r in part if key in r]
-            return statistics.fmean(vals) if vals else None
-
         settled = self.admission.settled
         return {
-            # the environments' reward, comparable with the eval rewards (the learner's shaped
-            # reward_mean may include a length reward)
-            "reward_first": mean("task_reward_mean", rows[:k]),
-            "reward_last": mean("task_reward_mean", rows[-k:]),
+            **summarize_rl(read_metrics(self.run_dir, phase="rl")),
             "eval_reward_before_rl": self.state.eval_before,
             "eval_reward_after_rl": eval_after[0],
             "eval_reward_sampled_before_rl": self.state.eval_before_sampled,
             "eval_reward_sampled_after_rl": eval_after[1],
             "rl_steps": self.state.rl_step,
             "episodes_submitted": self.admission.submitted,
-            "trajectories_consumed": settled[Disposition.CONSUMED],
-            "trajectories_dropped_stale": settled[Disposition.DROPPED_STALE],
-            "trajectories_dropped_small_group": settled[Disposition.DROPPED_SMALL_GROUP],
-            "trajectories_failed": settled[Disposition.FAILED],
-            "mean_staleness": mean("staleness_mean", rows),
-            "kpop_mask_rate": mean("mask_rate", rows),
+            **{f"trajectories_{d.value}": settled[d] for d in Disposition},
             "worker_restarts": self.pool.restarts,
             "mode": self.cfg.schedule.mode,
             "wall_s": time.time() - self.t0,
