@@ -7,8 +7,10 @@ tasks are re-issued to the pool, not lost.
     pool.update_weights(state, version)    # broadcast; replacements get the latest weights too
     pool.shutdown()
 
-A re-issued task keeps its task id, which is also its trajectory id, so if the dead worker had in
-fact already written the trajectory the stream still trains on it only once.
+`worker_kwargs` are `kpop.rollout.worker.RolloutWorker`'s arguments (policy, rollout, stream,
+run_id, step_timeout_s, seed, sandbox). A re-issued task keeps its task id, which is also its
+trajectory id, so if the dead worker had in fact already written the trajectory the stream
+still trains on it once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.rollout_worker import RolloutTask, RolloutWorker, TaskResult
+from actors.rollout_worker import RolloutTask, TaskResult, remote_worker
 
 log = logging.getLogger(__name__)
 _WORKER_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -47,10 +49,7 @@ class RolloutPool:
         self.worker_kwargs = worker_kwargs
         self.max_inflight = max_inflight_per_worker
         self.max_attempts = max_attempts
-        self._actor_cls = ray.remote(RolloutWorker).options(
-            max_concurrency=max_inflight_per_worker + 4,  # room for update_weights / ping beside the tasks
-            **({"num_cpus": 0} | (actor_options or {})),
-        )
+        self._actor_cls = remote_worker(max_inflight_per_worker, actor_options)
         self._weights: tuple[Any, int] | None = None  # (ObjectRef of the state dict, version)
         self.workers = [self._start(i) for i in range(num_workers)]
         self.restarts = 0

@@ -49,7 +49,7 @@ def overrides(args: argparse.Namespace, base: Path, name: str) -> list[str]:
 
 def latency_env(args: argparse.Namespace) -> str:
     inner = load_config(ROOT / "configs/quickstart.yaml").environments.train[0]  # what SFT trained on
-    spec = {"id": "kpop/latency-v0", "kwargs": {
+    spec = {"id": "environments.latency:kpop/latency-v0", "kwargs": {  # imported where made: not a built-in
         "inner": inner.id, "inner_kwargs": inner.kwargs,
         "fast_s": args.fast_s, "slow_s": args.slow_s, "p_slow": args.p_slow, "sigma": args.sigma}}
     return f"environments.train=[{json.dumps(spec)}]"

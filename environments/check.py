@@ -8,11 +8,20 @@ Checks, each reported separately:
                    chat messages; the custom spaces in `environments.core` supply `contains`
                    and `sample`, and the `messages` check below covers the message shapes.
   messages      -- reset gives valid OpenAI messages and tool schemas, seeds give different
-                   tasks, and `options={"task_id": ...}` replays a task exactly.
+                   tasks, the same seed gives the same task, and `options={"task_id": ...}`
+                   replays a task exactly.
   oracle        -- the oracle earns reward 1 on a sample of seeds.
   random        -- episodes of random actions (`action_space.sample()`) end without failing.
   malformed     -- bad JSON, an unknown tool and wrongly typed arguments each come back as a
-                   tool error message, and the episode goes on.
+                   tool error message, and the episode goes on (then a wrong final answer).
+  after_end     -- the episode contract: once a step returned terminated or truncated, the
+                   next `step()` raises (ChatEnv raises RuntimeError) instead of going on,
+                   and `reset()` starts a new episode.
+
+Every episode's reward must lie in [0, 1] (REWARD_RANGE): 0 = failed, 1 = fully solved, partial
+credit in between. Group-normalised advantages, pass@k thresholds and the reports all assume it,
+so a reward of -1 for a wrong answer or 10 for a right one is a failed check, not a style choice.
+Each failure says what to change in the env's code.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from environments.runner import run_episode
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+REWARD_RANGE = (0.0, 1.0)
 
 
 @dataclass
@@ -81,26 +91,68 @@ def _messages(env: ChatEnv, seeds: Sequence[int]) -> dict[str, Any]:
         replay, _ = env.reset(options={"task_id": info["task_id"]})
         assert replay == obs, f"reset(options={{'task_id': {info['task_id']!r}}}) did not replay the task"
         ids.append(info["task_id"])
-    if len(seeds) > 2:
-        assert len(set(ids)) > 1, f"every seed gave the same task {ids[0]!r}"
+    if len(seeds) > 2 and len(set(ids)) == 1:
+        raise AssertionError(
+            f"reset(seed=...) with seeds {list(seeds)} gave the same task {ids[0]!r} every time: _new_task must "
+            "draw its task from its `rng` argument (a numpy Generator that reset(seed=...) seeds), not from a fixed "
+            "choice or Python's global `random`")
+    again, info = env.reset(seed=seeds[0])
+    if info["task_id"] != ids[0]:
+        raise AssertionError(
+            f"reset(seed={seeds[0]}) gave task {ids[0]!r} and then {info['task_id']!r}: the same seed must give the "
+            "same task, so draw everything from the `rng` argument of _new_task (no global random, no clock)")
     return {"task_ids": ids}
 
 
 def _episodes(env: ChatEnv, seeds: Sequence[int], agent_for: Callable[[ChatEnv], Any], *, want_reward: float | None,
               step_timeout_s: float) -> dict[str, Any]:
     out, problems = [], []
+    lo, hi = REWARD_RANGE
     for seed in seeds:
         ep = asyncio.run(run_episode(env, agent_for(env), seed=seed, step_timeout_s=step_timeout_s))
-        out.append({"seed": seed, "task_id": ep.task_id, "status": ep.status, "reward": ep.reward,
+        out.append({"seed": seed, "task_id": ep.task_id, "status": str(ep.status), "reward": ep.reward,
                     "turns": ep.turns, "error": ep.error})
+        where = f"seed {seed} ({ep.task_id})"
         if ep.status == "failed":
-            problems.append(f"seed {seed}: episode failed: {ep.error}")
+            problems.append(f"{where}: the episode failed: {ep.error}")
+        elif not lo <= ep.reward <= hi:
+            problems.append(
+                f"{where}: reward {ep.reward:g} is outside [{lo:g}, {hi:g}]. KPop relies on rewards in [0, 1] "
+                f"(0 = failed, 1 = fully solved, partial credit between): make _verify return a score in that "
+                f"range (verifier detail: {ep.reward_detail})")
         elif want_reward is not None and abs(ep.reward - want_reward) > 1e-9:
-            problems.append(f"seed {seed} ({ep.task_id}): reward {ep.reward}, expected {want_reward}; "
-                            f"detail {ep.reward_detail}")
+            problems.append(
+                f"{where}: the oracle earned reward {ep.reward:g}, not {want_reward:g}. Following oracle_action from "
+                f"reset to the end must fully solve the task; check oracle_action and _verify against each other "
+                f"(verifier detail: {ep.reward_detail})")
     if problems:
-        raise AssertionError("; ".join(problems))
+        raise AssertionError("\n".join(problems))  # one problem per line
     return {"episodes": out}
+
+
+def _after_end(env: ChatEnv, seed: int) -> dict[str, Any]:
+    """Play the oracle to the end with the sync API, then step once more: that must raise."""
+    obs, _ = env.reset(seed=seed)
+    messages = list(obs)
+    for _ in range(64):
+        action = env.oracle_action(messages)
+        new, _, terminated, truncated, _ = env.step(action)
+        messages += [action, *new]
+        if terminated or truncated:
+            break
+    else:
+        raise AssertionError("the oracle's episode did not end within 64 steps (terminated or truncated never set)")
+    try:
+        more = env.step({"role": "assistant", "content": "one more answer after the end"})
+    except Exception as exc:  # the contract: an ended episode refuses more actions
+        refused = f"{type(exc).__name__}: {exc}"
+    else:
+        raise AssertionError(
+            f"step() after the episode ended returned {str(more)[:200]} instead of raising. Once a step returns "
+            "terminated=True or truncated=True the episode is over: step() must raise until reset() (ChatEnv.step "
+            "raises RuntimeError; an env that overrides step() should call self._accept(action) first)")
+    env.reset(seed=seed)
+    return {"step_after_end_raised": refused}
 
 
 def _random_agent(env: ChatEnv):
@@ -153,5 +205,6 @@ def check_env(env_id: str, *, env_kwargs: dict[str, Any] | None = None, n_oracle
         results.append(_run("malformed", lambda: _episodes(env, [seed + 200 + i for i in range(n_malformed)],
                                                            _malformed_agent, want_reward=None,
                                                            step_timeout_s=step_timeout_s)))
+        results.append(_run("after_end", lambda: _after_end(env, seed)))
         env.close()
     return {"env_id": env_id, "ok": all(r.ok for r in results), "checks": [asdict(r) for r in results]}

@@ -1,5 +1,8 @@
 """`kpop/latency-v0`: any KPop environment with long-tailed step latency, for benchmarks and tests.
 
+Not a built-in task (`kpop env list` does not show it): importing this module registers it, and
+the id `environments.latency:kpop/latency-v0` imports it wherever the env is made (Ray workers).
+
 Agentic environments are slow in an uneven way: most tool calls return in milliseconds, a few
 (a compile, a web fetch, a container start) take seconds. That tail is what makes synchronous
 RL wait and asynchronous RL pay off, so `bench/async_vs_sync.py` and the controller tests wrap a
@@ -24,7 +27,7 @@ import time
 from typing import Any, Sequence
 
 from environments.core import ChatEnv, Message, Task
-from environments.registry import make
+from environments.registry import make, register
 from environments.tools import Toolbox
 
 
@@ -41,7 +44,7 @@ class LatencyEnv(ChatEnv):
         max_turns: int | None = None,
         render_mode: str | None = None,
     ) -> None:
-        if inner == "kpop/latency-v0":
+        if inner.rpartition(":")[2] == "kpop/latency-v0":
             raise ValueError("kpop/latency-v0 cannot wrap itself: give inner an ordinary environment")
         if fast_s < 0 or slow_s < 0 or sigma < 0:
             raise ValueError(f"fast_s, slow_s and sigma must be >= 0, got {fast_s}, {slow_s}, {sigma}")
@@ -108,3 +111,6 @@ class LatencyEnv(ChatEnv):
 
     def _verify(self, final: Message | None) -> tuple[float, dict[str, Any]]:
         raise NotImplementedError("LatencyEnv delegates verification to its inner env")
+
+
+register("kpop/latency-v0", "environments.latency:LatencyEnv")

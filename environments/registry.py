@@ -13,6 +13,8 @@ env is made, so a broken plugin cannot break `kpop env list`.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -27,7 +29,6 @@ BUILTIN: dict[str, str] = {
     "kpop/coding-v0": "environments.coding:CodingEnv",
     "kpop/search-v0": "environments.search:SearchEnv",
     "kpop/workflow-v0": "environments.workflow:WorkflowEnv",
-    "kpop/latency-v0": "environments.latency:LatencyEnv",  # benchmark/test wrapper: long-tailed step latency
 }
 
 
@@ -61,8 +62,13 @@ def list_envs() -> list[str]:
 
 
 def is_registered(env_id: str) -> bool:
+    """`env_id` may be `module:env-id`, as in `gymnasium.make`: the module is imported first
+    (registering the env), so a process that never imported it can still make it."""
     _discover()
-    return env_id in gymnasium.registry
+    module, _, name = env_id.rpartition(":")
+    if module:
+        importlib.import_module(module)
+    return name in gymnasium.registry
 
 
 def make(env_id: str, **kwargs: Any) -> ChatEnv:
@@ -74,3 +80,17 @@ def make(env_id: str, **kwargs: Any) -> ChatEnv:
     if not isinstance(env, ChatEnv):
         raise TypeError(f"{env_id!r} made a {type(env).__name__}, which is not an environments.core.ChatEnv")
     return env
+
+
+def constructor_params(env_id: str) -> tuple[dict[str, inspect.Parameter], bool]:
+    """The keyword arguments `make(env_id, ...)` accepts: (named parameters, takes **kwargs).
+    Imports the env's module (a plugin's too); raises KeyError for an unknown id."""
+    if not is_registered(env_id):
+        raise KeyError(f"unknown environment {env_id!r}; known: {', '.join(list_envs())}")
+    entry = gymnasium.registry[env_id].entry_point
+    if isinstance(entry, str):
+        module, _, name = entry.partition(":")
+        entry = getattr(importlib.import_module(module), name)
+    params = inspect.signature(entry).parameters
+    named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return named, any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -4,6 +4,13 @@ The rollout worker wraps `agent` to record token ids and logprobs; this loop kno
 models. Every outcome comes back as an `Episode`: an env that raises, hangs or returns garbage
 gives status "failed" with the reason, so the worker survives and nothing is silently dropped.
 A hung env call is abandoned (its thread cannot be killed): discard that env afterwards.
+
+Truncation: an episode cut before the env ended it, by the runner's `max_turns` or by an agent
+that ran out of budget (it raises `EpisodeTruncated`, e.g. a model whose context is full), has
+status "truncated" and reward 0 with `reward_detail["truncated_by"]` naming the cause. The
+verifier never sees a cut turn: grading half-written text as a final answer rewards answers the
+policy never finished. (An env's own turn limit is different: the env ends the episode, its
+verifier grades the final state, and the status is "truncated" with the env's reward.)
 """
 
 from __future__ import annotations
@@ -32,10 +39,18 @@ class Episode:
     status: Status = "ok"
     error: str | None = None
     turns: int = 0
+    resources: dict[str, Any] = field(default_factory=dict)  # the task's declaration (reset info)
     timings: dict[str, float] = field(default_factory=lambda: {"env_s": 0.0, "agent_s": 0.0, "wall_s": 0.0})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class EpisodeTruncated(Exception):
+    """Raised by an agent that cannot write its next turn within its budget. The runner ends the
+    episode as "truncated", reward 0, and does not call the env or its verifier again."""
+
+    cause = "agent"  # becomes reward_detail["truncated_by"]
 
 
 class _Failed(Exception):
@@ -53,7 +68,8 @@ async def run_episode(env: ChatEnv, agent: Agent, *, seed: int | None = None, ma
     `step_timeout_s` bounds each env call; None takes the task's own declaration
     (`info["resources"]["step_timeout_s"]`; 60 s for reset and for envs that declare none).
     `max_turns` caps assistant turns on top of the env's own limit; hitting it gives status
-    "truncated" with reward 0 (the env never reached its verifier).
+    "truncated" with reward 0 (the env never reached its verifier), as does an agent raising
+    `EpisodeTruncated`.
     """
     if step_timeout_s is not None and step_timeout_s <= 0:
         raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
@@ -81,17 +97,21 @@ async def run_episode(env: ChatEnv, agent: Agent, *, seed: int | None = None, ma
         obs, info = _check_reset(out)
         ep.task_id, ep.tools = info["task_id"], info["tools"]
         ep.messages = copy.deepcopy(obs)
-        declared = (info.get("resources") or {}).get("step_timeout_s")
+        ep.resources = dict(info.get("resources") or {})
+        declared = ep.resources.get("step_timeout_s")
         if step_timeout_s is None and isinstance(declared, (int, float)) and declared > 0:
             timeout = float(declared)
         while True:
             if max_turns is not None and ep.turns >= max_turns:
-                ep.status, ep.error = "truncated", f"runner max_turns={max_turns} reached before the env ended"
+                _truncate(ep, "max_turns", f"runner max_turns={max_turns} reached before the env ended")
                 break
             start = time.perf_counter()
             try:
                 action = await asyncio.wait_for(agent(copy.deepcopy(ep.messages), copy.deepcopy(ep.tools)),
                                                 agent_timeout_s)
+            except EpisodeTruncated as exc:
+                _truncate(ep, exc.cause, str(exc))
+                break
             except asyncio.TimeoutError:
                 raise _Failed(f"agent timed out after {agent_timeout_s:g} s") from None
             except Exception as exc:
@@ -120,6 +140,11 @@ async def run_episode(env: ChatEnv, agent: Agent, *, seed: int | None = None, ma
         ep.reward, ep.reward_detail = 0.0, {}
     ep.timings["wall_s"] = time.perf_counter() - t0
     return ep
+
+
+def _truncate(ep: Episode, cause: str, why: str) -> None:
+    ep.status, ep.error = "truncated", why
+    ep.reward, ep.reward_detail = 0.0, {"truncated_by": cause}
 
 
 def _check_reset(out: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:

@@ -13,6 +13,11 @@ describes the parameters. Arguments are validated strictly with pydantic (no "17
 coercion: a policy should learn to send the declared types). A tool signals a user-facing
 failure by raising `ToolError`; any other exception is a bug in the environment and
 propagates, so the runner marks the episode failed instead of hiding it.
+
+Arguments are model output, so hostile by assumption: JSON nested deeper than
+`MAX_ARGUMENT_DEPTH` or strings that are not valid Unicode (lone surrogates) are refused with a
+tool error before the tool runs. A result is cut to `MAX_TOOL_OUTPUT_BYTES` of UTF-8 (with a note
+saying how much was cut): a 100 MB query result must not become a 100 MB message.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, get_type_hints
 
 import pydantic
+
+MAX_TOOL_OUTPUT_BYTES = 8192  # per tool message; the rest is cut with a note
+MAX_ARGUMENT_DEPTH = 32  # nesting of a call's JSON arguments
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -94,14 +102,43 @@ class Tool:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError as exc:
                 raise ToolError(f"arguments are not valid JSON ({exc.msg} at position {exc.pos})") from None
+            except RecursionError:  # json's C parser recurses per nesting level
+                raise ToolError(f"arguments are nested more than {MAX_ARGUMENT_DEPTH} levels deep") from None
         if not isinstance(arguments, dict):
             raise ToolError(f"arguments must be a JSON object, got {type(arguments).__name__}")
+        _check_json_value(arguments)
         try:
             parsed = self.args_model.model_validate(arguments, strict=True)
         except pydantic.ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors())
             raise ToolError(f"invalid arguments for {self.name}: {problems}") from None
         return {k: getattr(parsed, k) for k in type(parsed).model_fields}
+
+
+def _check_json_value(value: Any) -> None:
+    """Refuse argument trees deeper than MAX_ARGUMENT_DEPTH and strings that are not valid Unicode
+    (a lone surrogate from a JSON escape cannot be encoded: it would fail the episode later)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_ARGUMENT_DEPTH:
+            raise ToolError(f"arguments are nested more than {MAX_ARGUMENT_DEPTH} levels deep")
+        if isinstance(node, str):
+            _check_text(node)
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                _check_text(k)
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ToolError(f"arguments contain a lone surrogate {text[exc.start]!r} (not valid Unicode) "
+                        f"at position {exc.start} of a string") from None
 
 
 def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
@@ -166,6 +203,22 @@ def format_result(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+def tool_message(call_id: str, name: str, content: str) -> dict[str, Any]:
+    """The tool message for a call: every string valid UTF-8 (a lone surrogate, echoed from the
+    model's call, would make the trajectory unencodable) and the content cut to MAX_TOOL_OUTPUT_BYTES."""
+    data = content.encode("utf-8", "replace")  # a lone surrogate becomes '?'
+    if len(data) > MAX_TOOL_OUTPUT_BYTES:
+        kept = data[:MAX_TOOL_OUTPUT_BYTES].decode("utf-8", "ignore")  # never split a character
+        content = f"{kept}\n[output truncated: {len(data)} bytes, the first {MAX_TOOL_OUTPUT_BYTES} shown]"
+    else:
+        content = data.decode("utf-8")
+    return {"role": "tool", "tool_call_id": _utf8(call_id), "name": _utf8(name), "content": content}
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 class Toolbox:
     """The tools of one episode. `call` turns any tool call, however malformed, into a tool message."""
 
@@ -225,12 +278,12 @@ class Toolbox:
                 content = f"error: {exc}"
         else:
             content = err
-        return {"role": "tool", "tool_call_id": call_id, "name": name, "content": content}
+        return tool_message(call_id, name, content)
 
     async def acall(self, call: Any) -> dict[str, Any]:
         call_id, name, t, kwargs, err = self._prepare(call)
         if err is not None:
-            return {"role": "tool", "tool_call_id": call_id, "name": name, "content": err}
+            return tool_message(call_id, name, err)
         assert t is not None and kwargs is not None
         try:
             if t.is_async:
@@ -240,4 +293,4 @@ class Toolbox:
             content = format_result(result)
         except ToolError as exc:
             content = f"error: {exc}"
-        return {"role": "tool", "tool_call_id": call_id, "name": name, "content": content}
+        return tool_message(call_id, name, content)

@@ -17,14 +17,18 @@ between the two leaves a part without an index; opening the archive rebuilds tha
 the part. Linking (not renaming) means a second writer can never overwrite a part: it takes the
 next free number instead. Reopening after a resume continues the numbering.
 
-Archive status (why the trajectory was kept) is separate from the episode's own status:
-"consumed" (trained on), "dropped_stale" (too old for the learner), "failed" (the episode or its
-processing failed). The learner's recomputed logprobs (`train_logprobs`) are optional per row.
+A part that cannot be read (truncated by a full disk, corrupted in a copy) does not make the
+rest unreadable: readers skip it with a warning and list it in `TrajectoryArchive.skipped`.
+
+Archive status (`ArchiveStatus`: why the trajectory was kept) is separate from the episode's own
+status (`kpop.trajectory.TrajectoryStatus`: ok | failed | truncated). The learner's recomputed
+logprobs (`train_logprobs`) are optional per row.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -36,11 +40,11 @@ from typing import Any, Iterable, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kpop.scheduler import Disposition
-from kpop.trajectory import Segment, Trajectory
+from kpop.trajectory import ArchiveStatus, Segment, Trajectory, TrajectoryStatus
 
-ArchiveStatus = Disposition | str  # what the learner did with the trajectory: one vocabulary
-STATUSES: tuple[str, ...] = tuple(d.value for d in Disposition)
+STATUSES: tuple[str, ...] = tuple(ArchiveStatus)
+EPISODE_STATUSES: tuple[str, ...] = tuple(TrajectoryStatus)
+log = logging.getLogger(__name__)
 ARCHIVE_DIR = "trajectories"
 FORMAT_VERSION = 1
 
@@ -62,7 +66,7 @@ _SCHEMA = pa.schema([
     ("staleness", pa.int64()),  # policy_version - min_version
     ("reward", pa.float64()),
     ("reward_detail", pa.string()),  # JSON
-    ("episode_status", pa.string()),  # Trajectory.status: ok | failed | truncated
+    ("episode_status", pa.string()),  # Trajectory.status (TrajectoryStatus)
     ("error", pa.string()),
     ("messages", pa.string()),  # JSON: the OpenAI chat messages
     ("token_ids", pa.list_(pa.int32())),
@@ -120,6 +124,7 @@ class TrajectoryArchive:
         self.flush_every = flush_every
         self._buffer: list[dict[str, Any]] = []
         self._closed = False
+        self.skipped: dict[str, str] = {}  # part file name -> why it could not be read
         self._repair()
 
     # ---- writing ------------------------------------------------------------------------------
@@ -130,7 +135,8 @@ class TrajectoryArchive:
         if self._closed:
             raise ArchiveError("write() on a closed archive")
         if status not in STATUSES:
-            raise ArchiveError(f"status must be one of {STATUSES}, got {status!r}")
+            raise ArchiveError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+        status = ArchiveStatus(status)
         for name, value in (("step", step), ("policy_version", policy_version)):
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ArchiveError(f"{name} must be an int >= 0 or None, got {value!r}")
@@ -191,15 +197,34 @@ class TrajectoryArchive:
         (see `matches` for the filter names)."""
         rows: list[dict[str, Any]] = []
         for part in self.parts():
+            if part.name in self.skipped:
+                continue
             path = _index_path(part)
             try:
-                doc = json.loads(path.read_text())
+                index_rows = json.loads(path.read_text())["rows"]
+                if not all(isinstance(r, dict) and set(INDEX_FIELDS) <= set(r) for r in index_rows):
+                    raise ValueError("rows without the index fields")
             except FileNotFoundError:  # written after _repair by a concurrent writer's crash
-                doc = {"rows": [_index_row(r) for r in pq.read_table(part).to_pylist()]}
-            except json.JSONDecodeError as exc:
-                raise ArchiveError(f"{path}: corrupt index ({exc})") from None
-            rows += [{**r, "part": part.name} for r in doc["rows"] if matches(r, **filters)]
+                index_rows = self._read_index_rows(part)
+            except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+                log.warning("%s: corrupt index (%s); rebuilding it from the part in memory", path, exc)
+                index_rows = self._read_index_rows(part)
+            if index_rows is not None:
+                rows += [{**r, "part": part.name} for r in index_rows if matches(r, **filters)]
         return rows
+
+    def _read_index_rows(self, part: Path) -> list[dict[str, Any]] | None:
+        """The index rows of a part read from the part itself; None (and noted) if it is unreadable."""
+        try:
+            return [_index_row(r) for r in pq.read_table(part).to_pylist()]
+        except (pa.ArrowException, OSError, ValueError, TypeError, KeyError) as exc:
+            self._skip(part, exc)
+            return None
+
+    def _skip(self, part: Path, exc: Exception) -> None:
+        if part.name not in self.skipped:
+            self.skipped[part.name] = f"unreadable part ({type(exc).__name__}: {exc})"
+            log.warning("skipping %s: %s", part, self.skipped[part.name])
 
     def records(self, ids: Iterable[str] | None = None, limit: int | None = None,
                 **filters: Any) -> list[ArchivedTrajectory]:
@@ -211,12 +236,16 @@ class TrajectoryArchive:
         by_part: dict[str, set[str]] = {}
         for r in rows:
             by_part.setdefault(r["part"], set()).add(r["trajectory_id"])
-        found: dict[str, ArchivedTrajectory] = {}
+        found: dict[tuple[str, str], ArchivedTrajectory] = {}  # (part, id): a part that was skipped finds none
         for part, tids in by_part.items():
-            table = pq.read_table(self.dir / part, filters=[("trajectory_id", "in", sorted(tids))])
+            try:
+                table = pq.read_table(self.dir / part, filters=[("trajectory_id", "in", sorted(tids))])
+            except (pa.ArrowException, OSError) as exc:
+                self._skip(self.dir / part, exc)
+                continue
             for row in table.to_pylist():
-                found[row["trajectory_id"]] = _record(row, part)
-        return [found[r["trajectory_id"]] for r in rows if r["trajectory_id"] in found]
+                found[(part, row["trajectory_id"])] = _record(row, part)
+        return [found[key] for r in rows if (key := (r["part"], r["trajectory_id"])) in found]
 
     def load(self, ids: Iterable[str] | None = None, limit: int | None = None, **filters: Any) -> list[Trajectory]:
         """Trajectories matching `ids` and `filters` (see `matches`)."""
@@ -247,10 +276,9 @@ class TrajectoryArchive:
                 pass
         for part in self.parts():
             if not _index_path(part).exists():
-                try:
-                    rows = [_index_row(r) for r in pq.read_table(part).to_pylist()]
-                except (pa.ArrowException, OSError) as exc:
-                    raise ArchiveError(f"{part}: unreadable part ({exc})") from None
+                rows = self._read_index_rows(part)
+                if rows is None:
+                    continue
                 tmp = self._tmp(".json")
                 tmp.write_text(json.dumps({"format": FORMAT_VERSION, "part": part.name, "rows": rows}))
                 try:
@@ -308,11 +336,11 @@ def _row(traj: Trajectory, status: str, step: int | None, policy_version: int | 
     return {
         "trajectory_id": traj.trajectory_id, "run_id": traj.run_id, "group_id": traj.group_id,
         "env_id": traj.env_id, "env_kwargs": json.dumps(traj.env_kwargs, default=str), "task_id": traj.task_id,
-        "seed": traj.seed, "status": status, "step": step,
+        "seed": traj.seed, "status": str(status), "step": step,
         "policy_version": policy_version, "min_version": lo, "max_version": hi,
         "staleness": None if policy_version is None or lo is None else max(0, policy_version - lo),
         "reward": float(traj.reward), "reward_detail": json.dumps(traj.reward_detail, default=str),
-        "episode_status": traj.status, "error": traj.error, "messages": json.dumps(traj.messages),
+        "episode_status": str(traj.status), "error": traj.error, "messages": json.dumps(traj.messages),
         "token_ids": traj.token_ids, "logprobs": traj.logprobs, "loss_mask": traj.loss_mask,
         "train_logprobs": None if train_logprobs is None else [float(x) for x in train_logprobs],
         "segments": [list(s) for s in traj.segments], "timings": json.dumps(traj.timings),

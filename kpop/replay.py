@@ -13,28 +13,39 @@ turn). A trajectory matches when every observation and the reward agree.
 `regrade_only=True` skips the observation comparison and only checks the reward. The env API has
 no verifier-only entry point and some verifiers read state that tools built (the workflow
 database), so the final state is rebuilt by replaying the actions, then the verifier runs.
+
+An archive is untrusted input: anyone who can write a parquet file can write any `env_kwargs`.
+Replay passes on only the archived kwargs that `safe_env_kwargs` allows: ones the env's
+constructor declares, with a plain scalar value, that neither configure the sandbox (`image`,
+`limits`, `network`, `mounts`, ...) nor name a host path (`*_dir`, `*_path`, `*_file`). The rest are
+left out and listed in the result (`refused_kwargs`). The recorded docker image is not used
+either. `trust_archive=True` (`kpop replay --trust-archive`) passes everything, for archives
+you wrote yourself. Kwargs the caller passes (`env_kwargs=`) are the caller's: always used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import inspect
 import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
 
-import gymnasium
 from pydantic import BaseModel, Field
 
 from environments import make, run_episode
-from environments.core import ChatEnv, Message
-from environments.registry import is_registered
+from environments.core import Message
+from environments.tools import in_thread
+from environments.registry import constructor_params, is_registered
 from kpop.archive import TrajectoryArchive, archive_dir
 from kpop.trajectory import Trajectory
 
 REWARD_TOL = 1e-6
+# Constructor kwargs that would change what a sandbox may do or see: never taken from an archive.
+SANDBOX_KWARGS = frozenset({"image", "limits", "network", "mounts", "binds", "volumes", "rootfs", "sandbox",
+                            "privileged", "env", "environment", "user", "cap_add", "devices"})
+_PATH_SUFFIXES = ("_dir", "_path", "_file", "_root")
+_SCALARS = (type(None), bool, int, float, str)
 
 
 class Divergence(BaseModel):
@@ -56,14 +67,16 @@ class ReplayResult(BaseModel):
     divergence: Divergence | None = None  # first differing observation (full replay only)
     error: str | None = None  # why the replay could not run or the replayed episode failed
     replayed_detail: dict[str, Any] = Field(default_factory=dict)
+    refused_kwargs: dict[str, str] = Field(default_factory=dict)  # archived env kwarg -> why it was not used
 
 
 class ReplayReport(BaseModel):
     mode: str  # "replay" | "regrade"
     total: int
     matched: int
-    match_rate: float
+    match_rate: float  # 0.0 when there is nothing to replay: no trajectories is not a perfect score
     results: list[ReplayResult]
+    skipped_parts: dict[str, str] = Field(default_factory=dict)  # unreadable archive part -> why
 
 
 class _Exhausted(RuntimeError):
@@ -85,20 +98,44 @@ class _RecordedActions:
         return json.loads(json.dumps(self.actions[self.turn - 1]))
 
 
-def _make_env(traj: Trajectory, env_kwargs: dict[str, Any]) -> ChatEnv:
-    kwargs = {**traj.env_kwargs, **env_kwargs}  # the recorded constructor kwargs, unless overridden
-    # a fresh sandbox of the recording's kind (coding's `backend`/`image`), if the env takes those
+def safe_env_kwargs(env_id: str, archived: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split archived env kwargs into (the ones replay may use, {refused name: why})."""
+    try:
+        params, _ = constructor_params(env_id)
+    except KeyError:
+        params = {}
+    safe: dict[str, Any] = {}
+    refused: dict[str, str] = {}
+    for name, value in archived.items():
+        if name not in params:
+            refused[name] = f"{env_id} does not declare this kwarg"
+        elif name in SANDBOX_KWARGS:
+            refused[name] = "it configures the sandbox"
+        elif name.endswith(_PATH_SUFFIXES):
+            refused[name] = "it names a host path"
+        elif not isinstance(value, _SCALARS):
+            refused[name] = f"a structured value ({type(value).__name__}) could carry sandbox settings"
+        else:
+            safe[name] = value
+    return safe, refused
+
+
+def replay_env_kwargs(traj: Trajectory, env_kwargs: dict[str, Any] | None = None, *,
+                      trust_archive: bool = False) -> tuple[dict[str, Any], dict[str, str]]:
+    """The constructor kwargs a replay of `traj` uses, and the archived ones it refused."""
+    archived, refused = (dict(traj.env_kwargs), {}) if trust_archive else safe_env_kwargs(traj.env_id, traj.env_kwargs)
+    kwargs = {**archived, **(env_kwargs or {})}  # the caller's kwargs override the recording's
+    # a fresh sandbox of the recording's kind, if the env takes a `backend`: both kinds are sandboxes
     if traj.sandbox is not None and traj.sandbox.backend in ("bwrap", "docker") and is_registered(traj.env_id):
-        entry = gymnasium.registry[traj.env_id].entry_point
-        if isinstance(entry, str):
-            module, _, name = entry.partition(":")
-            entry = getattr(importlib.import_module(module), name)
-        params = inspect.signature(entry).parameters
+        params, _ = constructor_params(traj.env_id)
         if "backend" in params:
             kwargs.setdefault("backend", traj.sandbox.backend)
         if "image" in params and traj.sandbox.backend == "docker" and traj.sandbox.image:
-            kwargs.setdefault("image", traj.sandbox.image)
-    return make(traj.env_id, **kwargs)
+            if trust_archive:
+                kwargs.setdefault("image", traj.sandbox.image)
+            elif "image" not in kwargs:
+                refused["sandbox.image"] = f"the recorded docker image {traj.sandbox.image!r} is archive data"
+    return kwargs, {k: v for k, v in refused.items() if k not in (env_kwargs or {})}
 
 
 def _canon(msg: Message | None) -> str:
@@ -116,12 +153,13 @@ def first_divergence(recorded: list[Message], replayed: list[Message]) -> Diverg
     return None
 
 
-async def areplay_one(traj: Trajectory, *, regrade_only: bool = False,
-                      env_kwargs: dict[str, Any] | None = None, step_timeout_s: float | None = None) -> ReplayResult:
-    base = dict(trajectory_id=traj.trajectory_id, env_id=traj.env_id, task_id=traj.task_id,
-                recorded_reward=traj.reward, recorded_status=traj.status)
+async def areplay_one(traj: Trajectory, *, regrade_only: bool = False, env_kwargs: dict[str, Any] | None = None,
+                      step_timeout_s: float | None = None, trust_archive: bool = False) -> ReplayResult:
+    base: dict[str, Any] = dict(trajectory_id=traj.trajectory_id, env_id=traj.env_id, task_id=traj.task_id,
+                                recorded_reward=traj.reward, recorded_status=str(traj.status))
     try:
-        env = _make_env(traj, env_kwargs or {})
+        kwargs, base["refused_kwargs"] = replay_env_kwargs(traj, env_kwargs, trust_archive=trust_archive)
+        env = make(traj.env_id, **kwargs)
     except Exception as exc:  # an env that cannot be made any more is a failed replay, not a crash
         return ReplayResult(**base, replayed_reward=0.0, replayed_status="failed", match=False,
                             error=f"cannot make env {traj.env_id!r}: {type(exc).__name__}: {exc}")
@@ -132,17 +170,17 @@ async def areplay_one(traj: Trajectory, *, regrade_only: bool = False,
     finally:
         close = getattr(env, "close", None)
         if close is not None:
-            close()
+            await in_thread(close)  # an env's close may wait on its tools: never on the event loop
     reward_ok = math.isclose(ep.reward, traj.reward, rel_tol=0.0, abs_tol=REWARD_TOL)
     divergence = None if regrade_only else first_divergence(traj.messages, ep.messages)
-    return ReplayResult(**base, replayed_reward=ep.reward, replayed_status=ep.status,
+    return ReplayResult(**base, replayed_reward=ep.reward, replayed_status=str(ep.status),
                         match=reward_ok and divergence is None, divergence=divergence, error=ep.error,
                         replayed_detail=ep.reward_detail)
 
 
 async def areplay(trajectories: Iterable[Trajectory], *, regrade_only: bool = False,
                   env_kwargs: dict[str, dict[str, Any]] | None = None, concurrency: int = 4,
-                  step_timeout_s: float | None = None) -> ReplayReport:
+                  step_timeout_s: float | None = None, trust_archive: bool = False) -> ReplayReport:
     """Replay many trajectories (`concurrency` at a time); `env_kwargs` maps env id -> constructor kwargs."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -152,26 +190,37 @@ async def areplay(trajectories: Iterable[Trajectory], *, regrade_only: bool = Fa
     async def one(t: Trajectory) -> ReplayResult:
         async with sem:
             return await areplay_one(t, regrade_only=regrade_only, env_kwargs=(env_kwargs or {}).get(t.env_id),
-                                     step_timeout_s=step_timeout_s)
+                                     step_timeout_s=step_timeout_s, trust_archive=trust_archive)
 
     results = list(await asyncio.gather(*(one(t) for t in trajs)))
     matched = sum(r.match for r in results)
     return ReplayReport(mode="regrade" if regrade_only else "replay", total=len(results), matched=matched,
-                        match_rate=matched / len(results) if results else 1.0, results=results)
+                        match_rate=matched / len(results) if results else 0.0, results=results)
 
 
 def replay(trajectories: Iterable[Trajectory], **kwargs: Any) -> ReplayReport:
     return asyncio.run(areplay(trajectories, **kwargs))
 
 
-def replay_path(path: str | Path, *, regrade_only: bool = False, **filters: Any) -> ReplayReport:
-    """Replay the archive of a run directory (or an archive folder); `filters` as in `TrajectoryArchive.index`."""
+def replay_path(path: str | Path, *, regrade_only: bool = False, trust_archive: bool = False,
+                **filters: Any) -> ReplayReport:
+    """Replay the archive of a run directory (or an archive folder); `filters` as in `TrajectoryArchive.index`.
+    Unreadable parts are skipped and listed in `skipped_parts`."""
     archive = TrajectoryArchive(archive_dir(path))
-    return replay(archive.load(**filters), regrade_only=regrade_only)
+    trajs = archive.load(**filters)
+    report = replay(trajs, regrade_only=regrade_only, trust_archive=trust_archive)
+    return report.model_copy(update={"skipped_parts": dict(archive.skipped)})
 
 
 def format_report(report: ReplayReport) -> str:
     lines = [f"{report.mode}: {report.matched}/{report.total} match (match_rate {report.match_rate:.3f})"]
+    for part, why in report.skipped_parts.items():
+        lines.append(f"skipped unreadable archive part {part}: {why}")
+    refused = sorted({k for r in report.results for k in r.refused_kwargs})
+    if refused:
+        n = sum(bool(r.refused_kwargs) for r in report.results)
+        lines.append(f"note: {n} trajectories had archived env kwargs that were not used ({', '.join(refused)}): "
+                     "an archive is untrusted input; pass --trust-archive to use them")
     for r in report.results:
         mark = "ok  " if r.match else "DIFF"
         line = (f"{mark} {r.trajectory_id[:8]} {r.env_id} {r.task_id}: recorded {r.recorded_reward:g}, "

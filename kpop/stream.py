@@ -8,10 +8,12 @@
 
 Guarantees, and how:
 - at-least-once delivery: entries stay pending in the group until `ack`; entries of a crashed
-  consumer are taken over with XAUTOCLAIM (`claim_stale`, also run by `get` every
-  `claim_idle_ms / 2`); a restarted consumer first re-reads its own pending entries.
+  consumer are taken over with XCLAIM (`claim_stale`, also run by `get` every
+  `claim_idle_ms / 2`): all of them at once, CLAIM_BATCH ids per round trip, into this
+  consumer's pending list, from which `get` then delivers them n at a time; a restarted consumer
+  first re-reads its own pending entries.
 - never train twice: `ack` adds the trajectory ids to the persistent set `<key>:seen` in the
-  same MULTI as XACK, so a re-delivered copy (XAUTOCLAIM race, a producer retry that had in
+  same MULTI as XACK, so a re-delivered copy (a claim race, a producer retry that had in
   fact reached Redis, a restarted learner) is recognised in `get` and acked, not returned.
 - bounded memory and backpressure: acked entries are deleted (XDEL), so XLEN is exactly the
   backlog of unacknowledged trajectories; `put` waits, with exponential backoff, while it is
@@ -19,7 +21,8 @@ Guarantees, and how:
   (XDEL assumes this group is the stream's only reader, which is the KPop design.)
 - connection loss: every call retries with exponential backoff for up to `retry_max_s`,
   then raises `StreamUnavailable`.
-- undecodable entries are moved to the dead-letter stream `<key>:dead` with the error.
+- hostile or undecodable entries (any bytes in any field) are moved to the dead-letter stream
+  `<key>:dead` with the reason, and acked: the entries behind them still flow.
 
 Entries are `{"id": trajectory_id, "d": encode(traj)}`: the id is readable without decoding.
 """
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 Entry = tuple[str, Trajectory]
+CLAIM_BATCH = 1000  # ids per XCLAIM: ownership moves without the payloads (JUSTID), so it is cheap
 
 
 class StreamUnavailable(ConnectionError):
@@ -200,9 +204,9 @@ class TrajectoryStream:
         if n < 1:
             raise ValueError(f"get(n): n must be >= 1, got {n}")
         block = self.block_ms if block_ms is None else block_ms
-        out: list[Entry] = []
         if self.claim_idle_ms and time.monotonic() - self._last_claim > self.claim_idle_ms / 2000:
-            out += self.claim_stale(self.claim_idle_ms, n)
+            self._claim_all(self.claim_idle_ms)
+        out: list[Entry] = []
         while self._pel_cursor is not None and len(out) < n:
             out += self._read_own_pending(n - len(out))
         if len(out) < n:
@@ -234,47 +238,75 @@ class TrajectoryStream:
         return self._accept([e for e in raw if _s(e[0]) not in self._inflight])
 
     def claim_stale(self, min_idle_ms: int | None = None, count: int = 100) -> list[Entry]:
-        """Take over entries other consumers left pending longer than min_idle_ms."""
-        idle = self.claim_idle_ms if min_idle_ms is None else min_idle_ms
+        """Take over every entry other consumers left pending longer than min_idle_ms; return up to
+        `count` of this consumer's pending entries (the rest come with the next `get` calls)."""
+        self._claim_all(self.claim_idle_ms if min_idle_ms is None else min_idle_ms)
+        out: list[Entry] = []
+        while self._pel_cursor is not None and len(out) < count:
+            out += self._read_own_pending(count - len(out))
+        return out
+
+    def _claim_all(self, min_idle_ms: int) -> None:
+        """Move every idle pending entry of the group to this consumer, CLAIM_BATCH ids per round
+        trip, until none is left: a consumer that comes back under a new name gets its
+        predecessor's whole backlog at once, not one batch per claim interval. (XPENDING IDLE +
+        XCLAIM JUSTID rather than XAUTOCLAIM JUSTID, whose cursor redis-py drops.)"""
         self._last_claim = time.monotonic()
-        claimed: list = []
-        cursor = "0-0"
-        while len(claimed) < count:
-            reply = self._call(
-                lambda: self._redis.xautoclaim(
-                    self.key, self.group, self.consumer, idle, start_id=cursor, count=count - len(claimed)
-                )
-            )
-            cursor, entries = _s(reply[0]), reply[1]
-            claimed += [e for e in entries if _s(e[0]) not in self._inflight]
-            if cursor == "0-0":
+        start, claimed = "-", False
+        while True:
+            rows = self._call(lambda: self._redis.xpending_range(
+                self.key, self.group, min=start, max="+", count=CLAIM_BATCH, idle=min_idle_ms))
+            ids = [r["message_id"] for r in rows]
+            if ids:
+                self._call(lambda: self._redis.xclaim(self.key, self.group, self.consumer, min_idle_ms, ids,
+                                                      justid=True))
+                claimed = True
+            if len(ids) < CLAIM_BATCH:
                 break
-        return self._accept(claimed)
+            start = "(" + _s(ids[-1])  # exclusive: after the last one listed
+        if claimed:
+            self._pel_cursor = "0"  # deliver them from our own pending list
 
     def _accept(self, raw: list) -> list[Entry]:
-        """Decode entries; ack duplicates and dead-letter garbage instead of returning them."""
+        """Decode entries; ack duplicates and dead-letter garbage instead of returning them.
+
+        Entries are untrusted (anything with the password can XADD): every field is read inside
+        a guard, and a malformed entry is dead-lettered with its reason and acked, so one bad
+        record never stops the consumer or holds up the good ones behind it."""
         if not raw:
             return []
-        ids = [_s(eid) for eid, _ in raw]
-        tids = [_s(f.get(b"id", b"")) if f else "" for _, f in raw]
-        seen = self._call(lambda: self._redis.smismember(self.seen_key, [t or "-" for t in tids]))
-        batch_tids = set(self._inflight.values())
-        out: list[Entry] = []
-        drop: list[str] = []  # duplicates: ack + delete right away
+        drop: list[str] = []  # duplicates and deleted entries: ack + delete right away
         dead: list[tuple[str, dict, str]] = []
-        for eid, tid, was_seen, (_, fields) in zip(ids, tids, seen, raw):
+        candidates: list[tuple[str, str, dict]] = []
+        for eid, fields in raw:
+            eid = _s(eid)  # generated by Redis: always ASCII
             if not fields:  # deleted while pending: nothing left to use
                 drop.append(eid)
                 continue
+            tid = fields.get(b"id")
+            if not isinstance(tid, bytes) or not tid:
+                dead.append((eid, fields, "the entry has no 'id' field"))
+                continue
+            try:
+                candidates.append((eid, tid.decode("utf-8"), fields))
+            except UnicodeDecodeError:
+                dead.append((eid, fields, f"the entry's 'id' field {tid[:64]!r} is not UTF-8"))
+        seen = self._call(lambda: self._redis.smismember(self.seen_key, [t for _, t, _ in candidates])) \
+            if candidates else []
+        batch_tids = set(self._inflight.values())
+        out: list[Entry] = []
+        for (eid, tid, fields), was_seen in zip(candidates, seen):
             if was_seen or tid in batch_tids:
                 log.info("duplicate delivery of trajectory %s (entry %s): acked, not returned", tid, eid)
                 drop.append(eid)
                 continue
             try:
+                if b"d" not in fields:
+                    raise TrajectoryDecodeError("the entry has no 'd' (data) field")
                 traj = decode(fields[b"d"])
                 if traj.trajectory_id != tid:
                     raise TrajectoryDecodeError(f"entry id field {tid!r} != trajectory_id {traj.trajectory_id!r}")
-            except (TrajectoryDecodeError, KeyError) as exc:
+            except Exception as exc:  # noqa: BLE001 -- whatever the bytes hold, the consumer goes on
                 error = f"{type(exc).__name__}: {exc}"
                 log.error("dead-lettering stream entry %s: %s", eid, error)
                 dead.append((eid, fields, error))
@@ -326,7 +358,8 @@ class TrajectoryStream:
     def dead_letters(self, count: int = 100) -> list[dict]:
         """The newest dead-lettered entries: {"entry", "error", "consumer", "id", "d"}."""
         rows = self._call(lambda: self._redis.xrevrange(self.dead_key, count=count))
-        return [{_s(k): v for k, v in fields.items()} for _, fields in rows]
+        # a dead letter keeps whatever field names its writer used: show undecodable ones escaped
+        return [{k.decode("utf-8", "backslashreplace"): v for k, v in fields.items()} for _, fields in rows]
 
 
 @dataclass(frozen=True)

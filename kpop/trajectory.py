@@ -33,13 +33,15 @@ decode, ignoring the field with a warning; a change older readers would misread 
 
 from __future__ import annotations
 
+import json
 import struct
 import sys
 import time
 import uuid
 import warnings
 from array import array
-from typing import Any, Callable, Literal, NamedTuple
+from enum import StrEnum
+from typing import Any, Callable, NamedTuple
 
 import msgpack
 from pydantic import (
@@ -68,6 +70,24 @@ class TrajectoryDecodeError(ValueError):
 
 class FutureSchemaWarning(UserWarning):
     """A trajectory from a newer, compatible writer had fields this reader ignored."""
+
+
+class TrajectoryStatus(StrEnum):
+    """How an episode ended (`Trajectory.status`). A `str`, so `traj.status == "ok"` holds."""
+
+    OK = "ok"  # the env ended the episode and its verifier graded the final state
+    FAILED = "failed"  # an env, tool or engine error ended it; `Trajectory.error` says which
+    TRUNCATED = "truncated"  # cut (turn or token budget) before the env ended it; not a graded answer
+
+
+class ArchiveStatus(StrEnum):
+    """Why the learner kept a trajectory in the run's archive (kpop.archive); separate from how the
+    episode ended. Defined here, beside `TrajectoryStatus`, so the CLI can list both without pyarrow."""
+
+    CONSUMED = "consumed"  # trained on
+    DROPPED_STALE = "dropped_stale"  # older than the staleness bound allows
+    DROPPED_SMALL_GROUP = "dropped_small_group"  # its group had too few usable samples to normalise
+    FAILED = "failed"  # the episode or its processing failed
 
 
 class Segment(NamedTuple):
@@ -126,7 +146,7 @@ class Trajectory(BaseModel):
 
     reward: float = 0.0
     reward_detail: dict[str, Any] = Field(default_factory=dict)  # whatever the verifier reports
-    status: Literal["ok", "failed", "truncated"] = "ok"
+    status: TrajectoryStatus = TrajectoryStatus.OK
     error: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)  # env_s, gen_s, wall_s, ...
     sandbox: SandboxIdentity | None = None
@@ -141,6 +161,10 @@ class Trajectory(BaseModel):
         for i, msg in enumerate(messages):
             if msg.get("role") not in _ROLES:
                 raise ValueError(f"messages[{i}]: role must be one of {sorted(_ROLES)}, got {msg.get('role')!r}")
+        try:  # the archive, the viewer and ATIF export write messages as JSON
+            json.dumps(messages)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"messages must hold only JSON values (OpenAI chat format): {exc}") from None
         return messages
 
     @field_validator("token_ids", mode="wrap")
@@ -177,7 +201,7 @@ class Trajectory(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "Trajectory":
         _check_shapes(len(self.token_ids), len(self.logprobs), len(self.loss_mask), self.segments)
-        if self.status == "failed" and not self.error:
+        if self.status == TrajectoryStatus.FAILED and not self.error:
             raise ValueError("status 'failed' needs an error message")
         return self
 
@@ -245,19 +269,39 @@ def encode(traj: Trajectory) -> bytes:
 
 
 def decode(data: bytes) -> Trajectory:
-    """msgpack bytes -> Trajectory; upgrades older versions, rejects unreadable ones clearly."""
+    """msgpack bytes -> Trajectory; upgrades older versions, rejects unreadable ones clearly.
+
+    The bytes are untrusted (anything can XADD to the stream): every step, the migrations
+    included, runs inside one guard, so whatever a record holds ends as a `TrajectoryDecodeError`
+    that names the problem, never as another exception that would stop the consumer.
+    """
     try:
         doc = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for corrupt input
         raise TrajectoryDecodeError(f"not a msgpack trajectory: {type(exc).__name__}: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("_v"), int):
+    if not isinstance(doc, dict) or type(doc.get("_v")) is not int:
         raise TrajectoryDecodeError("not a trajectory: missing the integer schema version '_v'")
+    version = doc["_v"]
+    try:
+        return _decode_doc(doc)
+    except TrajectoryDecodeError:
+        raise
+    except (ValidationError, ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
+        raise TrajectoryDecodeError(f"trajectory schema version {version}: invalid content: "
+                                    f"{type(exc).__name__}: {exc}") from None
+
+
+def _decode_doc(doc: dict[Any, Any]) -> Trajectory:
     version = doc.pop("_v")
     compat = doc.pop("_compat", version)
+    non_str = [k for k in doc if type(k) is not str]
+    if non_str:  # msgpack allows bytes keys; no field of any version has one
+        raise TrajectoryDecodeError(f"trajectory schema version {version}: field names must be strings, "
+                                    f"got {', '.join(map(repr, non_str[:5]))}")
     if version > SCHEMA_VERSION:
-        if not isinstance(compat, int) or compat > SCHEMA_VERSION:
+        if type(compat) is not int or compat > SCHEMA_VERSION:
             raise TrajectoryDecodeError(
-                f"trajectory schema version {version} needs a reader of version >= {compat}; "
+                f"trajectory schema version {version} needs a reader of version >= {compat!r}; "
                 f"this KPop reads up to version {SCHEMA_VERSION} — upgrade KPop"
             )
         unknown = sorted(set(doc) - set(Trajectory.model_fields))
@@ -265,7 +309,7 @@ def decode(data: bytes) -> Trajectory:
             warnings.warn(
                 f"trajectory schema version {version} (this reader: {SCHEMA_VERSION}): ignoring unknown fields {unknown}",
                 FutureSchemaWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             for key in unknown:
                 del doc[key]
@@ -275,12 +319,9 @@ def decode(data: bytes) -> Trajectory:
         while version < SCHEMA_VERSION:
             doc = MIGRATIONS[version](doc)
             version += 1
-    try:
-        for name in _PACKED:
-            doc[name] = _unpack(doc.get(name, b""), name)
-        return Trajectory.model_validate(doc)
-    except (ValidationError, ValueError, TypeError) as exc:
-        raise TrajectoryDecodeError(f"trajectory schema version {version}: invalid content: {exc}") from None
+    for name in _PACKED:
+        doc[name] = _unpack(doc.get(name, b""), name)
+    return Trajectory.model_validate(doc)
 
 
 def _v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:

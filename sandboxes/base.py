@@ -1,17 +1,26 @@
 """The Sandbox API shared by both backends.
 
 A sandbox is one long-lived supervisor process (sandboxes/supervisor.py) running as PID 1 in
-its own namespaces; the host talks to it over a byte stream, one JSON line per request. A
-backend only has to start that process and hand over the stream (`_Transport`); exec, files,
-reset and error handling live here, so the two backends behave the same.
+its own namespaces; the host talks to it over a byte stream, one signed JSON line per request
+and reply (the supervisor's docstring says how and why). A backend only has to start that
+process and hand over the stream (`_Transport`); exec, files, reset and error handling live
+here, so the two backends behave the same.
+
+A reply that is not signed for the request just sent (garbage, a forgery, a replay, bytes
+nobody asked for) means the channel is broken: the sandbox is marked dead and closed at once
+and the call raises `SandboxDeadError`; it is never used again (a pool replaces it).
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import hashlib
+import hmac
 import json
+import math
 import os
+import secrets
 import threading
 import time
 import weakref
@@ -21,7 +30,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from sandboxes.limits import Limits
+from sandboxes.limits import MAX_SECONDS, Limits
 
 SUPERVISOR_SOURCE = (Path(__file__).with_name("supervisor.py")).read_text()
 WORKDIR = "/work"
@@ -41,7 +50,35 @@ class SandboxError(RuntimeError):
 
 
 class SandboxDeadError(SandboxError):
-    """The sandbox's supervisor is gone; this sandbox cannot be used again (a pool replaces it)."""
+    """The sandbox's supervisor is gone, or its channel can no longer be trusted; this sandbox
+    cannot be used again (a pool replaces it)."""
+
+
+class _ChannelError(Exception):
+    """A reply the supervisor did not sign for the request just sent."""
+
+
+# Host paths no sandbox may see, even read-only, as its root or as a mount. Nothing at or under:
+_NEVER_UNDER = ("/proc", "/sys", "/dev", "/etc", "/root", "/boot", "/run", "/var/run", "/var/lib/docker")
+# and not these directories themselves (they hold every user's files or the ones above):
+_NEVER_EXACT = ("/", "/home", "/var")
+
+
+def check_host_path(path: str, what: str) -> str:
+    """The resolved `path`; SandboxError if it is the host root (by any alias: a symlink,
+    `/proc/self/root`, a bind mount) or a host directory that holds credentials, devices or
+    the container runtime's socket."""
+    real = os.path.realpath(path)
+    bad = real in _NEVER_EXACT or any(real == d or real.startswith(d + "/") for d in _NEVER_UNDER)
+    for d in (*_NEVER_EXACT, *_NEVER_UNDER):  # the same directory under another name (a bind mount)
+        try:
+            bad = bad or os.path.samefile(real, d)
+        except OSError:
+            pass
+    if bad:
+        raise SandboxError(f"{what} {path!r} resolves to {real!r}, a host path no sandbox may see "
+                           f"(the host root, {', '.join(_NEVER_UNDER)} and what lies under them)")
+    return real
 
 
 class ExecResult(BaseModel):
@@ -114,20 +151,27 @@ class Sandbox(ABC):
         lim = self.limits
         return json.dumps({
             "workdir": self.workdir,
-            "scratch": [self.workdir, "/tmp", "/dev/shm"],
+            "scratch": [self.workdir, "/tmp", "/dev/shm", "/dev/mqueue"],
             "cpu_time_s": lim.cpu_time_s,
             "file_size_mb": lim.file_size_mb,
             "max_output_bytes": lim.max_output_kb * 1024,
             "oom_files": oom_files,
-            # without a cgroup, the per-process rlimits are the only memory/pid guard
+            # without a cgroup, the per-process rlimits are the only memory/pid guard (a coarse one:
+            # RLIMIT_NPROC counts every process of the host user the sandbox runs as, nobody)
             "rlimit_as_mb": lim.memory_mb if rlimit_fallback else 0,
             "rlimit_nproc": lim.max_pids if rlimit_fallback else 0,
         })
 
     def _attach(self, tx: _Transport, start_timeout: float) -> None:
-        """Adopt the stream and wait for the supervisor's hello."""
+        """Adopt the stream, hand the supervisor its signing key, wait for its signed hello."""
         self._tx = tx
-        hello = self._read_reply(time.monotonic() + start_timeout)
+        self._key = secrets.token_bytes(32)
+        self._seq = 0
+        tx.send(self._key.hex().encode() + b"\n")
+        try:
+            hello = self._read_reply(time.monotonic() + start_timeout)
+        except _ChannelError as exc:
+            raise SandboxError(f"{self.backend} sandbox did not start: {exc}") from exc
         if not hello.get("ready"):
             raise SandboxError(f"{self.backend} sandbox did not start: {hello}")
         _LIVE.add(self)
@@ -150,8 +194,8 @@ class Sandbox(ABC):
             raise SandboxError(f"cmd must be a non-empty list of strings (argv), got {cmd!r}; "
                                "for a shell line use ['sh', '-c', LINE]")
         timeout = self.limits.wall_time_s if timeout is None else float(timeout)
-        if timeout <= 0:
-            raise SandboxError(f"timeout must be > 0 seconds, got {timeout}")
+        if not (math.isfinite(timeout) and 0 < timeout <= MAX_SECONDS):
+            raise SandboxError(f"timeout must be a finite number of seconds in (0, {MAX_SECONDS:g}], got {timeout}")
         full_env = dict(BASE_ENV)
         for key, value in (env or {}).items():
             if not isinstance(key, str) or not isinstance(value, str) or "=" in key or not key:
@@ -182,6 +226,10 @@ class Sandbox(ABC):
         """Read a file under the workdir; FileNotFoundError if it is not there."""
         return base64.b64decode(self._request({"op": "read", "path": path}, REPLY_GRACE_S)["data"])
 
+    def ping(self) -> None:
+        """Return when the supervisor answers; SandboxDeadError (and closed) when it does not."""
+        self._request({"op": "ping"}, REPLY_GRACE_S)
+
     def reset(self) -> None:
         """Kill every process in the sandbox and empty its workdir and /tmp."""
         self._request({"op": "reset"}, REPLY_GRACE_S)
@@ -207,16 +255,23 @@ class Sandbox(ABC):
     # -- protocol ------------------------------------------------------------------------
     def _request(self, msg: dict[str, Any], reply_timeout: float) -> dict[str, Any]:
         with self._lock:
-            if self._closed:
-                raise SandboxError(f"{self.backend} sandbox is closed")
             if self._dead is not None:
                 raise SandboxDeadError(f"{self.backend} sandbox is dead: {self._dead}")
+            if self._closed:
+                raise SandboxError(f"{self.backend} sandbox is closed")
             assert self._tx is not None
+            self._seq += 1
+            body = json.dumps({**msg, "seq": self._seq}).encode()
             try:
-                self._tx.send(json.dumps(msg).encode() + b"\n")
+                self._tx.send(self._mac(b"q", body) + b" " + body + b"\n")
                 reply = self._read_reply(time.monotonic() + reply_timeout)
             except (OSError, TimeoutError, SandboxDeadError) as exc:
                 self._dead = f"{type(exc).__name__}: {exc}"
+            except _ChannelError as exc:
+                self._dead = f"its control channel is broken ({exc}); it will not be used again"
+            else:
+                if not reply["ok"] and reply.get("error") == "tainted":
+                    self._dead = f"{reply.get('message')}; it will not be used again"
         if self._dead is not None:
             self.close()
             raise SandboxDeadError(f"{self.backend} sandbox died during {msg['op']}: {self._dead}")
@@ -229,7 +284,11 @@ class Sandbox(ABC):
             raise SandboxError(f"{msg['op']} failed in the sandbox: {message}")
         return reply
 
+    def _mac(self, direction: bytes, body: bytes) -> bytes:
+        return hmac.new(self._key, direction + body, hashlib.sha256).hexdigest().encode()
+
     def _read_reply(self, deadline: float) -> dict[str, Any]:
+        """The reply to request `self._seq`, verified; _ChannelError for anything else."""
         assert self._tx is not None
         while b"\n" not in self._buf:
             left = deadline - time.monotonic()
@@ -240,4 +299,12 @@ class Sandbox(ABC):
                 raise SandboxDeadError("the sandbox supervisor exited")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
-        return json.loads(line)
+        if self._buf:  # the supervisor sends exactly one line per request
+            raise _ChannelError(f"{len(self._buf)} bytes arrived that no request asked for")
+        mac, _, body = line.partition(b" ")
+        if not hmac.compare_digest(mac, self._mac(b"r", body)):
+            raise _ChannelError(f"a reply without a valid signature: {line[:80]!r}")
+        reply = json.loads(body)
+        if reply.get("seq") != self._seq:
+            raise _ChannelError(f"reply {reply.get('seq')} to request {self._seq} (a replay)")
+        return reply

@@ -4,6 +4,10 @@ unshared, a private tmpfs workdir, no inherited environment, limits from a cgrou
 The supervisor runs as PID 1 (`--as-pid-1`) with the host's /usr/bin/python3. Nothing is
 created on the host's disk, so a crash leaves no temp dirs; `--die-with-parent` plus EOF on
 the supervisor's stdin take the sandbox down with its caller.
+
+bwrap maps the sandbox user to the uid that runs bwrap. Run by root, that is host root: a
+sandbox would own every root file it can see. So a root caller drops to nobody (`setpriv`)
+before bwrap starts, and the sandbox's files are the host's world-readable ones at most.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from sandboxes.base import SUPERVISOR_SOURCE, Sandbox, SandboxError
+from sandboxes.base import SUPERVISOR_SOURCE, Sandbox, SandboxError, check_host_path
 from sandboxes.cgroups import Cgroup
 from sandboxes.limits import Limits
 
@@ -26,6 +30,9 @@ OOM_FILE_INSIDE = "/run/kpop/oom_events"
 # Read-only extras from the host's /etc that programs need to start fast and behave; nothing
 # that identifies users or holds secrets.
 ETC_FILES = ("/etc/ld.so.cache", "/etc/alternatives", "/etc/localtime")
+NOBODY = 65534  # the sandbox user inside, and the host user bwrap runs as when the caller is root
+# a rootfs must bring its own copies of these, never the host's
+HOST_DIRS = ("etc", "root", "home", "proc", "sys", "dev", "boot", "run", "var")
 
 
 class _Spawner:
@@ -89,8 +96,20 @@ def bwrap_path() -> str:
 def _rootfs(image: str | None) -> str | None:
     """A path (absolute or ./relative) is a rootfs directory to use read-only as /; anything
     else is a docker image name, which bwrap has no use for: it runs the host's /usr. That
-    lets one run config name the image for both backends."""
-    return image if image and image.startswith(("/", "./", "../")) else None
+    lets one run config name the image for both backends. The host's own root, or a tree that
+    is or holds a sensitive host directory, is refused."""
+    if not (image and image.startswith(("/", "./", "../"))):
+        return None
+    root = check_host_path(image, "bwrap image")
+    for name in HOST_DIRS:
+        try:
+            same = os.path.samefile(os.path.join(root, name), "/" + name)
+        except OSError:
+            continue
+        if same:
+            raise SandboxError(f"bwrap image {image!r}: its {name}/ is the host's /{name}; "
+                               "a rootfs must not expose host directories")
+    return root
 
 
 def _system_binds(root: str | None) -> list[str]:
@@ -110,6 +129,17 @@ def _system_binds(root: str | None) -> list[str]:
     return args
 
 
+def _drop_root() -> list[str]:
+    """The argv prefix that runs bwrap as nobody when we are root (see the module docstring)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise SandboxError("run as root, bwrap needs `setpriv` (util-linux) to drop to nobody; "
+                           "without it the sandbox user would be host root")
+    return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
+
+
 class BwrapSandbox(Sandbox):
     backend = "bwrap"
 
@@ -119,13 +149,15 @@ class BwrapSandbox(Sandbox):
         self.image = image
         bwrap = bwrap_path()
         mount_args = _mount_args(mounts or {}, self.workdir)
+        system_binds = _system_binds(_rootfs(image))
+        drop_root = _drop_root()
         self._cgroup = Cgroup.create(limits.memory_mb, limits.max_pids + 2)  # + bwrap + supervisor
         size = str(limits.disk_mb << 20)
         argv = [
             bwrap, "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--as-pid-1",
-            "--uid", "65534", "--gid", "65534", "--hostname", "sandbox", "--clearenv",
+            "--uid", str(NOBODY), "--gid", str(NOBODY), "--hostname", "sandbox", "--clearenv",
             "--cap-drop", "ALL", "--disable-userns",
-            *_system_binds(_rootfs(image)),
+            *system_binds,
             "--proc", "/proc", "--dev", "/dev",
             "--perms", "1777", "--size", size, "--tmpfs", "/dev/shm",
             "--perms", "1777", "--size", size, "--tmpfs", "/tmp",
@@ -140,6 +172,7 @@ class BwrapSandbox(Sandbox):
         argv += [*mount_args, "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", self.workdir,
                  "/usr/bin/python3", "-I", "-S", "-c", SUPERVISOR_SOURCE,
                  self._supervisor_config(oom_files, rlimit_fallback=self._cgroup is None)]
+        argv = [*drop_root, *argv]
         if self._cgroup is not None:
             # join the cgroup before exec'ing bwrap so that nothing it forks escapes it
             joins = " && ".join(f"echo $$ > {p}" for p in self._cgroup.procs_files)
@@ -190,8 +223,9 @@ def _mount_args(mounts: dict[str, str], workdir: str) -> list[str]:
     for host, inside in mounts.items():
         if not os.path.exists(host):
             raise SandboxError(f"mount source {host!r} does not exist")
+        host = check_host_path(host, "mount source")
         if not inside.startswith("/") or os.path.normpath(inside) in ("/", workdir):
             raise SandboxError(f"mount target {inside!r} must be an absolute path other than / "
                                f"and the workdir {workdir}")
-        args += ["--ro-bind", os.path.abspath(host), os.path.normpath(inside)]
+        args += ["--ro-bind", host, os.path.normpath(inside)]
     return args

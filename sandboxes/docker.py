@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any
 
-from sandboxes.base import SUPERVISOR_SOURCE, Sandbox, SandboxError, owner_alive, owner_token
+from sandboxes.base import SUPERVISOR_SOURCE, Sandbox, SandboxError, check_host_path, owner_alive, owner_token
 from sandboxes.limits import Limits
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,11 @@ def docker_client() -> Any:
 def reap_stale(client: Any) -> int:
     """Remove this host's sandbox containers whose owning process is gone. -> how many."""
     n = 0
-    for c in client.containers.list(all=True, filters={"label": [LABEL, f"{HOST_LABEL}={socket.gethostname()}"]}):
-        if not owner_alive(c.labels.get(LABEL, "")):
-            _remove(client.api, c.id)
+    # the low-level list: the high-level one inspects each container and fails on one that
+    # AutoRemove takes away meanwhile
+    for c in client.api.containers(all=True, filters={"label": [LABEL, f"{HOST_LABEL}={socket.gethostname()}"]}):
+        if not owner_alive((c.get("Labels") or {}).get(LABEL, "")):
+            _remove(client.api, c["Id"])
             n += 1
     return n
 
@@ -148,7 +150,7 @@ class DockerSandbox(Sandbox):
             if not inside.startswith("/") or inside.rstrip("/") in ("", self.workdir):
                 raise SandboxError(f"mount target {inside!r} must be an absolute path other than / "
                                    f"and the workdir {self.workdir}")
-            binds[host] = {"bind": inside, "mode": "ro"}
+            binds[check_host_path(host, "mount source")] = {"bind": inside, "mode": "ro"}
         host_config = api.create_host_config(
             network_mode="host" if limits.network else "none",
             mem_limit=mem, memswap_limit=mem,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Longest exec timeout or CPU limit: a day is more than any episode needs, and a finite bound
+# keeps deadlines and poll timeouts representable (inf or 1e308 overflow them).
+MAX_SECONDS = 86_400.0
+
 
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    wall_time_s: float = Field(10.0, gt=0.0)  # default timeout of one exec
-    cpu_time_s: float = Field(10.0, gt=0.0)  # per process (RLIMIT_CPU)
+    wall_time_s: float = Field(10.0, gt=0.0, le=MAX_SECONDS, allow_inf_nan=False)  # default timeout of one exec
+    cpu_time_s: float = Field(10.0, gt=0.0, le=MAX_SECONDS, allow_inf_nan=False)  # per process (RLIMIT_CPU)
     memory_mb: int = Field(512, ge=16)  # whole sandbox (cgroup), incl. its tmpfs workdir
     max_pids: int = Field(64, ge=1)  # processes the sandboxed code may run at once
     file_size_mb: int = Field(64, ge=1)  # largest file one process may write (RLIMIT_FSIZE)

@@ -10,13 +10,28 @@ kernel kills everything else. EOF on stdin means the host is gone: kill everythi
 
 Standard library only, and nothing from the host's Python: it runs on the sandbox's python3.
 
+The control channel must stay out of reach of the code we run, which has our uid:
+- we make ourselves non-dumpable first, so no process in the sandbox can open /proc/1/fd/*
+  (our stdin/stdout), read /proc/1/mem or ptrace us;
+- every line each way is signed: the host's first line is a fresh 32-byte key (no process but
+  us exists yet to read it), then each line is `HMAC-SHA256(key, dir + body) hex + " " + body`
+  with a sequence number in the body. A request we did not get from the host (bad signature,
+  wrong sequence) means the channel is breached: we kill everything and exit. The host treats
+  a reply it cannot verify the same way, so a forged or replayed line can never become a result;
+- a process of our uid can still lower our rlimits or nice value (prlimit needs no more), which
+  every later process would inherit: before each request we check them and refuse to go on
+  ("tainted") if they changed, and the host discards the sandbox.
+
 Requests:  {"op": "exec", "argv": [...], "env": {...}, "cwd": str, "stdin": b64, "timeout": s}
            {"op": "write", "path": str, "data": b64}   {"op": "read", "path": str}
            {"op": "reset"}                              {"op": "ping"}
-Replies:   {"ok": true, ...} or {"ok": false, "error": kind, "message": str}
+Replies:   {"ok": true, ...} or {"ok": false, "error": kind, "message": str}; each with "seq".
 """
 
 import base64
+import ctypes
+import hashlib
+import hmac
 import json
 import os
 import resource
@@ -30,13 +45,41 @@ import time
 CFG = json.loads(sys.argv[1])
 WORKDIR = CFG["workdir"]
 CHUNK = 1 << 16
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+IPC_RMID = 0
+LIBC = ctypes.CDLL(None, use_errno=True)
+# every limit a process can lower on another of its uid (and so on us)
+RLIMITS = [getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_")]
 
 
-def send(msg):
-    data = (json.dumps(msg) + "\n").encode()
-    view = memoryview(data)
-    while view:
-        view = view[os.write(1, view):]
+class Channel:
+    """Signed lines: `mac hex` SP body LF; the MAC covers a direction byte and the body."""
+
+    def __init__(self, key):
+        self.key = key
+        self.seq = 0  # of the last request accepted; the hello is reply 0
+
+    def mac(self, direction, body):
+        return hmac.new(self.key, direction + body, hashlib.sha256).hexdigest().encode()
+
+    def send(self, msg):
+        msg["seq"] = self.seq
+        body = json.dumps(msg).encode()
+        data = self.mac(b"r", body) + b" " + body + b"\n"
+        view = memoryview(data)
+        while view:
+            view = view[os.write(1, view):]
+
+    def parse(self, line):
+        """The request on `line`, or None if the host did not send it."""
+        mac, _, body = line.partition(b" ")
+        if not hmac.compare_digest(mac, self.mac(b"q", body)):
+            return None
+        req = json.loads(body)
+        if req.get("seq") != self.seq + 1:
+            return None
+        self.seq += 1
+        return req
 
 
 def read_lines():
@@ -104,6 +147,37 @@ def oom_kills():
         except OSError:
             continue
     return 0
+
+
+def make_undumpable():
+    """Processes of our uid may no longer open /proc/1/fd/*, read /proc/1/mem or ptrace us.
+    (Our children get dumpable back when they exec, so their own /proc files stay theirs.)"""
+    LIBC.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    if LIBC.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0:
+        sys.stderr.write("kpop supervisor: cannot make itself non-dumpable\n")
+        os._exit(2)
+
+
+def own_state():
+    """What sandboxed code could change in us from outside: our rlimits and nice value."""
+    return [resource.getrlimit(r) for r in RLIMITS] + [os.getpriority(os.PRIO_PROCESS, 0)]
+
+
+def remove_sysv_ipc():
+    """SysV shared memory, queues and semaphores outlive the processes that made them."""
+    for kind in ("shm", "msg", "sem"):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                ids = [int(line.split()[1]) for line in list(f)[1:] if line.strip()]
+        except OSError:
+            continue
+        for ipc_id in ids:
+            if kind == "shm":
+                LIBC.shmctl(ipc_id, IPC_RMID, None)
+            elif kind == "msg":
+                LIBC.msgctl(ipc_id, IPC_RMID, None)
+            else:
+                LIBC.semctl(ipc_id, 0, IPC_RMID)
 
 
 def limit_self():
@@ -240,6 +314,7 @@ def do_read(req):
 
 def do_reset(_req):
     kill_all_and_wait()
+    remove_sysv_ipc()
     for top in CFG["scratch"]:
         for name in os.listdir(top) if os.path.isdir(top) else ():
             path = os.path.join(top, name)
@@ -263,20 +338,36 @@ OPS = {"exec": do_exec, "write": do_write, "read": do_read, "reset": do_reset,
 
 
 def main():
+    make_undumpable()
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Python's own SIGINT handler would let a process of our uid raise KeyboardInterrupt in us;
+    # a no-op handler (unlike SIG_IGN) is not inherited across exec by what we run.
+    signal.signal(signal.SIGINT, lambda *_: None)
     limit_self()
-    send({"ok": True, "ready": True, "pid": os.getpid()})
-    for line in read_lines():
+    lines = read_lines()
+    key = next(lines, b"")
+    if len(key) != 64:
+        os._exit(2)
+    chan = Channel(bytes.fromhex(key.decode()))
+    expected = own_state()
+    chan.send({"ok": True, "ready": True, "pid": os.getpid()})
+    for line in lines:
+        req = chan.parse(line)
+        if req is None:  # not from the host: nothing on this channel can be trusted any more
+            die()
         try:
-            req = json.loads(line)
-            reply = OPS[req["op"]](req)
+            if own_state() != expected:
+                reply = {"ok": False, "error": "tainted",
+                         "message": "sandboxed code changed the supervisor's rlimits or priority"}
+            else:
+                reply = OPS[req["op"]](req)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             reply = {"ok": False, "error": "not_found", "message": str(exc)}
         except PermissionError as exc:
             reply = {"ok": False, "error": "permission", "message": str(exc)}
         except Exception as exc:  # a bad request must not take the sandbox down
             reply = {"ok": False, "error": "internal", "message": f"{type(exc).__name__}: {exc}"}
-        send(reply)
+        chan.send(reply)
     die()
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from kpop.archive import ArchiveError, TrajectoryArchive, archive_dir
 from kpop.trajectory import Segment, Trajectory
-from kpop.viewer.demo import play
+from demo_run import play
 
 
 def _traj(i: int, env: str = "kpop/tooluse-v0", versions: tuple[int, ...] = (3, 4), reward: float = 0.5,
@@ -117,3 +117,12 @@ def test_bad_input_is_named(tmp_path):
     a.close()
     with pytest.raises(ArchiveError, match="closed"):
         a.write([_traj(0)], status="consumed")
+
+
+def test_a_corrupt_index_is_rebuilt_from_its_part(tmp_path):
+    with TrajectoryArchive(tmp_path) as archive:
+        archive.write([_traj(i) for i in range(3)], status="consumed", step=1)
+    index = next((tmp_path / "trajectories").glob("*.index.json"))
+    for text in ("{not json", '{"rows": [{"trajectory_id": "x"}]}', '{"rows": 7}', "[]"):
+        index.write_text(text)
+        assert len(TrajectoryArchive(tmp_path).load()) == 3, text

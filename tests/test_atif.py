@@ -16,7 +16,7 @@ from kpop.archive import TrajectoryArchive
 from kpop.atif import to_atif
 from kpop.cli.evals import export_cmd
 from kpop.policy.tokenizer import get_tokenizer
-from kpop.viewer.demo import play, tokenize
+from demo_run import play, synthetic_logprobs
 
 _OBJ = {"type": "object"}
 ATIF_SCHEMA = {
@@ -84,9 +84,10 @@ def check_atif(doc: dict) -> None:
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     tok, rng = get_tokenizer(), random.Random(0)
-    trajs = [tokenize(play("kpop/workflow-v0", "oracle", 1), tok, [2, 3], rng)[0],
-             tokenize(play("kpop/tooluse-v0", "wrong", 2), tok, [7], rng)[0],
-             play("kpop/tooluse-v0", "oracle", 3)]  # no tokens recorded
+    trajs = [synthetic_logprobs(play("kpop/workflow-v0", "oracle", 1, tokenizer=tok), [2, 3], rng)[0],
+             synthetic_logprobs(play("kpop/tooluse-v0", "wrong", 2, tokenizer=tok), [7], rng)[0],
+             play("kpop/tooluse-v0", "oracle", 3, tokenizer=tok).model_copy(  # no tokens recorded
+                 update={"token_ids": [], "logprobs": [], "loss_mask": [], "segments": []})]
     with TrajectoryArchive(run) as a:
         a.write(trajs, status="consumed", step=3, policy_version=8)
     return run

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
+import threading
 
 import pytest
 
 from environments import assistant, make, oracle_agent, run_episode
 from environments.tooluse import calculator, convert_units
+from environments.tools import MAX_TOOL_OUTPUT_BYTES, ToolError
 
 
 def play(env, agent, seed):
@@ -108,3 +112,145 @@ def test_task_ids_replay():
     assert replay == obs and info2["task_id"] == info["task_id"]
     with pytest.raises(ValueError, match="bad tooluse task_id"):
         env.reset(options={"task_id": "tooluse/zz"})
+
+
+# ---- hostile tool calls: the SQL tool and the calculator face model-chosen input ------------------
+
+def _sql(env, query: str) -> str:
+    env.reset(seed=0)
+    return env.tools.call({"id": "c", "type": "function",
+                           "function": {"name": "sql_query", "arguments": json.dumps({"query": query})}})["content"]
+
+
+def test_sql_cannot_reach_host_files(tmp_path):
+    secret = tmp_path / "secret.db"
+    with sqlite3.connect(secret) as host_db:
+        host_db.execute("CREATE TABLE keys(k TEXT)")
+        host_db.execute("INSERT INTO keys VALUES ('hunter2')")
+    host_db.close()
+    before = secret.read_bytes()
+    env = make("kpop/tooluse-v0", difficulty=2)
+    attacks = [
+        f"ATTACH DATABASE '{secret}' AS s",  # read a host database
+        f"ATTACH DATABASE '{tmp_path / 'new.db'}' AS n",  # ATTACH creates the file if missing
+        f"VACUUM INTO '{tmp_path / 'copy.db'}'",  # writes a copy of the facts to a host path
+        "SELECT * FROM s.keys",
+    ]
+    for query in attacks:
+        out = _sql(env, query)
+        assert out.startswith("error:"), (query, out)
+        assert "hunter2" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.db"]  # nothing created
+    assert secret.read_bytes() == before
+    env.close()
+
+
+def test_sql_cannot_change_the_facts():
+    env = make("kpop/tooluse-v0", difficulty=2)
+    for query in ["PRAGMA query_only=OFF", "PRAGMA writable_schema=ON", "DELETE FROM planets",
+                  "UPDATE planets SET moons = 0", "INSERT INTO planets VALUES ('Vulcan', 9, 1, 1)",
+                  "CREATE TABLE x(y)", "DROP TABLE planets", "CREATE TEMP TABLE x(y)"]:
+        assert _sql(env, query).startswith("error:"), query
+    # the facts are intact, for this episode and the next
+    assert _sql(env, "SELECT count(*), sum(moons) FROM planets") == "[[8, 288]]"
+    env.close()
+
+
+@pytest.mark.parametrize("query", ["SELECT load_extension('/tmp/evil.so')", "SELECT zeroblob(1000000000)",
+                                   "SELECT randomblob(1000000000)", "SELECT fts3_tokenizer('simple')",
+                                   "SELECT sqlite_compileoption_get(0)"])
+def test_sql_functions_outside_the_allow_list_are_refused(query):
+    env = make("kpop/tooluse-v0", difficulty=2)
+    assert _sql(env, query).startswith("error:")
+    assert _sql(env, "SELECT upper(name), round(atomic_weight, 1) FROM elements WHERE atomic_number = 2") \
+        == '[["HELIUM", 4.0]]'
+    env.close()
+
+
+ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x+1 FROM c) SELECT count(*) FROM c"
+
+
+def _in_thread(fn):
+    """Run fn in a daemon thread; returns (thread, box) where box[0] gets the result."""
+    box: list = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    return t, box
+
+
+def test_endless_query_is_interrupted_with_a_tool_error():
+    # Generous liveness bound (the tool's own limit is a few seconds): without interruption the
+    # query never ends and the thread would still be running.
+    env = make("kpop/tooluse-v0", difficulty=2)
+    t, box = _in_thread(lambda: _sql(env, ENDLESS))
+    t.join(120)
+    assert not t.is_alive(), "the endless query was never interrupted"
+    assert box[0].startswith("error:") and "time limit" in box[0]
+    assert _sql(env, "SELECT count(*) FROM elements") == "[[20]]"  # the connection still works
+    env.close()
+
+
+def test_close_interrupts_a_running_query():
+    env = make("kpop/tooluse-v0", difficulty=2)
+    env.reset(seed=0)
+    started = threading.Event()
+    sql_tool = env.tools["sql_query"]
+
+    def query():
+        started.set()
+        try:
+            return sql_tool.fn(query=ENDLESS)
+        except ToolError as exc:
+            return f"error: {exc}"
+
+    t, box = _in_thread(query)
+    started.wait()
+    closer, _ = _in_thread(env.close)
+    closer.join(120)
+    t.join(120)
+    assert not closer.is_alive() and not t.is_alive()
+    assert box[0].startswith("error:")
+
+
+def _call_episode(name: str, arguments: str):
+    """One tool call with raw `arguments`, then a final answer; returns (episode, tool message)."""
+    env = make("kpop/tooluse-v0", difficulty=2)
+
+    async def agent(messages, tools):
+        if messages[-1]["role"] != "tool":
+            msg = assistant(None, (name, {}))
+            msg["tool_calls"][0]["function"]["arguments"] = arguments
+            return msg
+        return assistant("42")
+
+    ep = play(env, agent, 0)
+    env.close()
+    return ep, next(m for m in ep.messages if m["role"] == "tool")
+
+
+@pytest.mark.parametrize("name, arguments, needle", [
+    ("sql_query", '{"query": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested"),
+    ("sql_query", '{"query": "SELECT \\ud800"}', "surrogate"),
+    ("calculator", '{"expression": "(-8) ** 0.5"}', "not a real number"),
+    ("calculator", '{"expression": "999999.0 ** 64"}', "too large"),
+    ("calculator", '{"expression": "1e308 * 10"}', "not a finite number"),
+    ("convert_units", '{"value": 1e308, "from_unit": "km", "to_unit": "mm"}', "not a finite number"),
+])
+def test_hostile_arguments_give_tool_errors_not_failed_episodes(name, arguments, needle):
+    ep, tool_msg = _call_episode(name, arguments)
+    assert ep.status == "ok", ep.error
+    assert tool_msg["content"].startswith("error:") and needle in tool_msg["content"], tool_msg["content"]
+
+
+def test_blobs_from_sqlite_come_back_as_text():
+    ep, tool_msg = _call_episode("sql_query", json.dumps({"query": "SELECT x'00ff', 1"}))
+    assert ep.status == "ok", ep.error
+    assert json.loads(tool_msg["content"]) == [["x'00ff'", 1]]
+
+
+def test_tool_output_is_capped():
+    ep, tool_msg = _call_episode("sql_query", json.dumps({"query": "SELECT printf('%.*c', 900000, 'x')"}))
+    assert ep.status == "ok", ep.error
+    content = tool_msg["content"]
+    assert len(content.encode()) <= MAX_TOOL_OUTPUT_BYTES + 200
+    assert "truncated" in content and "900" in content

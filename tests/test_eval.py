@@ -91,3 +91,55 @@ def test_cli(ckpt, tmp_path):
     assert res.exit_code == 2 and "not a policy checkpoint" in res.stderr
     res = runner.invoke(app, [str(ckpt), "--env", "acme/none-v0", "--episodes", "1"])
     assert res.exit_code == 2 and "unknown environment 'acme/none-v0'" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def run_policy(ckpt, tmp_path_factory):
+    """A run directory as `kpop train` leaves it: config.yaml beside the final policy."""
+    import shutil
+
+    from kpop.config import config_from_dict, dump_config
+
+    run = tmp_path_factory.mktemp("runs") / "q"
+    shutil.copytree(ckpt, run / "policy")
+    cfg = config_from_dict({
+        "name": "q", "rollout": {"max_new_tokens": 5, "max_turns": 1, "max_episode_tokens": 300, "temperature": 0.0},
+        "environments": {"train": [{"id": ENV, "kwargs": {"difficulty": 1, "split": "train", "show_tools": False}}],
+                         "eval": [{"id": ENV, "kwargs": {"difficulty": 1, "split": "eval", "show_tools": False}}]}})
+    (run / "config.yaml").write_text(dump_config(cfg))
+    return run / "policy"
+
+
+def test_a_runs_policy_is_evaluated_with_the_runs_settings(run_policy):
+    """#20: `kpop eval runs/<name>/policy` plays the run's eval env kwargs and rollout settings,
+    says so, lets the command line override each, and writes nothing into the checkpoint."""
+    app = typer.Typer()
+    app.command()(eval_cmd)
+    runner = CliRunner()
+    before = sorted(p.name for p in run_policy.parent.rglob("*"))
+    res = runner.invoke(app, [str(run_policy), "--env", ENV, "--episodes", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    assert f"settings: {run_policy.parent / 'config.yaml'}" in res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["env_kwargs"] == {"difficulty": 1, "split": "eval", "show_tools": False}
+    assert {k: doc["sampling"][k] for k in ("max_new_tokens", "max_turns", "max_episode_tokens", "temperature")} == {
+        "max_new_tokens": 5, "max_turns": 1, "max_episode_tokens": 300, "temperature": 0.0}
+    assert all(r["task_id"].startswith("tooluse/d1/") and r["turns"] <= 1 and 0 < r["model_tokens"] <= 5
+               for r in doc["results"])
+    assert sorted(p.name for p in run_policy.parent.rglob("*")) == before  # no report in the run
+
+    res = runner.invoke(app, [str(run_policy), "--env", ENV, "--episodes", "2", "--json", "--max-turns", "2",
+                              "--kwarg", "show_tools=true"])
+    assert res.exit_code == 0, res.output
+    assert "from the command line: max_turns, env kwarg show_tools" in res.stderr
+    shown = json.loads(res.stdout)
+    assert shown["env_kwargs"] == {"difficulty": 1, "split": "eval", "show_tools": True}
+    assert shown["sampling"]["max_turns"] == 2 and shown["sampling"]["max_new_tokens"] == 5
+    # the same tasks, now with the tool schemas in the prompt
+    assert [r["task_id"] for r in shown["results"]] == [r["task_id"] for r in doc["results"]]
+    assert all(a["tokens"] > b["tokens"] + 50 for a, b in zip(shown["results"], doc["results"]))
+
+    res = runner.invoke(app, [str(run_policy), "--env", ENV, "--episodes", "1", "--json", "--no-run-config"])
+    assert res.exit_code == 0, res.output
+    assert "settings: defaults" in res.stderr
+    assert json.loads(res.stdout)["env_kwargs"] == {} and json.loads(res.stdout)["sampling"]["max_new_tokens"] == 128

@@ -90,3 +90,24 @@ def test_plan_reads_only_the_checkpoint_config(tmp_path):
     p = plan_run_config(load_config(run))
     assert p.total_params == plan_policy(cfg).total_params
     assert p.counts.embedding == 300 * cfg.hidden_size
+
+
+def test_weight_sync_estimate_adds_up_and_is_on_the_cli():
+    from kpop.policy.plan import plan_weight_sync
+
+    p = plan_run_config(load_config(CONFIGS / "ring-2.6-1t.yaml"))
+    s = plan_weight_sync(p, 256 << 20, copy_gb_per_s=2000.0, nccl_gb_per_s=50.0)
+    assert s.weight_bytes == 2 * p.total_params
+    assert s.buckets == -(-s.weight_bytes // (256 << 20))
+    assert s.broadcast_s == pytest.approx(s.weight_bytes / 50e9)
+    assert s.pipelined_s < s.seconds == pytest.approx(s.pack_s + s.broadcast_s + s.unpack_s)
+    # twice the bus bandwidth: the broadcast, which dominates at 1T, halves
+    assert plan_weight_sync(p, 256 << 20, 2000.0, 100.0).broadcast_s == pytest.approx(s.broadcast_s / 2)
+    with pytest.raises(ValueError, match="positive"):
+        plan_weight_sync(p, 0, 2000.0, 50.0)
+    out = CliRunner().invoke(app, ["plan", str(CONFIGS / "ring-2.6-1t.yaml"), "--json", "--nccl-gbps", "50",
+                                   "--copy-gbps", "2000"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["weight_sync"]["broadcast_s"] == pytest.approx(s.broadcast_s)
+    bad = CliRunner().invoke(app, ["plan", str(CONFIGS / "ring-2.6-1t.yaml"), "--nccl-gbps", "0"])
+    assert bad.exit_code != 0 and "positive" in bad.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import typer
@@ -12,8 +13,9 @@ from typer.testing import CliRunner
 
 from kpop.archive import TrajectoryArchive
 from kpop.cli.evals import replay_cmd
-from kpop.replay import first_divergence, replay, replay_path
-from kpop.viewer.demo import play
+from kpop.replay import first_divergence, format_report, replay, replay_env_kwargs, replay_path
+from kpop.trajectory import SandboxIdentity
+from demo_run import play
 
 FAMILIES = ["kpop/tooluse-v0", "kpop/workflow-v0", "kpop/search-v0", "kpop/coding-v0"]
 
@@ -87,3 +89,74 @@ def test_cli_json_and_exit_codes(run_dir, tmp_path):
     assert res.exit_code == 0 and "regrade: 4/4 match" in res.stdout
     res = runner.invoke(app, [str(tmp_path / "missing")])
     assert res.exit_code == 2 and "not a run directory" in res.stderr
+
+
+def test_status_help_lists_every_status_the_code_accepts():
+    from kpop.trajectory import ArchiveStatus, TrajectoryStatus
+
+    app = typer.Typer()
+    app.command()(replay_cmd)
+    res = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "400", "NO_COLOR": "1"})
+    help_text = " ".join(res.stdout.split())
+    for status in [*ArchiveStatus, *TrajectoryStatus]:
+        assert status.value in help_text
+
+
+# ---- an archive is untrusted input ----------------------------------------------------------------
+
+def test_archived_host_path_kwarg_is_not_used_unless_trusted(run_dir, tmp_path):
+    traj = TrajectoryArchive(run_dir).load(env_id="kpop/search-v0")[0]
+    target = tmp_path / "written-by-the-archive"
+    evil = traj.model_copy(update={"env_kwargs": {**traj.env_kwargs, "cache_dir": str(target)}})
+    [r] = replay([evil]).results
+    assert r.match and not target.exists()
+    assert "host path" in r.refused_kwargs["cache_dir"]
+    [r] = replay([evil], trust_archive=True).results  # the user's explicit choice
+    assert r.match and not r.refused_kwargs and target.exists()
+
+
+def test_archived_sandbox_kwargs_are_refused_unless_trusted(run_dir):
+    traj = next(t for t in TrajectoryArchive(run_dir).load(env_id="kpop/coding-v0") if t.reward == 1.0)
+    evil = traj.model_copy(update={"env_kwargs": {**traj.env_kwargs, "image": "/", "limits": {"network": True},
+                                                  "not_a_kwarg": 1}})
+    kwargs, refused = replay_env_kwargs(evil)
+    assert not {"image", "limits", "not_a_kwarg"} & set(kwargs)
+    assert refused == {"image": "it configures the sandbox", "limits": "it configures the sandbox",
+                       "not_a_kwarg": "kpop/coding-v0 does not declare this kwarg"}
+    report = replay([evil])
+    assert report.match_rate == 1.0 and set(report.results[0].refused_kwargs) == {"image", "limits", "not_a_kwarg"}
+    assert "--trust-archive" in format_report(report)
+    # the recorded docker image is archive data too
+    docker = traj.model_copy(update={"sandbox": SandboxIdentity(backend="docker", image="attacker/image:latest")})
+    kwargs, refused = replay_env_kwargs(docker)
+    assert kwargs.get("backend") == "docker" and "image" not in kwargs and "sandbox.image" in refused
+    assert replay_env_kwargs(docker, trust_archive=True)[0]["image"] == "attacker/image:latest"
+    # what the caller passes is the caller's
+    assert replay_env_kwargs(evil, {"image": "mine:1"})[0]["image"] == "mine:1"
+
+
+def test_a_truncated_part_is_skipped_and_counted(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    with TrajectoryArchive(copy) as archive:  # a second part, which stays readable
+        archive.write(TrajectoryArchive(run_dir).load(env_id="kpop/tooluse-v0"), status="consumed", step=3)
+    first = copy / "trajectories" / "part-000000.parquet"
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])  # a disk filled up mid-write
+    report = replay_path(copy)
+    assert report.total == 2 and report.match_rate == 1.0
+    assert list(report.skipped_parts) == ["part-000000.parquet"]
+    app = typer.Typer()
+    app.command()(replay_cmd)
+    res = CliRunner().invoke(app, [str(copy)])
+    assert res.exit_code == 0 and "skipped unreadable archive part part-000000.parquet" in res.stdout, res.output
+    # and with its index gone as well (the part was never completely published)
+    (copy / "trajectories" / "part-000000.index.json").unlink()
+    assert replay_path(copy).total == 2
+
+
+def test_nothing_to_replay_is_an_error(run_dir):
+    app = typer.Typer()
+    app.command()(replay_cmd)
+    res = CliRunner().invoke(app, [str(run_dir), "--env", "kpop/no-such-v0"])
+    assert res.exit_code == 2 and "no trajectories to replay" in res.stderr and "env_id=kpop/no-such-v0" in res.stderr
+    assert replay([]).match_rate == 0.0

@@ -236,7 +236,7 @@ def test_preemption_when_cache_is_full(model):
 
 
 def test_consistency_metric():
-    from kpop.rollout.consistency import logprob_consistency
+    from logprob_check import logprob_consistency
 
     train = torch.log(torch.tensor([0.5, 0.9, 0.2, 0.7]))
     rollout = torch.log(torch.tensor([0.5, 0.1, 0.2, 0.7]))

@@ -217,11 +217,11 @@ def test_nothing_survives_a_crashed_caller(backend: str) -> None:
 
         client = sd.docker_client()
         label = {"label": f"{sd.LABEL}={owner}"}
-        while client.containers.list(all=True, filters=label):
+        while client.api.containers(all=True, filters=label):
             assert time.monotonic() < deadline, "containers outlived their caller"
             time.sleep(0.2)
         # a container its owner could not take down (e.g. lost attach) is reaped by the next start
         orphan = client.containers.run(sd.DEFAULT_IMAGE, ["sleep", "1000"], detach=True, network_mode="none",
                                        labels={sd.LABEL: "1-0", sd.HOST_LABEL: socket.gethostname()})
         assert sd.reap_stale(client) >= 1
-        assert not client.containers.list(all=True, filters={"id": orphan.id})
+        assert not client.api.containers(all=True, filters={"id": orphan.id})

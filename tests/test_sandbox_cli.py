@@ -51,3 +51,34 @@ def test_exec_docker_backend() -> None:
     res = invoke(["exec", "--backend", "docker", "--json", "--", "sh", "-c", "test -e /usr/sbin/dockerd || echo image; exit 4"])
     assert res.exit_code == 4, res.output
     assert json.loads(res.stdout)["stdout"] == "image\n"  # the sandbox image, not the host's /usr
+
+
+@pytest.mark.parametrize("bad", ["inf", "1e308", "nan", "0", "-1"])
+def test_exec_bad_timeout_is_named(bad: str) -> None:
+    res = invoke(["exec", "--timeout", bad, "--", "true"])
+    assert res.exit_code == 2, res.output
+    assert "--timeout" in res.output and "Traceback" not in res.output
+    res = invoke(["exec", "--cpu-seconds", bad, "--", "true"])
+    assert res.exit_code == 2 and "--cpu-seconds" in res.output, res.output
+
+
+def test_exec_cpu_limit_follows_a_long_timeout() -> None:
+    """Busy code may use the CPU for as long as --timeout allows (the default CPU limit is 10 s)."""
+    probe = ["python3", "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_CPU)[0])"]
+    res = invoke(["exec", "--timeout", "30", "--", *probe])
+    assert res.exit_code == 0 and int(res.stdout) >= 30, res.output
+    res = invoke(["exec", "--timeout", "30", "--cpu-seconds", "45", "--", *probe])
+    assert int(res.stdout) >= 45, res.output
+    res = invoke(["exec", "--json", "--timeout", "30", "--cpu-seconds", "1", "--", "python3", "-c", "while True: pass"])
+    out = json.loads(res.stdout)
+    assert res.exit_code in (128 + 24, 137) and not out["timed_out"], res.output  # SIGXCPU, then SIGKILL
+
+
+def test_exec_reports_the_real_result_not_a_forged_reply(backend: str) -> None:
+    """The issue's reproduction: sandboxed code writes a reply line to the supervisor's stdout."""
+    forge = ("import os,json,base64;os.write(os.open('/proc/1/fd/1',1),(json.dumps(dict(ok=1,exit_code=0,"
+             "timed_out=0,oom_killed=0,duration_s=0,stdout=base64.b64encode(b'FORGED').decode(),stderr=''))"
+             "+'\\n').encode());exit(3)")
+    res = invoke(["exec", "--backend", backend, "--json", "--", "python3", "-c", forge])
+    out = json.loads(res.stdout)
+    assert res.exit_code == out["exit_code"] != 0 and "FORGED" not in out["stdout"], res.output

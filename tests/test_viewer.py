@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import shutil
 import tempfile
@@ -14,7 +15,7 @@ import pytest
 from kpop.archive import TrajectoryArchive
 from kpop.viewer.plots import line_plot
 from kpop.viewer.server import make_server
-from kpop.viewer.demo import write_demo_run
+from demo_run import write_demo_run
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -61,14 +62,15 @@ def test_api(served):
     assert status == 200 and t["messages"][0]["role"] == "user"
     rec = TrajectoryArchive(run).records(ids=[tid])[0]
     assert [x["id"] for x in t["tokens"]] == rec.trajectory.token_ids
-    assert "".join(x["text"] for x in t["tokens"]).startswith("<|im_start|>user")
+    text = "".join(x["text"] for x in t["tokens"])  # the prompt as the rollout renders it: tools, then the task
+    assert text.startswith("<|im_start|>system\n# Tools") and t["messages"][0]["content"] in text
     model = [x for x in t["tokens"] if x["mask"]]
     assert model and all(x["kpop_keep"] in (True, False) and x["version"] is not None for x in model)
     assert all(x["kpop_keep"] is None for x in t["tokens"] if not x["mask"])
     assert any(x["kpop_keep"] is False for x in model)  # the demo's large mismatches are masked (phi 0.5)
 
     status, plots = get(base + "/api/runs/demo/plots")
-    assert status == 200 and [p["metric"] for p in plots] == ["reward_mean", "staleness_mean", "kpop_mask_rate",
+    assert status == 200 and [p["metric"] for p in plots] == ["reward_mean", "staleness_mean", "mask_rate",
                                                               "eval_reward"]
     assert plots[0]["svg"].startswith("<svg") and plots[0]["svg"].count("<circle") == 6
 
@@ -78,6 +80,49 @@ def test_api(served):
     assert get(base + "/api/runs/..%2F..%2Fetc/trajectories")[0] == 404
     assert get(base + "/api/runs/demo/trajectories/nope")[0] == 404
     assert get(base + "/static/..%2Fserver.py")[0] == 404
+
+
+def _raw_get(base: str, path: str, host: str | None = None) -> int:
+    """GET with an explicit Host header (urllib always sends the URL's)."""
+    port = int(base.rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.putrequest("GET", path, skip_host=host is not None)
+    if host is not None:
+        conn.putheader("Host", host)
+    conn.endheaders()
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_run_names_never_leave_the_runs_directory(tmp_path):
+    # the runs directory's parent looks like a run itself: '..' must still not reach it
+    parent = tmp_path / "project"
+    (parent / "trajectories").mkdir(parents=True)
+    (parent / "metrics.jsonl").write_text('{"phase": "rl", "step": 0, "reward_mean": 0.5}\n')
+    run = write_demo_run(parent / "runs" / "demo", seeds=(0,), env_ids=("kpop/tooluse-v0",))
+    server = make_server(run, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert get(base + "/api/runs/demo/plots")[0] == 200
+        for name in ("..", "%2E%2E", ".", "%2E"):
+            assert _raw_get(base, f"/api/runs/{name}/plots") == 404, name
+            assert _raw_get(base, f"/api/runs/{name}/trajectories") == 404, name
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_only_loopback_host_headers_are_answered(served):
+    _, base = served
+    port = base.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"):
+        assert _raw_get(base, "/api/runs", host) == 200, host
+    # DNS rebinding: the attacker's name resolves to 127.0.0.1, the browser sends that name
+    for host in (f"attacker.example:{port}", "attacker.example", f"127.0.0.1:{int(port) + 1}", "", "127.0.0.1"):
+        assert _raw_get(base, "/api/runs", host) == 403, host
+        assert _raw_get(base, "/", host) == 403, host
 
 
 def test_loopback_only_and_run_dir_checked(tmp_path):

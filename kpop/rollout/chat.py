@@ -9,7 +9,9 @@ Environment loops and agents talk OpenAI; the engine stays hidden. `ChatSession`
 `environments.run_episode` that also records the episode as one token stream (`TokenTrace`):
 each turn's prompt is the previous prompt + the model's *exact* tokens + the tokens of what the
 environment added, never a re-tokenisation of the model's text (BPE does not round-trip, and the
-learner must score the tokens that were sampled).
+learner must score the tokens that were sampled). A session with a `teacher` (an oracle agent)
+records the teacher's turns through the same prompt building, as the tokens the model would have
+to write: that is what SFT demonstrations are.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from environments.core import Agent
+from environments.runner import EpisodeTruncated
 from kpop.policy.chat import parse_assistant
 from kpop.rollout.engine import Engine, GenerationRequest, GenerationResult, SamplingParams
 
@@ -76,7 +80,9 @@ class ChatCompletion(BaseModel):
 
 
 class ChatClient:
-    def __init__(self, engine: Engine, tokenizer: Any, model: str = "kpop-policy",
+    """`engine` None: a client that only renders and tokenises (teacher sessions, demonstrations)."""
+
+    def __init__(self, engine: Engine | None, tokenizer: Any, model: str = "kpop-policy",
                  defaults: SamplingParams | None = None) -> None:
         if tokenizer.chat_template is None:
             raise ValueError("ChatClient needs a tokenizer with a chat template")
@@ -115,7 +121,7 @@ class ChatClient:
     def create(self, messages: list[Message], tools: list[dict] | None = None, *, n: int = 1,
                logprobs: bool = False, prompt_token_ids: list[int] | None = None, **sampling: Any) -> ChatCompletion:
         reqs = self.requests(messages, tools, n=n, prompt_token_ids=prompt_token_ids, **sampling)
-        return self._completion(reqs[0].prompt_token_ids, self.engine.generate(reqs), logprobs)
+        return self._completion(reqs[0].prompt_token_ids, self._engine().generate(reqs), logprobs)
 
     async def acreate(self, messages: list[Message], tools: list[dict] | None = None, *, n: int = 1,
                       logprobs: bool = False, prompt_token_ids: list[int] | None = None,
@@ -123,8 +129,14 @@ class ChatClient:
         import asyncio
 
         reqs = self.requests(messages, tools, n=n, prompt_token_ids=prompt_token_ids, **sampling)
-        results = await asyncio.gather(*(self.engine.agenerate(r) for r in reqs))
+        engine = self._engine()
+        results = await asyncio.gather(*(engine.agenerate(r) for r in reqs))
         return self._completion(reqs[0].prompt_token_ids, list(results), logprobs)
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("this ChatClient has no engine (it only renders and tokenises)")
+        return self.engine
 
     def _completion(self, prompt_ids: list[int], results: list[GenerationResult], want_logprobs: bool) -> ChatCompletion:
         choices = []
@@ -180,19 +192,30 @@ class TokenTrace:
         return out
 
 
-class EpisodeTooLong(RuntimeError):
-    """The episode's tokens reached the session's `max_total_tokens`."""
+class EpisodeTooLong(EpisodeTruncated):
+    """The episode's tokens reached the session's `max_total_tokens` (rollout.max_episode_tokens)."""
+
+    cause = "max_episode_tokens"
 
 
 class ChatSession:
     """An `environments` agent (async `(messages, tools) -> assistant message`) that records the
     episode's tokens in `trace`. If the env rewrites earlier messages (so the new prompt does not
     extend the last one) the trace restarts from the new prompt and `restarts` counts it.
-    `max_total_tokens` bounds prompt + completions of the whole episode: each turn's max_tokens is
-    cut to what is left, and a prompt that leaves no room raises `EpisodeTooLong`."""
 
-    def __init__(self, client: ChatClient, max_total_tokens: int | None = None, **sampling: Any) -> None:
+    `max_total_tokens` bounds prompt + completions of the whole episode: each turn's max_tokens is
+    cut to what is left. A turn that hits that bound, or a prompt that leaves no room, raises
+    `EpisodeTooLong` (the runner marks the episode truncated, reward 0); the cut turn's tokens
+    stay in the trace, its text never reaches the env.
+
+    `teacher`: an agent that writes the turns instead of the engine (oracle demonstrations). Its
+    message is rendered by the chat template after the same prompt, up to and including the
+    end-of-turn token, and recorded as model tokens (logprob 0, version `teacher_version`)."""
+
+    def __init__(self, client: ChatClient, max_total_tokens: int | None = None, *, teacher: Agent | None = None,
+                 teacher_version: int = 0, **sampling: Any) -> None:
         self.client, self.sampling, self.max_total_tokens = client, sampling, max_total_tokens
+        self.teacher, self.teacher_version = teacher, teacher_version
         self.trace = TokenTrace()
         self.completions: list[ChatCompletion] = []
         self.restarts = 0
@@ -201,21 +224,49 @@ class ChatSession:
 
     async def __call__(self, messages: list[Message], tools: list[dict] | None = None) -> Message:
         prompt = self._prompt_ids(messages, tools)
-        sampling = dict(self.sampling)
-        if self.max_total_tokens is not None:
-            room = self.max_total_tokens - len(prompt)
-            if room < 1:
-                raise EpisodeTooLong(f"episode prompt has {len(prompt)} tokens, max_total_tokens is {self.max_total_tokens}")
+        room = None if self.max_total_tokens is None else self.max_total_tokens - len(prompt)
+        if room is not None and room < 1:
+            raise EpisodeTooLong(f"episode cut at max_total_tokens={self.max_total_tokens}: the prompt of turn "
+                                 f"{self._turn(messages)} has {len(prompt)} tokens")
+        if self.teacher is not None:
+            message, ids = await self._teach(messages, tools)
+            self.trace.extend(ids, [0.0] * len(ids), [self.teacher_version] * len(ids))
+            ended, cut = True, room is not None and len(ids) > room
+        else:
+            sampling = dict(self.sampling)
             limit = sampling.get("max_tokens") or self.client.defaults.max_tokens
-            sampling["max_tokens"] = min(limit, room)
-        completion = await self.client.acreate(messages, tools, prompt_token_ids=prompt, **sampling)
-        choice = completion.choices[0]
-        self.completions.append(completion)
-        self.trace.extend(choice.token_ids, choice.token_logprobs, choice.token_versions)
-        self._history = [*messages, choice.message]
-        eos = self.client.tokenizer.eos_token_id
-        self._ended_with_eos = bool(choice.token_ids) and choice.token_ids[-1] == eos
-        return choice.message
+            if room is not None:
+                sampling["max_tokens"] = min(limit, room)
+            completion = await self.client.acreate(messages, tools, prompt_token_ids=prompt, **sampling)
+            choice = completion.choices[0]
+            self.completions.append(completion)
+            self.trace.extend(choice.token_ids, choice.token_logprobs, choice.token_versions)
+            message = choice.message
+            ended = bool(choice.token_ids) and choice.token_ids[-1] == self.client.tokenizer.eos_token_id
+            # length-stopped where the episode budget, not the per-turn max_tokens, was the bound
+            cut = room is not None and room <= limit and choice.finish_reason == "length"
+        if cut:
+            raise EpisodeTooLong(f"episode cut at max_total_tokens={self.max_total_tokens} in turn "
+                                 f"{self._turn(messages)} (prompt {len(prompt)} tokens, {room} left for the reply)")
+        self._history = [*messages, message]
+        self._ended_with_eos = ended
+        return message
+
+    @staticmethod
+    def _turn(messages: list[Message]) -> int:
+        return 1 + sum(m.get("role") == "assistant" for m in messages)
+
+    async def _teach(self, messages: list[Message], tools: list[dict] | None) -> tuple[Message, list[int]]:
+        """The teacher's next message and the tokens the model would write for it."""
+        c = self.client
+        message = await self.teacher(messages, tools or [])
+        prompt = c.render(messages, tools)
+        turn = c.render([*messages, message], tools, add_generation_prompt=False)
+        eos = c.tokenizer.eos_token
+        end = turn.rfind(eos) + len(eos)
+        if not turn.startswith(prompt) or end <= len(prompt):
+            raise ValueError("chat template is not prefix-stable: cannot tokenise the teacher's turn after its prompt")
+        return message, c.encode(turn[len(prompt):end])
 
     def _prompt_ids(self, messages: list[Message], tools: list[dict] | None) -> list[int]:
         c = self.client

@@ -4,12 +4,12 @@
     results = engine.generate(requests)            # blocking
     result = await engine.agenerate(request)       # from any event loop; callers share batches
 
-One scheduler thread steps the model. Every step it feeds each running sequence the part of its
+One scheduler thread (`ThreadedEngine`) steps the model. Every step it feeds each running sequence the part of its
 context (prompt + generated tokens) that is not cached yet, so prefill, decode, chunked prefill
 and re-prefill are one code path: a fresh sequence is fed its prompt, a decoding one its last
 token, a preempted one everything again. A sequence whose context is fully fed gets a token.
 
-State decisions (the issue asks to record them):
+State decisions:
 * `pause()` keeps every request's cache; `resume()` continues where it stopped.
 * `update_weights()` frees the cache of every unfinished request and re-prefills its prompt and
   tokens so far under the new weights: a Lightning state computed by the old weights cannot be
@@ -24,15 +24,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
 
 from kpop.policy.cache import HybridCache
-from kpop.rollout.engine import (Engine, EngineError, GenerationRequest, GenerationResult, SamplingParams,
-                                 check_version)
+from kpop.rollout.engine import EngineError, GenerationRequest, GenerationResult, SamplingParams, ThreadedEngine
 from kpop.rollout.sampling import sample
 
 
@@ -57,7 +55,9 @@ class _Seq:
         return self.req.prompt_token_ids + self.tokens
 
 
-class EmbeddedEngine(Engine):
+class EmbeddedEngine(ThreadedEngine):
+    thread_name = "kpop-embedded-engine"
+
     def __init__(
         self,
         model: Any,  # kpop.policy.model.BailingMoeV2_5ForCausalLM
@@ -71,135 +71,64 @@ class EmbeddedEngine(Engine):
         version: int = 0,
         seed: int = 0,
     ) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.max_model_len = max_model_len or int(model.config.max_position_embeddings)
         if max_batch_tokens < max_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_seqs ({max_seqs})")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        max_model_len = max_model_len or int(model.config.max_position_embeddings)
         self.max_batch_tokens = max_batch_tokens
         if block_size is None:
             # the GPU MLA decode kernels read whole 64-token tiles from one page (the Hopper one
             # only then runs: kernels/mla/decode_hopper.py); on CPU smaller pages waste less memory
             block_size = 64 if next(model.parameters()).is_cuda else 16
-        num_blocks = num_blocks or max_seqs * -(-min(self.max_model_len, 2048) // block_size)
+        num_blocks = num_blocks or max_seqs * -(-min(max_model_len, 2048) // block_size)
         self.cache = HybridCache.for_model(model, max_seqs=max_seqs, num_blocks=num_blocks, block_size=block_size)
-        if -(-self.max_model_len // block_size) > num_blocks:
-            self.max_model_len = num_blocks * block_size  # one sequence must always fit alone
+        if -(-max_model_len // block_size) > num_blocks:
+            max_model_len = num_blocks * block_size  # one sequence must always fit alone
+        super().__init__(max_model_len=max_model_len, has_tokenizer=tokenizer is not None, version=version)
         eos = model.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        self._version = version
         self._rng = torch.Generator().manual_seed(seed)
         self._order = itertools.count()
-        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []
-        self._lock = threading.Lock()  # held for a whole step; weight updates and pause wait on it
-        self._wake = threading.Condition()
-        self._paused = False
-        self._closed = False
-        self._thread: threading.Thread | None = None
         self.stats = collections.Counter()  # steps, prefill_tokens, decode_tokens, preemptions, reprefills
 
-    # -- public API ---------------------------------------------------------------------------
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
-        """Queue a request; the future resolves to its `GenerationResult` (or an `EngineError`)."""
-        if self._closed:
-            raise EngineError("engine is closed")
-        n = len(request.prompt_token_ids)
-        if n >= self.max_model_len:
-            raise EngineError(f"prompt of {n} tokens does not fit max_model_len={self.max_model_len} (needs room for 1 token)")
+    # -- ThreadedEngine hooks -------------------------------------------------------------------
+    def _check(self, request: GenerationRequest) -> None:
         vocab = self.model.config.vocab_size
         bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise EngineError(f"request {request.request_id}: prompt token ids {bad[:5]} outside the vocabulary [0, {vocab})")
-        if request.params.stop and self.tokenizer is None:
-            raise EngineError("stop strings need an engine built with a tokenizer")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def _add(self, request: GenerationRequest, future: concurrent.futures.Future) -> None:
         gen = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
-        self._post("add", _Seq(request, fut, next(self._order), gen))
-        return fut
+        self._waiting.append(_Seq(request, future, next(self._order), gen))
 
-    def abort(self, request_id: str) -> None:
-        self._post("abort", request_id)
+    def _abort(self, request_id: str) -> None:
+        for seq in [s for s in [*self._running, *self._waiting] if s.req.request_id == request_id]:
+            self._finish(seq, "abort")
 
-    def pause(self) -> None:
-        with self._lock:
-            self._paused = True
+    def _has_work(self) -> bool:
+        return bool(self._running or self._waiting)
 
-    def resume(self) -> None:
-        with self._lock:
-            self._paused = False
-        self._notify()
+    def _load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        load_into(self.model, state_dict)
+        for seq in sorted(self._running, key=lambda s: s.order, reverse=True):
+            self._evict(seq)
+            self.stats["reprefills"] += 1
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        with self._lock:  # between steps
-            check_version(self._version, version)
-            load_into(self.model, state_dict)
-            self._version = version
-            for seq in sorted(self._running, key=lambda s: s.order, reverse=True):
-                self._evict(seq)
-                self.stats["reprefills"] += 1
-        self._notify()
-
-    def close(self) -> None:
-        self._closed = True
-        self._notify()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+    def _fail_all(self, exc: EngineError) -> None:
         for seq in [*self._running, *self._waiting]:
-            seq.future.set_exception(EngineError("engine closed"))
+            self._release(seq)
+            if not seq.future.done():
+                seq.future.set_exception(exc)
         self._running, self._waiting = [], collections.deque()
 
-    # -- scheduler thread -----------------------------------------------------------------------
-    def _post(self, kind: str, item: Any) -> None:
-        self._inbox.append((kind, item))
-        if self._thread is None:
-            with self._wake:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._loop, name="kpop-embedded-engine", daemon=True)
-                    self._thread.start()
-        self._notify()
-
-    def _notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
-
-    def _loop(self) -> None:
-        while not self._closed:
-            with self._wake:
-                while not self._closed and not self._inbox and (self._paused or not (self._running or self._waiting)):
-                    self._wake.wait(timeout=1.0)
-            if self._closed:
-                return
-            try:
-                with self._lock:
-                    self._drain_inbox()
-                    if not self._paused:
-                        self.step()
-            except Exception as exc:  # a model bug fails the requests in flight, not the thread
-                for seq in [*self._running, *self._waiting]:
-                    self._release(seq)
-                    if not seq.future.done():
-                        seq.future.set_exception(EngineError(f"engine step failed: {type(exc).__name__}: {exc}"))
-                self._running, self._waiting = [], collections.deque()
-
-    def _drain_inbox(self) -> None:
-        while self._inbox:
-            kind, item = self._inbox.popleft()
-            if kind == "add":
-                self._waiting.append(item)
-            elif kind == "abort":
-                for seq in [s for s in [*self._running, *self._waiting] if s.req.request_id == item]:
-                    self._finish(seq, "abort")
-
     # -- one step -------------------------------------------------------------------------------
-    def step(self) -> None:
+    def _step(self) -> None:
         """Admit waiting requests, run one forward over every running sequence, sample."""
         self._admit()
         batch = self._plan()

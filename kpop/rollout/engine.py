@@ -1,4 +1,5 @@
-"""The one interface every rollout engine implements (embedded, vLLM), and its request types.
+"""The one interface every rollout engine implements (embedded, vLLM), its request types, and
+`ThreadedEngine`, the scheduler-thread plumbing both backends share.
 
     engine.generate([GenerationRequest(prompt_token_ids=ids, params=SamplingParams(max_tokens=32))])
     result = await engine.agenerate(request)   # concurrent callers are batched together
@@ -15,7 +16,9 @@ distribution the logprob is taken from, because that is the distribution the lea
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from typing import Any, Literal, Mapping
@@ -133,3 +136,151 @@ def check_version(current: int, new: int) -> None:
         raise ValueError(f"policy version must be an int >= 0, got {new!r}")
     if new < current:
         raise ValueError(f"policy version must not go backwards: engine has {current}, got {new}")
+
+
+class ThreadedEngine(Engine):
+    """An engine stepped by one scheduler thread; callers reach it through an inbox.
+
+    Shared by every backend: submit checks, abort / pause / resume, the weight-update lock and the
+    inbox loop. A backend implements the hooks at the bottom (`_add`, `_abort`, `_has_work`, `_step`,
+    `_load_weights`, `_fail_all`; `_check` optionally). Every hook runs under `_lock`, which is held for a whole
+    step, so weights, pause and the request tables change only between steps.
+    """
+
+    thread_name = "kpop-engine"
+
+    def __init__(self, *, max_model_len: int, has_tokenizer: bool, version: int = 0) -> None:
+        check_version(0, version)
+        self.max_model_len = max_model_len
+        self.has_tokenizer = has_tokenizer
+        self._version = version
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._paused = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # -- Engine API -----------------------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
+        """Queue a request; the future resolves to its `GenerationResult` (or an `EngineError`)."""
+        if self._closed:
+            raise EngineError("engine is closed")
+        n = len(request.prompt_token_ids)
+        if n >= self.max_model_len:
+            raise EngineError(f"prompt of {n} tokens does not fit max_model_len={self.max_model_len} "
+                              "(needs room for 1 token)")
+        if request.params.stop and not self.has_tokenizer:
+            raise EngineError("stop strings need an engine built with a tokenizer")
+        self._check(request)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._post("add", (request, fut))
+        return fut
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def pause(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+        self._notify()
+
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+        with self._lock:  # between steps
+            check_version(self._version, version)
+            self._load_weights(state_dict)
+            self._version = version
+        self._notify()
+
+    def close(self) -> None:
+        self._closed = True
+        self._notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        closed = EngineError("engine closed")
+        with self._lock:
+            self._fail_all(closed)
+            while self._inbox:  # requests the thread never saw
+                kind, item = self._inbox.popleft()
+                if kind == "add" and not item[1].done():
+                    item[1].set_exception(closed)
+
+    # -- the scheduler thread -------------------------------------------------------------------
+    def _post(self, kind: str, item: Any) -> None:
+        self._inbox.append((kind, item))
+        if self._thread is None:  # started by the first request: an idle engine costs no thread
+            with self._wake:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+                    self._thread.start()
+        self._notify()
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def _loop(self) -> None:
+        while not self._closed:
+            with self._wake:
+                while not self._closed and not self._inbox and (self._paused or not self._has_work()):
+                    self._wake.wait(timeout=1.0)
+            if self._closed:
+                return
+            try:
+                with self._lock:
+                    self._drain_inbox()
+                    if not self._paused and self._has_work():
+                        self._step()
+            except Exception as exc:  # a backend bug fails the requests in flight, not the thread
+                with self._lock:
+                    self._fail_all(EngineError(f"engine step failed: {type(exc).__name__}: {exc}"))
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                request, fut = item
+                try:
+                    self._add(request, fut)
+                except Exception as exc:
+                    if not fut.done():
+                        fut.set_exception(EngineError(f"request {request.request_id} rejected: "
+                                                      f"{type(exc).__name__}: {exc}"))
+            else:
+                self._abort(item)
+
+    # -- backend hooks (called with `_lock` held, on the scheduler thread except `_check`) -------
+    def _check(self, request: GenerationRequest) -> None:
+        """Reject a request the backend cannot serve (raise `EngineError`); called by `submit`."""
+
+    @abstractmethod
+    def _add(self, request: GenerationRequest, future: concurrent.futures.Future) -> None:
+        """Admit a request; resolve `future` with its result when it finishes."""
+
+    @abstractmethod
+    def _abort(self, request_id: str) -> None:
+        """Finish the request with finish_reason 'abort' and the tokens so far (unknown ids: nothing)."""
+
+    @abstractmethod
+    def _has_work(self) -> bool:
+        """Whether a step would advance any request."""
+
+    @abstractmethod
+    def _step(self) -> None:
+        """One scheduling step over the admitted requests."""
+
+    @abstractmethod
+    def _load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load weights and re-prefill every unfinished request under them (tokens keep their version)."""
+
+    @abstractmethod
+    def _fail_all(self, exc: EngineError) -> None:
+        """Fail every admitted, unfinished request with `exc` and forget it."""

@@ -3,8 +3,8 @@
     engine = VLLMEngine.from_model(model, tokenizer)        # writes an HF checkpoint, starts vLLM
     engine.generate(requests); await engine.agenerate(request); engine.update_weights(state, 1)
 
-vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): one scheduler thread steps its
-`LLMEngine`, so concurrent callers share continuous batches, and weights are reloaded in place into
+vLLM runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): one scheduler thread
+(`ThreadedEngine`) steps its `LLMEngine`, so concurrent callers share continuous batches, and weights are reloaded in place into
 the live model (`Worker.reload_weights`), no restart. The model class is the
 in-tree `BailingMoeV2_5ForCausalLM` with KPop's Lightning layer and CPU MLA backend
 (kpop/rollout/vllm_model.py). Semantics match the embedded engine: pause keeps requests' caches;
@@ -17,21 +17,18 @@ Logprobs use vLLM's `processed_logprobs` mode: `log_softmax(logits / T)` when to
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import os
 import re
 import shutil
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from kpop.rollout.engine import (Engine, EngineError, GenerationRequest, GenerationResult, SamplingParams,
-                                 check_version)
+from kpop.rollout.engine import EngineError, GenerationRequest, GenerationResult, SamplingParams, ThreadedEngine
 
 
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -69,6 +66,16 @@ def _copy_routed_experts(model: Any, state: Mapping[str, torch.Tensor]) -> None:
             w2.copy_(new2)
 
 
+def check_vllm_arch(config: Any) -> None:
+    """Fail early, naming the fields, for a policy vLLM cannot serve on this machine."""
+    latent = config.kv_lora_rank + config.qk_rope_head_dim
+    if latent != 576 and not torch.cuda.is_available():
+        # vllm 0.32 MLACommonMetadata.__post_init__ (layers/attention/mla_attention.py) accepts
+        # only MLACommonBackend's head sizes, i.e. the 512 + 64 latent of real checkpoints
+        raise EngineError(f"vLLM on CPU needs kv_lora_rank + qk_rope_head_dim == 576 (512 + 64), this policy has "
+                          f"{config.kv_lora_rank} + {config.qk_rope_head_dim}; use the embedded engine or a 512/64 arch")
+
+
 @dataclass
 class _Req:
     req: GenerationRequest
@@ -84,37 +91,36 @@ class _Req:
         return f"{self.req.request_id}#{self.piece}"
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(ThreadedEngine):
+    thread_name = "kpop-vllm-engine"
+
     def __init__(self, checkpoint: str | Path, *, max_model_len: int = 4096, max_seqs: int = 32,
                  version: int = 0, enforce_eager: bool = True, seed: int = 0, **llm_kwargs: Any) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM logs to stdout by default; stdout belongs to the caller (`kpop eval --json`)
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM
 
         from kpop.rollout.vllm_model import register
 
         register()
         has_tokenizer = (Path(checkpoint) / "tokenizer.json").is_file()
+        super().__init__(max_model_len=max_model_len, has_tokenizer=has_tokenizer, version=version)
         self.llm = LLM(
             model=str(checkpoint), skip_tokenizer_init=not has_tokenizer, dtype="float32",
             enforce_eager=enforce_eager, max_model_len=max_model_len, max_num_seqs=max_seqs,
             enable_prefix_caching=False,  # required with MLA on CPU
             hf_overrides={"architectures": ["BailingMoeV2_5ForCausalLM"]},
-            # the CPU rotary custom op is wrong for 3-D MLA queries (REFERENCE.md 4)
+            # vLLM's CPU rotary custom op rotates 3-D MLA queries wrongly: use the torch path
             compilation_config={"custom_ops": ["all", "-rotary_embedding"]},
-            logprobs_mode="processed_logprobs", seed=seed, **llm_kwargs,
+            logprobs_mode="processed_logprobs", seed=seed,
+            # vLLM prefers its AMX MLA backend on CPUs with AMX, which takes only bf16/int8 weights;
+            # KPop rolls out in fp32 (the learner's precision), so ask for the reference CPU MLA
+            **({} if torch.cuda.is_available() else {"attention_backend": "CPU_MLA"}), **llm_kwargs,
         )
-        self.has_tokenizer = has_tokenizer
-        self.max_model_len = max_model_len
         self._engine = self.llm.llm_engine
-        self._version = version
         self._reqs: dict[str, _Req] = {}  # by vLLM id
-        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
-        self._lock = threading.Lock()
-        self._wake = threading.Condition()
-        self._paused = self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="kpop-vllm-engine", daemon=True)
-        self._thread.start()
         self._tmp: str | None = None
 
     @classmethod
@@ -122,124 +128,68 @@ class VLLMEngine(Engine):
         """Serve `model` (a `BailingMoeV2_5ForCausalLM`): written to a temporary HF checkpoint."""
         from kpop.policy.checkpoint import save_checkpoint
 
-        c = model.config
-        latent = c.kv_lora_rank + c.qk_rope_head_dim
-        if latent != 576 and not torch.cuda.is_available():
-            # vllm 0.32 MLACommonMetadata.__post_init__ (layers/attention/mla_attention.py) accepts
-            # only MLACommonBackend's head sizes, i.e. the 512 + 64 latent of real checkpoints
-            raise EngineError(f"vLLM on CPU needs kv_lora_rank + qk_rope_head_dim == 576 (512 + 64), this policy has "
-                              f"{c.kv_lora_rank} + {c.qk_rope_head_dim}; use rollout.engine=embedded or a 512/64 arch")
+        check_vllm_arch(model.config)
         tmp = tempfile.mkdtemp(prefix="kpop-vllm-")
-        save_checkpoint(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        engine = cls(tmp, **kwargs)
+        try:
+            save_checkpoint(model, tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            engine = cls(tmp, **kwargs)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         engine._tmp = tmp
         return engine
 
-    # -- Engine API -----------------------------------------------------------------------------
-    @property
-    def version(self) -> int:
-        return self._version
-
-    def submit(self, request: GenerationRequest) -> concurrent.futures.Future:
-        if self._closed:
-            raise EngineError("engine is closed")
-        if len(request.prompt_token_ids) >= self.max_model_len:
-            raise EngineError(f"prompt of {len(request.prompt_token_ids)} tokens does not fit max_model_len={self.max_model_len}")
-        if request.params.stop and not self.has_tokenizer:
-            raise EngineError("stop strings need an engine built with a tokenizer")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._post("add", _Req(request, fut))
-        return fut
-
-    def abort(self, request_id: str) -> None:
-        self._post("abort", request_id)
-
-    def pause(self) -> None:
-        with self._lock:
-            self._paused = True
-
-    def resume(self) -> None:
-        with self._lock:
-            self._paused = False
-        self._notify()
-
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
-        with self._lock:
-            check_version(self._version, version)
-            state = {k: v.detach().cpu() for k, v in state_dict.items()}
-            unfinished = list(self._reqs.values())
-            for r in unfinished:  # keep their tokens (old version), re-prefill under the new weights
-                self._engine.abort_request([r.vllm_id])
-                del self._reqs[r.vllm_id]
-                self._bank(r)
-            experts = {k: v for k, v in state.items() if _EXPERT.match(k)}
-            rest = [(k, v) for k, v in state.items() if k not in experts]
-            if rest:  # in-place reload: plain load_weights fails once CPU kernels repacked the weights
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": rest})
-            if experts:
-                self.llm.apply_model(lambda m: _copy_routed_experts(m, experts))
-            self._version = version
-            for r in unfinished:
-                r.piece += 1
-                self._add(r)
-
     def close(self) -> None:
-        self._closed = True
-        self._notify()
-        self._thread.join(timeout=30)
-        for r in self._reqs.values():
-            if not r.future.done():
-                r.future.set_exception(EngineError("engine closed"))
-        self._reqs.clear()
+        super().close()
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
-    # -- scheduler thread -----------------------------------------------------------------------
-    def _post(self, kind: str, item: Any) -> None:
-        self._inbox.append((kind, item))
-        self._notify()
+    # -- ThreadedEngine hooks -------------------------------------------------------------------
+    def _add(self, request: GenerationRequest, future: concurrent.futures.Future) -> None:
+        self._submit_piece(_Req(request, future))
 
-    def _notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
+    def _abort(self, request_id: str) -> None:
+        for r in [r for r in self._reqs.values() if r.req.request_id == request_id]:
+            self._engine.abort_request([r.vllm_id])
+            del self._reqs[r.vllm_id]
+            self._bank(r)
+            self._resolve(r, "abort", None)
 
-    def _loop(self) -> None:
-        while not self._closed:
-            with self._wake:
-                while not self._closed and not self._inbox and (self._paused or not self._reqs):
-                    self._wake.wait(timeout=1.0)
-            if self._closed:
-                return
-            try:
-                with self._lock:
-                    self._drain_inbox()
-                    if not self._paused and self._reqs:
-                        for out in self._engine.step():
-                            self._on_output(out)
-            except Exception as exc:
-                for r in self._reqs.values():
-                    if not r.future.done():
-                        r.future.set_exception(EngineError(f"vLLM step failed: {type(exc).__name__}: {exc}"))
-                self._reqs.clear()
+    def _has_work(self) -> bool:
+        return bool(self._reqs)
 
-    def _drain_inbox(self) -> None:
-        while self._inbox:
-            kind, item = self._inbox.popleft()
-            if kind == "add":
-                try:
-                    self._add(item)
-                except Exception as exc:
-                    item.future.set_exception(EngineError(f"vLLM rejected request {item.req.request_id}: {exc}"))
-            else:
-                for r in [r for r in self._reqs.values() if r.req.request_id == item]:
-                    self._engine.abort_request([r.vllm_id])
-                    del self._reqs[r.vllm_id]
-                    self._bank(r)
-                    self._resolve(r, "abort", None)
+    def _step(self) -> None:
+        for out in self._engine.step():
+            self._on_output(out)
 
-    def _add(self, r: _Req) -> None:
+    def _load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        state = {k: v.detach().cpu() for k, v in state_dict.items()}
+        unfinished = list(self._reqs.values())
+        for r in unfinished:  # keep their tokens (old version), re-prefill under the new weights
+            self._engine.abort_request([r.vllm_id])
+            del self._reqs[r.vllm_id]
+            self._bank(r)
+        experts = {k: v for k, v in state.items() if _EXPERT.match(k)}
+        rest = [(k, v) for k, v in state.items() if k not in experts]
+        if rest:  # in-place reload: plain load_weights fails once CPU kernels repacked the weights
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": rest})
+        if experts:
+            self.llm.apply_model(lambda m: _copy_routed_experts(m, experts))
+        for r in unfinished:
+            r.piece += 1
+            self._submit_piece(r)
+
+    def _fail_all(self, exc: EngineError) -> None:
+        for r in self._reqs.values():
+            if not r.future.done():
+                r.future.set_exception(exc)
+        self._reqs.clear()
+
+    # -- vLLM requests --------------------------------------------------------------------------
+    def _submit_piece(self, r: _Req) -> None:
+        """Hand `r` to vLLM: its prompt plus the tokens of earlier pieces, the tokens still left."""
         from vllm import SamplingParams as VSP
 
         p: SamplingParams = r.req.params

@@ -4,7 +4,8 @@ vLLM 0.32 ships the architecture (`models/bailing_moe_linear.py`: MLA through it
 MoE through FusedMoE, the hybrid state plumbing), but its Lightning layer runs Triton kernels
 only (no CPU path), uses the `l/(L-1)` decay offset while the checkpoint's own code uses
 `(l-1)/(L-1)` (our `linear_decay_offset`), and its prefill kernel decays a carried-in state by
-one step too few (REFERENCE.md 4). So `register()` swaps in `KPopLightningAttention` through
+one step too few (history decay `exp(-s*i)` where the recurrence needs `exp(-s*(i+1))`: up to
+0.28 off whenever a state is carried in). So `register()` swaps in `KPopLightningAttention` through
 vLLM's pluggable-layer hook: same parameters and state cache (vLLM's linear-attention state
 slots, `[H, K, V]` fp32 per sequence), forward = the math of kpop/policy/model.py on
 `kernels.lightning` (the torch reference on CPU, Triton on GPU), so rollout and learner share

@@ -1,1 +1,1 @@
-"""`kpop view`: a local web page over run directories (server.py, static/, plots.py; demo.py builds a sample run)."""
+"""`kpop view`: a local web page over run directories (server.py, static/, plots.py)."""

@@ -11,9 +11,16 @@ The page (static/index.html + app.js, no CDN, no network) talks to a small JSON 
     GET /api/runs/<run>/trajectories/<id>            messages, reward detail, per-token view
     GET /api/runs/<run>/plots                        inline SVG plots of metrics.jsonl
 
-Tokens are decoded with the tokenizer of the run's newest checkpoint (`checkpoints/<step>/`);
-without one, they are shown as ids. The KPop mask uses `algorithm.kpop_phi` of the run's
-config.yaml (0.5 if absent) and needs the learner's recomputed logprobs (`train_logprobs`).
+Tokens are decoded with the run's tokenizer: the final policy's (`policy/`, where a run saves
+it), else the newest checkpoint that has one (`checkpoints/<step>/`); without one, they are
+shown as ids. The KPop mask uses `algorithm.kpop_phi` of the run's config.yaml (0.5 if absent)
+and needs the learner's recomputed logprobs (`train_logprobs`); the KPop plot is the learner's
+`mask_rate` metric.
+
+Only loopback is served, and only to requests whose Host header names loopback (localhost,
+127.0.0.1 or [::1], with the server's port): a web page elsewhere that points its own domain at
+127.0.0.1 (DNS rebinding) gets 403, not the run's data. Run names in URLs are single path
+components (`kpop.config.check_run_name`), so `/api/runs/..` is never the runs' parent.
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from kpop.archive import ARCHIVE_DIR, TrajectoryArchive
+from kpop.config import check_run_name
 from kpop.viewer.plots import line_plot
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 DEFAULT_PHI = 0.5
-PLOTS = (("reward_mean", "reward"), ("staleness_mean", "staleness"), ("kpop_mask_rate", "KPop mask rate"),
+# metric keys as the learner and controller log them to metrics.jsonl
+PLOTS = (("reward_mean", "reward"), ("staleness_mean", "staleness"), ("mask_rate", "KPop mask rate"),
          ("eval_reward", "eval reward"))
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                   ".css": "text/css; charset=utf-8"}
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -60,8 +70,12 @@ class RunsView:
         self.root = root
 
     def run_dir(self, name: str) -> Path:
+        try:
+            check_run_name(name)  # one path component: never '..', '.', or a path
+        except ValueError:
+            raise FileNotFoundError(f"no run named {name!r} under {self.root}") from None
         path = self.root / name
-        if not _NAME.fullmatch(name) or not is_run(path):
+        if not is_run(path) or path.resolve().parent != self.root.resolve():
             raise FileNotFoundError(f"no run named {name!r} under {self.root}")
         return path
 
@@ -177,16 +191,21 @@ def _phi(run_dir: Path) -> float:
         return DEFAULT_PHI
 
 
+def _step_key(d: Path) -> tuple[int, str]:
+    digits = d.name.lstrip("v")  # learner checkpoints are v<version>
+    return (int(digits) if digits.isdigit() else -1, d.name)
+
+
 @lru_cache(maxsize=8)
 def _tokenizer(run_dir: str) -> Any:
-    ckpts = Path(run_dir) / "checkpoints"
-    dirs = sorted((d for d in ckpts.glob("*") if (d / "tokenizer.json").is_file()),
-                  key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
-    if not dirs:
+    run = Path(run_dir)
+    candidates = [run / "policy"] + sorted(run.glob("checkpoints/*"), key=_step_key, reverse=True)
+    found = next((d for d in candidates if (d / "tokenizer.json").is_file()), None)
+    if found is None:
         return None
     from kpop.policy.tokenizer import load_tokenizer
 
-    return load_tokenizer(dirs[-1])
+    return load_tokenizer(found)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -196,7 +215,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("viewer: " + fmt, *args)
 
+    def _host_ok(self) -> bool:
+        port = self.server.server_address[1]
+        host = self.headers.get("Host", "")
+        return host in {f"{h}:{port}" for h in _LOOPBACK_HOSTS} | (set(_LOOPBACK_HOSTS) if port == 80 else set())
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if not self._host_ok():
+            # DNS rebinding: a page of another site that resolves its name to 127.0.0.1
+            return self._json({"error": f"Host {self.headers.get('Host')!r} is not this loopback server"},
+                              HTTPStatus.FORBIDDEN)
         url = urlparse(self.path)
         parts = [unquote(p) for p in url.path.split("/") if p]
         try:
