@@ -32,12 +32,13 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.learner_actor import start_learner
 from actors.rollout_pool import RolloutPool
-from actors.rollout_worker import RolloutTask
+from kpop.rollout.worker import RolloutTask
 from kpop.config import RunConfig, dump_config
 from kpop.metrics import MetricsWriter, RLProgress, add_once, read_metrics, summarize_rl
 from kpop.ray_utils import init_ray, shutdown_ray
-from kpop.scheduler import Admission, Disposition, StalenessBound, TaskSource
+from kpop.scheduler import Admission, StalenessBound, TaskSource
 from kpop.stream import open_stream
+from kpop.trajectory import ArchiveStatus
 
 log = logging.getLogger("kpop.train")
 _ACTOR_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -184,8 +185,8 @@ class Controller:
                     self.admission.submit(len(group))
                 results = self.pool.poll(timeout_s=0.05)
                 self.admission.finish(len(results))
-                # TRUNCATION WARNING (issue 20): the rollout side's truncated-share report on
-                # `results` is wired in here
+                # TRUNCATION WARNING (issue 20), left for the lead to wire: the rollout side's
+                # kpop.rollout.worker.truncation_stats over the `results` of each step
                 if step_ref is None:
                     step_ref = self.learner.rl_step.remote(timeout_s=2.0)
                 ready, _ = ray.wait([step_ref], timeout=0.05)
@@ -251,7 +252,7 @@ class Controller:
             "eval_reward_sampled_after_rl": eval_after[1],
             "rl_steps": self.state.rl_step,
             "episodes_submitted": self.admission.submitted,
-            **{f"trajectories_{d.value}": settled[d] for d in Disposition},
+            **{f"trajectories_{d.value}": settled[d] for d in ArchiveStatus},
             "worker_restarts": self.pool.restarts,
             "mode": self.cfg.schedule.mode,
             "wall_s": time.time() - self.t0,

@@ -1,7 +1,8 @@
 """The schedule of a run, as plain logic (no Ray, no I/O) so it can be tested directly.
 
-- `Disposition`: what finally happened to a finished trajectory (trained on, or why not); the one
-  vocabulary of the learner's report, the admission counters, the metrics and the archive.
+- What finally happened to a finished trajectory (trained on, or why not) is one vocabulary,
+  `kpop.trajectory.ArchiveStatus`: the learner's report, the admission counters, the metrics and
+  the archive all use it.
 - `TaskSource`: a seeded, resumable stream of tasks; each task is sampled `group_size` times
   (one GRPO/RLOO group), environments drawn by their configured weights.
 - `StalenessBound`: the one place the staleness rule lives; the controller sizes admission with
@@ -17,22 +18,10 @@ from __future__ import annotations
 import collections
 import random
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Mapping
 
 from kpop.config import EnvSpec
-
-
-class Disposition(str, Enum):
-    """What happened to a finished trajectory. A `str` so it is its own wire and archive form."""
-
-    CONSUMED = "consumed"  # trained on
-    DROPPED_STALE = "dropped_stale"  # written by a policy older than the staleness bound allows
-    DROPPED_SMALL_GROUP = "dropped_small_group"  # fewer than two usable group members: no baseline
-    FAILED = "failed"  # the episode failed (env or worker fault): says nothing about the policy
-
-    def __str__(self) -> str:
-        return self.value
+from kpop.trajectory import ArchiveStatus
 
 
 @dataclass(frozen=True)
@@ -101,7 +90,7 @@ class Admission:
     batch_size: int
     bound: StalenessBound
     submitted: int = 0  # episodes handed to rollout, whole run
-    settled: collections.Counter = field(default_factory=collections.Counter)  # Disposition -> n, whole run
+    settled: collections.Counter = field(default_factory=collections.Counter)  # ArchiveStatus -> n, whole run
     in_flight: int = 0  # this process: submitted, rollout not finished
     buffered: int = 0  # this process: rollout finished, the learner has not settled it yet
 
@@ -120,10 +109,10 @@ class Admission:
         self.buffered += n
 
     def settle(self, counts: Mapping[str, int]) -> None:
-        """The learner's report of what it did with finished episodes (Disposition -> n)."""
+        """The learner's report of what it did with finished episodes (ArchiveStatus value -> n)."""
         n = 0
         for key, k in counts.items():
-            self.settled[Disposition(key)] += k
+            self.settled[ArchiveStatus(key)] += k
             n += k
         # clamped: a resumed learner also settles episodes an earlier process finished
         self.buffered = max(0, self.buffered - n)
@@ -135,17 +124,17 @@ class Admission:
 
     def counters(self) -> dict[str, int]:
         return {"submitted": self.submitted, "in_flight": self.in_flight, "buffered": self.buffered,
-                **{d.value: self.settled[d] for d in Disposition}}
+                **{d.value: self.settled[d] for d in ArchiveStatus}}
 
     def totals(self) -> dict:
-        return {"submitted": self.submitted, "settled": {d.value: self.settled[d] for d in Disposition}}
+        return {"submitted": self.submitted, "settled": {d.value: self.settled[d] for d in ArchiveStatus}}
 
     def load_totals(self, totals: Mapping, *, settled_only: bool = False) -> None:
         """Restore run totals saved by `totals()`. `settled_only`: after a learner restart in this
         process, `submitted` is still right and only the learner's side rolls back."""
         if not settled_only:
             self.submitted = int(totals.get("submitted", 0))
-        self.settled = collections.Counter({Disposition(k): int(v) for k, v in totals.get("settled", {}).items()})
+        self.settled = collections.Counter({ArchiveStatus(k): int(v) for k, v in totals.get("settled", {}).items()})
 
 
 @dataclass
@@ -165,7 +154,7 @@ class GroupBuffer:
     Advantages are normalised within a group, so the learner only ever sees complete groups.
     A finished group is split into what can train and what cannot: failed episodes (an env or
     worker fault, not the policy's doing), too-stale samples, and groups left with fewer than
-    two usable members (no baseline) are returned as `dropped` with their Disposition, never lost.
+    two usable members (no baseline) are returned as `dropped` with their ArchiveStatus, never lost.
     """
 
     def __init__(self, group_size: int, gate: BatchGate, bound: StalenessBound) -> None:
@@ -185,7 +174,7 @@ class GroupBuffer:
     def pop_batch(self, version: int) -> tuple[list, list]:
         """(batch, dropped): complete groups, oldest first, until the gate is satisfied.
 
-        batch: [(entry_id, traj)]; dropped: [(entry_id, traj, Disposition)]. While the gate is
+        batch: [(entry_id, traj)]; dropped: [(entry_id, traj, ArchiveStatus)]. While the gate is
         not met the batch is empty and the complete groups stay buffered (re-checked for
         staleness on the next call).
         """
@@ -196,13 +185,13 @@ class GroupBuffer:
             usable = []
             for entry_id, traj in self._groups[gid]:
                 if traj.status == "failed":
-                    dropped.append((entry_id, traj, Disposition.FAILED))
+                    dropped.append((entry_id, traj, ArchiveStatus.FAILED))
                 elif self.bound.is_stale(traj.min_policy_version, version):
-                    dropped.append((entry_id, traj, Disposition.DROPPED_STALE))
+                    dropped.append((entry_id, traj, ArchiveStatus.DROPPED_STALE))
                 else:
                     usable.append((entry_id, traj))
             if len(usable) < 2:
-                dropped += [(e, t, Disposition.DROPPED_SMALL_GROUP) for e, t in usable]
+                dropped += [(e, t, ArchiveStatus.DROPPED_SMALL_GROUP) for e, t in usable]
                 self._forget(gid)
                 continue
             self._groups[gid] = usable

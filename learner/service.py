@@ -10,7 +10,7 @@ A plain class (no Ray: `actors/learner_actor.py` runs it as an actor). It owns t
 of the trajectory stream and the acknowledgement discipline that makes a resumed run settle every
 trajectory exactly once:
 
-- every entry the learner settles (trained on, or dropped with its Disposition) is acknowledged
+- every entry the learner settles (trained on, or dropped with its ArchiveStatus) is acknowledged
   only *after the checkpoint that contains the decision* is written; until then it stays pending
   in the consumer group, and a restarted learner re-reads it and decides again from that
   checkpoint. The archive rows of those decisions are flushed by the same checkpoint;
@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kpop.config import RunConfig
-from kpop.scheduler import BatchGate, Disposition, GroupBuffer, StalenessBound
+from kpop.scheduler import BatchGate, GroupBuffer, StalenessBound
 from kpop.stream import StreamSpec
+from kpop.trajectory import ArchiveStatus
 from kpop.weight_sync import WeightHandle, WeightSync
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepReport:
     """What one `rl_step` call did. `metrics` is None when no full batch arrived in time;
-    `settled` counts the trajectories this call settled, by Disposition value (drops happen
+    `settled` counts the trajectories this call settled, by ArchiveStatus value (drops happen
     while waiting too, so they are reported either way)."""
 
     metrics: dict[str, float] | None
@@ -136,8 +137,8 @@ class LearnerService:
         version = self.version  # the weights this batch is trained on (train_step bumps it)
         metrics = self.learner.train_step(trajs)
         self.unacked += [e for e, _ in batch]
-        settled[Disposition.CONSUMED.value] += len(batch)
-        self.archive.write(trajs, status=Disposition.CONSUMED.value, step=self.learner.rl_steps,
+        settled[ArchiveStatus.CONSUMED.value] += len(batch)
+        self.archive.write(trajs, status=ArchiveStatus.CONSUMED.value, step=self.learner.rl_steps,
                            policy_version=version)
         # the learner's reward_mean is the shaped reward its advantages used (length reward
         # included); the environments' own reward is reported beside it, not over it
@@ -150,7 +151,7 @@ class LearnerService:
 
     def _drop(self, dropped: list) -> collections.Counter[str]:
         counts: collections.Counter[str] = collections.Counter()
-        for disposition in Disposition:
+        for disposition in ArchiveStatus:
             group = [t for _, t, d in dropped if d == disposition]
             if group:
                 self.archive.write(group, status=disposition.value, step=self.learner.rl_steps,

@@ -118,7 +118,7 @@ def test_hung_weight_sync_fails_loudly(tmp_path):
     """A weight sync that never returns cannot be produced for real on demand (it takes a wedged
     NCCL group or a deadlocked engine), so one worker's update_weights is replaced by a coroutine
     that never finishes; everything else (learner, pool, broadcast, watchdog) is the real code."""
-    from actors.rollout_worker import RolloutWorker
+    from kpop.rollout.worker import RolloutWorker
 
     class HungWorker(RolloutWorker):  # local class: Ray ships it to the actor by value
         async def update_weights(self, state_dict, version):

@@ -10,7 +10,8 @@ import pytest
 
 import environments.latency  # noqa: F401  registers kpop/latency-v0 (a bench helper, not a built-in)
 from kpop.config import EnvSpec
-from kpop.scheduler import Admission, BatchGate, Disposition, GroupBuffer, StalenessBound, TaskSource
+from kpop.scheduler import Admission, BatchGate, GroupBuffer, StalenessBound, TaskSource
+from kpop.trajectory import ArchiveStatus
 
 ENVS = [EnvSpec(id="kpop/tooluse-v0", weight=3.0), EnvSpec(id="kpop/search-v0", weight=1.0, kwargs={"k": 1})]
 
@@ -61,14 +62,14 @@ def test_task_source_needs_an_environment():
         TaskSource([], 4, seed=0)
 
 
-# -- Disposition / StalenessBound / Admission / BatchGate ---------------------------------------
+# -- ArchiveStatus / StalenessBound / Admission / BatchGate ------------------------------------
 
-def test_disposition_is_the_archive_vocabulary():
+def test_one_vocabulary_for_what_happened_to_a_trajectory():
     from kpop.archive import STATUSES
 
     assert STATUSES == ("consumed", "dropped_stale", "dropped_small_group", "failed")
-    assert [d.value for d in Disposition] == list(STATUSES)
-    assert Disposition("dropped_stale") is Disposition.DROPPED_STALE and f"{Disposition.FAILED}" == "failed"
+    assert [d.value for d in ArchiveStatus] == list(STATUSES)
+    assert ArchiveStatus("dropped_stale") is ArchiveStatus.DROPPED_STALE and f"{ArchiveStatus.FAILED}" == "failed"
 
 
 def test_staleness_bound_is_the_one_rule():
@@ -103,14 +104,14 @@ def test_admission_counts_every_episode_once_and_survives_a_resume():
     adm = Admission(batch_size=4, bound=StalenessBound(1))
     adm.submit(8)
     adm.finish(8)
-    adm.settle({Disposition.CONSUMED: 4, "failed": 1, "dropped_small_group": 1})
+    adm.settle({ArchiveStatus.CONSUMED: 4, "failed": 1, "dropped_small_group": 1})
     c = adm.counters()
     assert c == {"submitted": 8, "in_flight": 0, "buffered": 2, "consumed": 4, "dropped_stale": 0,
                  "dropped_small_group": 1, "failed": 1}
-    assert c["submitted"] == c["in_flight"] + c["buffered"] + sum(c[d.value] for d in Disposition)
+    assert c["submitted"] == c["in_flight"] + c["buffered"] + sum(c[d.value] for d in ArchiveStatus)
     with pytest.raises(ValueError, match="in flight"):
         adm.finish(1)
-    with pytest.raises(ValueError, match="not a valid Disposition"):
+    with pytest.raises(ValueError, match="not a valid ArchiveStatus"):
         adm.settle({"dropped_failed": 1})  # the old, second name of "failed"
 
     resumed = Admission(batch_size=4, bound=StalenessBound(1))  # a new process
@@ -118,13 +119,13 @@ def test_admission_counts_every_episode_once_and_survives_a_resume():
     assert resumed.submitted == 8 and resumed.settled == adm.settled
     assert (resumed.in_flight, resumed.buffered) == (0, 0)  # the old process's episodes hold no slot
     resumed.settle({"consumed": 4})  # its learner settles what the old process finished
-    assert resumed.buffered == 0 and resumed.settled[Disposition.CONSUMED] == 8
+    assert resumed.buffered == 0 and resumed.settled[ArchiveStatus.CONSUMED] == 8
 
     # a learner restart inside a process: its decisions roll back, this process's submissions stand
     adm.submit(4)
     adm.load_totals({"submitted": 0, "settled": {"consumed": 4}}, settled_only=True)
     adm.forget_buffered()
-    assert adm.submitted == 12 and adm.settled == {Disposition.CONSUMED: 4} and adm.buffered == 0
+    assert adm.submitted == 12 and adm.settled == {ArchiveStatus.CONSUMED: 4} and adm.buffered == 0
 
 
 def test_batch_gate_counts_trajectories_or_tokens():
@@ -174,7 +175,7 @@ def test_group_buffer_drops_stale_failed_and_small_groups_with_reasons():
         buf.add(f"b-{i}", Traj("b", min_policy_version=3 if i < 3 else 5))
     batch, dropped = buf.pop_batch(version=5)
     reasons = collections.Counter(r for _, _, r in dropped)
-    assert reasons == {Disposition.FAILED: 1, Disposition.DROPPED_STALE: 3, Disposition.DROPPED_SMALL_GROUP: 1}
+    assert reasons == {ArchiveStatus.FAILED: 1, ArchiveStatus.DROPPED_STALE: 3, ArchiveStatus.DROPPED_SMALL_GROUP: 1}
     assert sorted(e for e, _ in batch) == ["a-1", "a-2", "a-3"]
     assert {e for e, _, _ in dropped} | {e for e, _ in batch} == {f"{g}-{i}" for g in "ab" for i in range(4)}
     assert len(buf) == 0
@@ -185,7 +186,7 @@ def test_group_buffer_rechecks_staleness_of_waiting_groups():
     _fill(buf, "a", 2, min_policy_version=0)
     assert buf.pop_batch(version=0) == ([], [])
     batch, dropped = buf.pop_batch(version=1)  # the policy moved on while group a waited
-    assert batch == [] and [r for _, _, r in dropped] == [Disposition.DROPPED_STALE] * 2 and len(buf) == 0
+    assert batch == [] and [r for _, _, r in dropped] == [ArchiveStatus.DROPPED_STALE] * 2 and len(buf) == 0
 
 
 def test_group_buffer_gate_by_token_budget():
