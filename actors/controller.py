@@ -6,7 +6,10 @@ RL is asynchronous by default: rollout workers keep generating while the learner
 weights reach the workers after every step (in-flight episodes continue under the new version,
 each segment tagged with the version that wrote it), and the learner drops samples older than
 `schedule.max_staleness`. Sync mode is the same loop with admission limited to one batch per
-policy version, so the two are an honest comparison.
+policy version, so the two are an honest comparison. The schedule's logic is
+`kpop.scheduler.Admission` (what may start, and the counters behind it); the learner's is
+`learner.service.LearnerService`. Weights go from the learner to the workers by reference: this
+process forwards a `WeightHandle` and never holds the tensors.
 
 Fault tolerance: the rollout pool replaces dead workers and re-issues their tasks; a dead learner
 actor is restarted from the newest checkpoint (unacknowledged trajectories are re-read from the
@@ -20,25 +23,25 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-from actors.learner_actor import LearnerService
+from actors.learner_actor import start_learner
 from actors.rollout_pool import RolloutPool
-from actors.rollout_worker import RolloutTask
+from kpop.rollout.worker import RolloutTask
 from kpop.config import RunConfig, dump_config
-from kpop.metrics import MetricsWriter, read_metrics
+from kpop.metrics import MetricsWriter, RLProgress, add_once, read_metrics, summarize_rl
 from kpop.ray_utils import init_ray, shutdown_ray
-from kpop.scheduler import Admission, TaskSource
+from kpop.scheduler import Admission, StalenessBound, TaskSource
 from kpop.stream import open_stream
+from kpop.trajectory import ArchiveStatus
 
 log = logging.getLogger("kpop.train")
 _ACTOR_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
-_SETTLED = ("consumed", "dropped_stale", "dropped_failed", "dropped_small_group")  # learner counts
 
 
 class WeightSyncTimeout(RuntimeError):
@@ -54,95 +57,71 @@ class ControllerState:
     task_counter: int = 0
     eval_before: float | None = None  # greedy
     eval_before_sampled: float | None = None
-    submitted: int = 0  # episodes handed to the rollout pool
 
     @classmethod
     def from_extra(cls, extra: dict | None) -> "ControllerState":
         return cls(**(extra or {}).get("controller", {}))
 
 
-@dataclass
-class _Progress:
-    """Rich progress line for the RL phase (plain log lines when disabled)."""
-
-    enabled: bool
-    total: int
-    bar: Any = field(default=None, init=False)
-    task: Any = field(default=None, init=False)
-
-    def __enter__(self) -> "_Progress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.bar = Progress(TextColumn("[bold]RL"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.fields[info]}"))
-            self.bar.__enter__()
-            self.task = self.bar.add_task("rl", total=self.total, info="waiting for the first batch")
-        return self
-
-    def update(self, step: int, m: dict[str, float]) -> None:
-        info = (f"reward {m['reward_mean']:.3f}  staleness {m['staleness_mean']:.2f}  "
-                f"tok/s {m['tokens_per_s']:.0f}  kpop mask {m.get('mask_rate', 0.0):.3f}")
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        else:
-            log.info("step %d/%d  %s", step, self.total, info)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-
 class Controller:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.out_dir).resolve()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        self.t0 = time.time()
-        self.stream_spec, self.redis = open_stream(cfg.stream, self.run_dir)
+        self.learner = self.pool = self.eval_pool = self.metrics = self.redis = None
+        # Ray first: a cluster that refuses us must leave no half-made run directory behind
         self.ray = init_ray(cfg.ray, self.run_dir)
-        self.learner = None
-        self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
-        worker_kwargs = dict(policy=cfg.policy, rollout=cfg.rollout, run_id=cfg.name, seed=cfg.seed,
-                             step_timeout_s=cfg.environments.step_timeout_s)
-        per_worker = cfg.rollout.max_concurrent_episodes
-        self.pool = RolloutPool(cfg.rollout.num_workers, {**worker_kwargs, "stream": self.stream_spec},
-                                max_inflight_per_worker=per_worker)
-        greedy = cfg.rollout.model_copy(update={"temperature": 0.0})
-        self.eval_pool = RolloutPool(1, {**worker_kwargs, "rollout": greedy, "stream": None},
-                                     max_inflight_per_worker=per_worker)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            self.t0 = time.time()
+            self.stream_spec, self.redis = open_stream(cfg.stream, self.run_dir)
+            self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
+            worker_kwargs = dict(policy=cfg.policy, rollout=cfg.rollout, run_id=cfg.name, seed=cfg.seed,
+                                 step_timeout_s=cfg.environments.step_timeout_s)
+            per_worker = cfg.rollout.max_concurrent_episodes
+            self.pool = RolloutPool(cfg.rollout.num_workers, {**worker_kwargs, "stream": self.stream_spec},
+                                    max_inflight_per_worker=per_worker)
+            greedy = cfg.rollout.model_copy(update={"temperature": 0.0})
+            self.eval_pool = RolloutPool(1, {**worker_kwargs, "rollout": greedy, "stream": None},
+                                         max_inflight_per_worker=per_worker)
+        except BaseException:
+            self.close()
+            raise
         self.state = ControllerState()
+        self.admission = Admission(cfg.schedule.batch_size, StalenessBound(cfg.schedule.max_staleness))
         self.version = 0
 
     # -- learner ---------------------------------------------------------------------------------
 
     def _start_learner(self, restore: bool | None = None) -> None:
         """`restore`: load the newest checkpoint (default cfg.resume; always after a learner crash)."""
-        actor = ray.remote(LearnerService).options(num_cpus=0, max_restarts=0)
-        self.learner = actor.remote(self.cfg, self.stream_spec)
+        crashed = self.learner is not None
+        self.learner = start_learner(self.cfg, self.stream_spec)
         restore = self.cfg.resume if restore is None else restore
         extra = ray.get(self.learner.restore.remote()) if restore else None
         if extra is not None:
             self.state = ControllerState.from_extra(extra)
+            # after a crash this process's submissions still stand; the learner's decisions roll
+            # back to the checkpoint and what it had buffered is re-read from the stream
+            self.admission.load_totals(extra.get("admission", {}), settled_only=crashed)
             log.info("resumed %s at RL step %d", self.run_dir, self.state.rl_step)
-        self.version, counts = ray.get(self.learner.status.remote())
-        # the learner's counts are cumulative over resumes; admission needs this process's share
-        self.settled = self.settled_base = sum(counts[k] for k in _SETTLED)
+        if crashed:
+            self.admission.forget_buffered()
 
     def _checkpoint(self) -> None:
-        ray.get(self.learner.checkpoint.remote({"controller": asdict(self.state)}))
+        extra = {"controller": asdict(self.state), "admission": self.admission.totals()}
+        ray.get(self.learner.checkpoint.remote(extra))
 
     def _broadcast(self) -> None:
-        """Learner weights -> every rollout worker; a hung sync fails loudly (watchdog)."""
-        state, version = ray.get(self.learner.weights.remote())
+        """Learner weights -> every rollout worker, by reference; a hung sync fails loudly."""
+        handle = ray.get(self.learner.publish_weights.remote())
         timeout = self.cfg.schedule.weight_sync_timeout_s
         for pool in (self.pool, self.eval_pool):
             try:
-                pool.update_weights(state, version, timeout_s=timeout)
+                pool.update_weights(handle.payload, handle.version, timeout_s=timeout)
             except TimeoutError as exc:
-                raise WeightSyncTimeout(f"weight sync of version {version} hung: {exc}") from None
-        self.version = version
+                raise WeightSyncTimeout(f"weight sync of version {handle.version} hung: {exc}") from None
+        self.version = handle.version
 
     # -- phases ----------------------------------------------------------------------------------
 
@@ -194,23 +173,20 @@ class Controller:
     def rl(self) -> None:
         cfg, sched = self.cfg, self.cfg.schedule
         source = TaskSource(cfg.environments.train, cfg.rollout.group_size, cfg.seed, self.state.task_counter)
-        admission = Admission(sched.batch_size, sched.max_staleness)
-        produced = 0  # episodes the pool finished in this process
         step_ref = None
         t_step = time.perf_counter()
-        with _Progress(cfg.logging.progress, sched.rl_steps) as progress:
+        with RLProgress(cfg.logging.progress, sched.rl_steps) as progress:
             while self.state.rl_step < sched.rl_steps:
-                # admission: keep the pipeline full, within the staleness bound
-                buffered = max(0, produced - (self.settled - self.settled_base))
-                cap = admission.capacity(self.pool.pending(), buffered)
-                while cap >= cfg.rollout.group_size:
+                while self.admission.capacity() >= cfg.rollout.group_size:  # keep the pipeline full
                     group = source.next_group()
                     self.pool.submit([RolloutTask(env_id=t.env_id, seed=t.seed, group_id=f"{cfg.name}-{t.group_id}",
                                                   env_kwargs=t.env_kwargs, policy_version=self.version)
                                       for t in group])
-                    self.state.submitted += len(group)
-                    cap -= len(group)
-                produced += len(self.pool.poll(timeout_s=0.05))
+                    self.admission.submit(len(group))
+                results = self.pool.poll(timeout_s=0.05)
+                self.admission.finish(len(results))
+                # TRUNCATION WARNING (issue 20), left for the lead to wire: the rollout side's
+                # kpop.rollout.worker.truncation_stats over the `results` of each step
                 if step_ref is None:
                     step_ref = self.learner.rl_step.remote(timeout_s=2.0)
                 ready, _ = ray.wait([step_ref], timeout=0.05)
@@ -218,21 +194,22 @@ class Controller:
                     continue
                 step_ref = None
                 try:
-                    m = ray.get(ready[0])
-                    if m is None:
+                    report = ray.get(ready[0])
+                    self.admission.settle(report.settled)
+                    if report.metrics is None:
                         continue
-                    self.settled = sum(m[k] for k in _SETTLED)
                     self.state.rl_step += 1
                     self.state.task_counter = source.counter
                     now = time.perf_counter()
-                    m["tokens_per_s"] = m["tokens"] / max(now - t_step, 1e-9)
-                    m["step_wall_s"] = now - t_step
+                    trained = report.metrics.get("tokens", 0.0)  # absent: the learner skipped the step
+                    row = add_once(report.metrics, wall_tokens_per_s=trained / max(now - t_step, 1e-9),
+                                   step_wall_s=now - t_step)
                     t_step = now
                     self._broadcast()
-                    m["version"] = float(self.version)
-                    m["worker_restarts"] = float(self.pool.restarts)
-                    self.metrics.log(self.state.rl_step, m, phase="rl")
-                    progress.update(self.state.rl_step, m)
+                    row = add_once(row, worker_restarts=float(self.pool.restarts),
+                                   **{f"episodes_{k}": float(v) for k, v in self.admission.counters().items()})
+                    self.metrics.log(self.state.rl_step, row, phase="rl")
+                    progress.update(self.state.rl_step, row)
                     if self.state.rl_step % cfg.learner.checkpoint_every == 0 or self.state.rl_step == sched.rl_steps:
                         self._checkpoint()
                 except _ACTOR_DEATH as exc:
@@ -240,7 +217,6 @@ class Controller:
                     # case the newest checkpoint (and the controller state saved in it) is the truth
                     log.warning("learner died (%s): restarting it from the newest checkpoint", type(exc).__name__)
                     self._start_learner(restore=True)
-                    produced = 0
                     self._broadcast()
                     continue
                 if sched.eval_every and self.state.rl_step % sched.eval_every == 0:
@@ -259,56 +235,33 @@ class Controller:
         self.rl()
         eval_after = (self.evaluate("after_rl") if cfg.schedule.rl_steps
                       else (self.state.eval_before, self.state.eval_before_sampled))
-        self._save_policy()
+        # the learner writes it from its own weights: no copy of the model passes through here
+        ray.get(self.learner.save_policy.remote(str(self.run_dir / "policy")))
         summary = self._summary(eval_after)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary: %s", json.dumps(summary))
         return summary
 
-    def _save_policy(self) -> None:
-        """The final policy as an HF checkpoint (runs/<name>/policy) for `kpop eval` and serving."""
-        from kpop.policy.checkpoint import load_policy, save_checkpoint
-
-        state, _ = ray.get(self.learner.weights.remote())
-        model, tok = load_policy(self.cfg.policy, seed=self.cfg.seed)
-        model.load_state_dict(state)
-        out = self.run_dir / "policy"
-        save_checkpoint(model, out)
-        tok.save_pretrained(out)
-
     def _summary(self, eval_after: tuple[float | None, float | None]) -> dict[str, Any]:
-        rows = read_metrics(self.run_dir, phase="rl")
-        latest: dict[int, dict] = {}
-        for r in rows:  # a resumed run may have logged a step twice: keep the newest
-            latest[r["step"]] = r
-        rows = [latest[s] for s in sorted(latest)]
-        k = max(1, len(rows) // 5)
-
-        def mean(key: str, part: list[dict]) -> float | None:
-            vals = [r[key] for r in part if key in r]
-            return statistics.fmean(vals) if vals else None
-
-        last = rows[-1] if rows else {}
+        settled = self.admission.settled
         return {
-            "reward_first": mean("reward_mean", rows[:k]),
-            "reward_last": mean("reward_mean", rows[-k:]),
+            **summarize_rl(read_metrics(self.run_dir, phase="rl")),
             "eval_reward_before_rl": self.state.eval_before,
             "eval_reward_after_rl": eval_after[0],
             "eval_reward_sampled_before_rl": self.state.eval_before_sampled,
             "eval_reward_sampled_after_rl": eval_after[1],
             "rl_steps": self.state.rl_step,
-            "trajectories_consumed": int(last.get("consumed", 0)),
-            "trajectories_dropped_stale": int(last.get("dropped_stale", 0)),
-            "trajectories_failed": int(last.get("dropped_failed", 0)),
-            "mean_staleness": mean("staleness_mean", rows),
-            "kpop_mask_rate": mean("mask_rate", rows),
+            "episodes_submitted": self.admission.submitted,
+            **{f"trajectories_{d.value}": settled[d] for d in ArchiveStatus},
             "worker_restarts": self.pool.restarts,
             "mode": self.cfg.schedule.mode,
             "wall_s": time.time() - self.t0,
         }
 
     def close(self) -> None:
-        for closer in (self.pool.shutdown, self.eval_pool.shutdown, self.metrics.close):
+        closers = [c for c in (getattr(self.pool, "shutdown", None), getattr(self.eval_pool, "shutdown", None),
+                               getattr(self.metrics, "close", None)) if c is not None]
+        for closer in closers:
             try:
                 closer()
             except Exception as exc:  # keep closing the rest
@@ -318,8 +271,7 @@ class Controller:
                 ray.get(self.learner.close.remote(), timeout=30)
             except Exception as exc:
                 log.warning("learner close: %s", exc)
-        if self.ray.started_local:
-            shutdown_ray()
+        shutdown_ray()  # stops a Ray this run started; only detaches from a cluster it attached to
         if self.redis is not None:
             self.redis.stop()
 

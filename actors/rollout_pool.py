@@ -139,8 +139,10 @@ class RolloutPool:
 
     # -- weights --------------------------------------------------------------------------------
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int, timeout_s: float = 120.0) -> None:
-        """Send `state_dict` (HF names) to every worker once through the object store; wait for all."""
-        state_ref = ray.put(dict(state_dict))
+        """Send `state_dict` (HF names, or an ObjectRef of it) to every worker once through the
+        object store; wait for all."""
+        # a ref is forwarded as is: the learner already put the weights in the object store
+        state_ref = state_dict if isinstance(state_dict, ray.ObjectRef) else ray.put(dict(state_dict))
         self._weights = (state_ref, version)
         refs = [w.update_weights.remote(state_ref, version) for w in self.workers]
         ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)

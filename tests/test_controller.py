@@ -4,47 +4,23 @@ each costs ~40-70 s on 2 cores, mostly Ray, learner and engine start-up."""
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
-from pathlib import Path
 
 import pytest
+import torch
 
 from kpop.archive import TrajectoryArchive
-from kpop.config import RunConfig, load_config
 from kpop.metrics import read_metrics
+from kpop.policy.checkpoint import load_checkpoint
+from train_helpers import (BATCH, assert_each_episode_settled_once, assert_each_trained_once,
+                           learner_checkpoint_weights, small_config)
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"reward_first", "reward_last", "eval_reward_before_rl", "eval_reward_after_rl", "rl_steps",
-                "trajectories_consumed", "trajectories_dropped_stale", "mean_staleness", "kpop_mask_rate", "wall_s"}
-BATCH = 8
-
-
-def small_config(run_dir: Path, name: str, *overrides: str) -> RunConfig:
-    """configs/quickstart.yaml shrunk to seconds per phase. dynamic_filter off: an untrained policy
-    earns reward 0 everywhere, and the learner must still step so versions (and staleness) move."""
-    return load_config(ROOT / "configs/quickstart.yaml", [
-        f"name={name}", f"run_dir={run_dir}", "learner.sft_steps=2", "learner.sft_batch_size=4",
-        "schedule.rl_steps=3", f"schedule.batch_size={BATCH}", "rollout.group_size=4",
-        "policy.preset=tiny", "environments.eval_seeds=[10000,10001]", "schedule.eval_samples=1",
-        "logging.tensorboard=false", "logging.progress=false",
-        "learner.checkpoint_every=1", "algorithm.dynamic_filter=false", *overrides])
-
-
-def consumed_ids(run_dir: Path) -> list[str]:
-    return [r["trajectory_id"] for r in TrajectoryArchive(run_dir).index(status="consumed")]
-
-
-def assert_each_trained_once(run_dir: Path, steps: int) -> None:
-    """No trajectory trained twice, none lost: exactly steps x batch consumed, all distinct, whole groups."""
-    ids = consumed_ids(run_dir)
-    twice = [i for i, n in collections.Counter(ids).items() if n > 1]
-    assert not twice, f"trained twice: {twice}"
-    assert len(ids) == steps * BATCH
-    groups = collections.Counter(r.trajectory.group_id for r in TrajectoryArchive(run_dir).records(status="consumed"))
-    assert set(groups.values()) == {4}, groups
+                "episodes_submitted", "trajectories_consumed", "trajectories_dropped_stale",
+                "trajectories_dropped_small_group", "trajectories_failed", "mean_staleness", "kpop_mask_rate",
+                "wall_s"}
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +41,6 @@ def test_run_directory_and_summary(resumed):
     assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
     assert (run / "checkpoints" / "latest").is_file()
     assert list((run / "trajectories").glob("part-*.parquet"))
-    assert (run / "policy" / "config.json").is_file() and any((run / "policy").glob("*.safetensors"))
     on_disk = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(on_disk) and on_disk["rl_steps"] == 4
     assert summary["trajectories_consumed"] == 4 * BATCH and summary["mode"] == "async"
@@ -75,6 +50,49 @@ def test_run_directory_and_summary(resumed):
     assert summary["mean_staleness"] is not None and summary["wall_s"] > 0
     phases = {r["phase"] for r in read_metrics(run)}
     assert {"sft", "eval", "rl"} <= phases
+    # Ray's logs of both processes stay in the run after their temp dirs are gone
+    logs = sorted((run / "ray_logs").iterdir())
+    assert len(logs) == 2 and all(d.is_dir() and not d.is_symlink() and any(d.iterdir()) for d in logs)
+
+
+def _settled(row: dict) -> float:
+    return sum(row[f"episodes_{s}"] for s in ("consumed", "dropped_stale", "dropped_small_group", "failed"))
+
+
+def test_every_episode_is_settled_once_across_processes(resumed):
+    run, _, first_rows, summary = resumed
+    assert_each_episode_settled_once(run, summary)
+    # within one process every submitted episode is in flight, buffered or settled ...
+    for row in first_rows:
+        assert row["episodes_submitted"] == row["episodes_in_flight"] + row["episodes_buffered"] + _settled(row), row
+    # ... and across a resume, episodes still running when the first process stopped are gone
+    last = read_metrics(run, phase="rl")[-1]
+    assert last["episodes_submitted"] >= last["episodes_in_flight"] + last["episodes_buffered"] + _settled(last)
+    assert summary["trajectories_consumed"] == last["episodes_consumed"] == 4 * BATCH
+
+
+def test_metrics_are_written_once_by_their_level(resumed):
+    run, *_ = resumed
+    rows = read_metrics(run, phase="rl")
+    for r in rows:
+        # the learner's reward (the one its advantages used) and the environments' reward are
+        # both logged; with no length reward they agree
+        assert r["reward_mean"] == pytest.approx(r["task_reward_mean"])
+        assert r["tokens_per_s"] > 0 and r["wall_tokens_per_s"] > 0  # the learner's and the run's throughput
+    assert [r["version"] for r in rows] == sorted({r["version"] for r in rows})  # versions strictly increase
+
+
+def test_the_final_policy_is_the_learners_weights(resumed):
+    """runs/<name>/policy, written by the learner, loads and holds exactly the weights of the
+    learner's last checkpoint (taken after the last step)."""
+    run, *_ = resumed
+    policy = load_checkpoint(run / "policy")
+    assert (run / "policy" / "tokenizer.json").is_file()
+    want = learner_checkpoint_weights(run)
+    got = policy.state_dict()
+    assert set(want) <= set(got)
+    different = [k for k in want if not torch.equal(got[k], want[k])]
+    assert different == []
 
 
 def test_async_respects_the_staleness_bound(resumed):
@@ -112,3 +130,5 @@ def test_sync_mode_trains_only_fresh_samples(tmp_path):
     assert summary["trajectories_dropped_stale"] == 0 and summary["mode"] == "sync"
     assert all(rec.staleness == 0 for rec in TrajectoryArchive(tmp_path / "sync").records(status="consumed"))
     assert_each_trained_once(tmp_path / "sync", steps=3)
+    assert_each_episode_settled_once(tmp_path / "sync", summary)
+    assert all(r["episodes_submitted"] == r["episodes_in_flight"] + r["episodes_buffered"] + _settled(r) for r in rows)

@@ -23,7 +23,10 @@ def test_local_ray_start_attach_and_clean_shutdown(tmp_path):
     handle = init_ray(RayConfig(num_cpus=1), tmp_path / "run")
     try:
         assert handle.started_local and handle.dashboard_url is None
-        assert len(handle.temp_dir) < 40 and (tmp_path / "run" / "ray_temp_dir").read_text().strip() == handle.temp_dir
+        assert len(handle.temp_dir) < 40
+        # the run's Ray logs: a link to the live log directory while Ray is up
+        assert handle.log_dir.parent == tmp_path / "run" / "ray_logs" and handle.log_dir.is_symlink()
+        assert handle.log_dir.resolve().is_relative_to(Path(handle.temp_dir).resolve())
         assert ray.cluster_resources()["CPU"] == 1.0
 
         @ray.remote
@@ -51,6 +54,9 @@ def test_local_ray_start_attach_and_clean_shutdown(tmp_path):
     finally:
         shutdown_ray()
     assert not os.path.exists(handle.temp_dir)
+    # ... and a copy of it once the temp dir is gone, with the logs of the run's processes
+    assert handle.log_dir.is_dir() and not handle.log_dir.is_symlink()
+    assert list(handle.log_dir.glob("raylet*")) and list(handle.log_dir.glob("gcs_server*"))
     deadline = time.monotonic() + 15
     while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ray_children):
         assert time.monotonic() < deadline, [p.name() for p in ray_children if p.is_running()]

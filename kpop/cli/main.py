@@ -13,6 +13,7 @@ from kpop.cli import plan as plan_cmd
 from kpop.cli import sandbox as sandbox_cmd
 from kpop.cli import train as train_cmd
 from kpop.config import ConfigError
+from kpop.ray_utils import RayAttachError
 
 app = typer.Typer(
     name="kpop",
@@ -39,6 +40,9 @@ def main() -> None:
     except ConfigError as exc:
         print(f"kpop: bad config:\n{exc}", file=sys.stderr)
         sys.exit(2)
+    except RayAttachError as exc:  # a user's setup problem: the message says what to set, no traceback
+        print(f"kpop: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

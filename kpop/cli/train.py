@@ -20,7 +20,10 @@ def _interrupt(signum: int, frame: object) -> None:
 def train(
     config: Path = typer.Argument(..., help="YAML run config, e.g. configs/quickstart.yaml"),
     overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. learner.lr=2e-5 schedule.mode=sync"),
-    ray_address: str = typer.Option(None, "--ray-address", help="attach to an existing Ray cluster (host:port or 'auto')"),
+    ray_address: str = typer.Option(
+        None, "--ray-address",
+        help="attach to an existing Ray cluster (host:port or 'auto'); a cluster with token authentication "
+             "needs its token here, found as Ray finds it: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"),
     fresh: bool = typer.Option(False, "--fresh", help="ignore checkpoints in the run directory and start over"),
 ) -> None:
     """Run CONFIG: cold-start SFT on oracle demonstrations, then asynchronous RL, into runs/<name>/.
