@@ -32,10 +32,10 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.learner_actor import start_learner
 from actors.rollout_pool import RolloutPool
-from kpop.rollout.worker import RolloutTask
 from kpop.config import RunConfig, dump_config
 from kpop.metrics import MetricsWriter, RLProgress, add_once, read_metrics, summarize_rl
 from kpop.ray_utils import init_ray, shutdown_ray
+from kpop.rollout.worker import RolloutTask, truncation_stats
 from kpop.scheduler import Admission, StalenessBound, TaskSource
 from kpop.stream import open_stream
 from kpop.trajectory import ArchiveStatus
@@ -77,7 +77,7 @@ class Controller:
             self.stream_spec, self.redis = open_stream(cfg.stream, self.run_dir)
             self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
             worker_kwargs = dict(policy=cfg.policy, rollout=cfg.rollout, run_id=cfg.name, seed=cfg.seed,
-                                 step_timeout_s=cfg.environments.step_timeout_s)
+                                 step_timeout_s=cfg.environments.step_timeout_s, sandbox=cfg.sandbox)
             per_worker = cfg.rollout.max_concurrent_episodes
             self.pool = RolloutPool(cfg.rollout.num_workers, {**worker_kwargs, "stream": self.stream_spec},
                                     max_inflight_per_worker=per_worker)
@@ -174,6 +174,7 @@ class Controller:
         cfg, sched = self.cfg, self.cfg.schedule
         source = TaskSource(cfg.environments.train, cfg.rollout.group_size, cfg.seed, self.state.task_counter)
         step_ref = None
+        finished: list = []  # episodes finished since the last learner step
         t_step = time.perf_counter()
         with RLProgress(cfg.logging.progress, sched.rl_steps) as progress:
             while self.state.rl_step < sched.rl_steps:
@@ -185,8 +186,7 @@ class Controller:
                     self.admission.submit(len(group))
                 results = self.pool.poll(timeout_s=0.05)
                 self.admission.finish(len(results))
-                # TRUNCATION WARNING (issue 20), left for the lead to wire: the rollout side's
-                # kpop.rollout.worker.truncation_stats over the `results` of each step
+                finished += results
                 if step_ref is None:
                     step_ref = self.learner.rl_step.remote(timeout_s=2.0)
                 ready, _ = ray.wait([step_ref], timeout=0.05)
@@ -205,6 +205,11 @@ class Controller:
                     row = add_once(report.metrics, wall_tokens_per_s=trained / max(now - t_step, 1e-9),
                                    step_wall_s=now - t_step)
                     t_step = now
+                    # warn loudly (with the numbers) on the first and last step when most episodes were cut
+                    loud = self.state.rl_step in (1, sched.rl_steps)
+                    cut = truncation_stats(finished, cfg.rollout.max_episode_tokens, warn_above=0.5 if loud else 1.0)
+                    finished = []
+                    row = add_once(row, **{f"episodes_{k}": v for k, v in cut.items() if k != "episodes"})
                     self._broadcast()
                     row = add_once(row, worker_restarts=float(self.pool.restarts),
                                    **{f"episodes_{k}": float(v) for k, v in self.admission.counters().items()})

@@ -81,6 +81,7 @@ def summarize_rl(rows: list[dict[str, Any]]) -> dict[str, float | None]:
         "reward_last": mean("task_reward_mean", rows[-k:]),
         "mean_staleness": mean("staleness_mean", rows),
         "kpop_mask_rate": mean("mask_rate", rows),
+        "cut_rate": mean("episodes_cut_rate", rows),  # episodes the runner cut (scored 0, ungraded)
     }
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 SUMMARY_KEYS = {"reward_first", "reward_last", "eval_reward_before_rl", "eval_reward_after_rl", "rl_steps",
                 "episodes_submitted", "trajectories_consumed", "trajectories_dropped_stale",
                 "trajectories_dropped_small_group", "trajectories_failed", "mean_staleness", "kpop_mask_rate",
-                "wall_s"}
+                "cut_rate", "wall_s"}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,10 @@ def test_run_directory_and_summary(resumed):
                 "eval_reward_sampled_before_rl", "eval_reward_sampled_after_rl"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["mean_staleness"] is not None and summary["wall_s"] > 0
+    # every step says how many of the episodes it saw the runner cut (scored 0, never graded)
+    rows = read_metrics(run, phase="rl")
+    assert all(0.0 <= r["episodes_cut_rate"] <= 1.0 and r["episodes_cut_max_episode_tokens"] >= 0 for r in rows)
+    assert 0.0 <= summary["cut_rate"] <= 1.0
     phases = {r["phase"] for r in read_metrics(run)}
     assert {"sft", "eval", "rl"} <= phases
     # Ray's logs of both processes stay in the run after their temp dirs are gone
