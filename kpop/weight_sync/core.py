@@ -1,19 +1,4 @@
-"""How a new policy version leaves the learner and reaches the rollout engines.
-
-    sync = ObjectStoreSync()                      # one transport, chosen by the process wiring
-    handle = sync.publish(state_dict, version)    # learner side, once per version
-    state = sync.receive(handle)                  # each consumer
-
-A `WeightHandle` is small and picklable: it is what crosses processes (the controller forwards it
-and never holds the weights). Transports:
-
-- `InProcessSync`: the handle carries the tensors themselves (a loop composed in one process).
-- `ObjectStoreSync`: the tensors go into Ray's object store once, in the learner's process; the
-  handle carries the `ObjectRef`. A Ray task or actor method given that ref as a top-level
-  argument receives the state dict itself, so rollout workers read it without a `receive` call.
-
-A GPU transport (CUDA IPC, NCCL broadcast) implements the same two methods.
-"""
+"""The weight-sync interface and the two transports that move a plain state dict."""
 
 from __future__ import annotations
 
@@ -25,10 +10,14 @@ import torch
 StateDict = Mapping[str, torch.Tensor]
 
 
+class WeightSyncError(RuntimeError):
+    """Weights arrived wrong: a failed checksum, a stale handle, or a manifest that does not match."""
+
+
 @dataclass(frozen=True)
 class WeightHandle:
     version: int
-    payload: Any  # transport-specific: the state dict, an ObjectRef, an IPC handle, ...
+    payload: Any  # transport-specific: the state dict, an ObjectRef, a manifest and IPC handles, ...
 
 
 class WeightSync(Protocol):
