@@ -105,6 +105,9 @@ def plan(state: StateDict, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[Bu
                 specs, used = [], 0
             specs.append(TensorSpec(name, tuple(t.shape), used, n))
             used += n
+            if used * size >= bucket_bytes:  # full, or one tensor over the size: it stays alone
+                buckets.append(BucketSpec(_dtype_name(dt), used * size, tuple(specs)))
+                specs, used = [], 0
         if specs:
             buckets.append(BucketSpec(_dtype_name(dt), used * size, tuple(specs)))
     return tuple(buckets)
