@@ -210,6 +210,8 @@ class BroadcastSync:
 
     def _send(self, manifest: B.Manifest) -> None:
         try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # a new thread starts on GPU 0
             data = torch.frombuffer(bytearray(manifest.to_json()), dtype=torch.uint8).to(self.device)
             self._bcast(torch.tensor([data.numel()], dtype=torch.int64, device=self.device))
             self._bcast(data)
