@@ -35,6 +35,10 @@ def test_copy_sync_gpu_to_gpu_stays_on_the_gpu():
     sync.buffers[0][3] ^= 1
     with pytest.raises(WeightSyncError, match="weights version 2: bucket 0"):
         sync.receive(h)
+    host = make_state(3)  # a CPU learner publishing to a GPU engine: one host-to-device copy per bucket
+    got = sync.receive(sync.publish(host, 3))
+    assert all(v.is_cuda for v in got.values())
+    assert_identical(on_host(got), host)
 
 
 def _ipc_consumer(handles, results) -> None:

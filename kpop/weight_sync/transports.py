@@ -144,6 +144,8 @@ class IpcSync:
             bufs = [fn(*args) for fn, args in p.cuda]
         else:
             bufs = [self._map(path, spec.buffer_bytes) for path, spec in zip(p.files, p.manifest.buckets)]
+            for gone in set(self._mapped) - set(p.files):  # a previous layout's files
+                del self._mapped[gone]
         if self.verify:
             B.verify(p.manifest, bufs)
         return B.views(p.manifest.buckets, bufs)
