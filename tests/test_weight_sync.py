@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kpop.weight_sync import (BroadcastSync, CopySync, IpcSync, WeightHandle, WeightSyncError, buckets as B)
+from kpop.weight_sync import (BroadcastSync, CopySync, IpcPayload, IpcSync, WeightHandle, WeightSyncError,
+                              buckets as B)
 
 
 def make_state(version: int, extra: bool = False) -> dict[str, torch.Tensor]:
@@ -233,3 +234,25 @@ def test_embedded_engine_receives_weights_through_a_sync():
         assert engine.version == 1  # nothing loaded
     finally:
         engine.close()
+
+
+def test_an_ipc_payload_cannot_point_the_consumer_at_other_files_or_functions(tmp_path):
+    """`torch.from_file(shared=True)` creates and resizes the file it is given, and a CUDA payload
+    names a function to call: a consumer only maps this transport's /dev/shm buckets and only calls
+    torch's CUDA rebuild."""
+    producer = IpcSync(bucket_bytes=256)
+    h = producer.publish(make_state(1), 1)
+    try:
+        victim = tmp_path / "victim"
+        victim.write_bytes(b"keep me")
+        for path in (str(victim), "/dev/shm/../tmp/kpop-wsync-1-abc", "/dev/shm/other"):
+            bad = WeightHandle(1, IpcPayload(h.payload.manifest, files=(path,) + h.payload.files[1:]))
+            with pytest.raises(WeightSyncError, match="not a weight-sync bucket"):
+                IpcSync().receive(bad)
+        assert victim.read_bytes() == b"keep me"
+        bad = WeightHandle(1, IpcPayload(h.payload.manifest, cuda=((os.remove, (str(victim),)),)))
+        with pytest.raises(WeightSyncError, match="not a CUDA IPC handle"):
+            IpcSync().receive(bad)
+        assert victim.exists()
+    finally:
+        producer.close()

@@ -10,6 +10,7 @@ it must copy them (the engines' `update_weights` does) before the next version i
 from __future__ import annotations
 
 import os
+import re
 import threading
 import uuid
 import weakref
@@ -90,6 +91,9 @@ class IpcPayload:
     files: tuple[str, ...] = ()  # per bucket: a /dev/shm file (CPU)
 
 
+_SHM_NAME = re.compile(r"/dev/shm/kpop-wsync-\d+-[0-9a-f]{32}")
+
+
 def _unlink(paths: list[str]) -> None:
     for p in paths:
         try:
@@ -121,7 +125,7 @@ class IpcSync:
         self._files.clear()
         out = []
         for spec in layout:
-            path = f"/dev/shm/kpop-wsync-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            path = f"/dev/shm/kpop-wsync-{os.getpid()}-{uuid.uuid4().hex}"
             self._files.append(path)
             out.append(torch.from_file(path, shared=True, size=spec.buffer_bytes, dtype=torch.uint8))
         return out  # a new file reads as zeros, padding included
@@ -141,6 +145,10 @@ class IpcSync:
         p: IpcPayload = handle.payload
         _check_version(handle, p.manifest)
         if p.cuda:
+            from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+            if any(fn is not rebuild_cuda_tensor for fn, _ in p.cuda):
+                raise WeightSyncError("an IPC payload entry is not a CUDA IPC handle (torch's rebuild_cuda_tensor)")
             bufs = [fn(*args) for fn, args in p.cuda]
         else:
             bufs = [self._map(path, spec.buffer_bytes) for path, spec in zip(p.files, p.manifest.buckets)]
@@ -153,6 +161,9 @@ class IpcSync:
     def _map(self, path: str, nbytes: int) -> torch.Tensor:
         t = self._mapped.get(path)
         if t is None:
+            # from_file(shared=True) creates or resizes what it is given: only this transport's files
+            if not _SHM_NAME.fullmatch(path):
+                raise WeightSyncError(f"{path!r} is not a weight-sync bucket (expected /dev/shm/kpop-wsync-<pid>-<id>)")
             if not os.path.exists(path):
                 raise WeightSyncError(f"shared-memory bucket {path} is gone: its producer closed or republished a "
                                       "new layout")
