@@ -41,7 +41,7 @@ def moe_sorted(x: Tensor, ids: Tensor, weights: Tensor, w_gate: Tensor, w_up: Te
     """The CPU path: rows sorted by expert once, each expert's slice through three matmuls, one
     weighted sum back to token order. Differentiable by autograd."""
     N, k = ids.shape
-    order, counts = sort_by_expert(ids, w_gate.shape[0])
+    order, counts = sort_by_expert(ids, len(w_gate))
     xs = x[order // k]
     outs = []
     # the counts are read once (on CPU that is free); the loop skips empty experts
