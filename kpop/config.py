@@ -30,7 +30,7 @@ class PolicyConfig(_Section):
 
     checkpoint: Path | None = None  # HF-format dir (config.json + safetensors); wins over `arch`
     arch: dict[str, Any] = Field(default_factory=dict)  # HF `bailing_hybrid` config fields
-    preset: Literal["tiny", "small"] = "tiny"  # the architecture when `arch` is empty (kpop/policy/presets.py)
+    preset: Literal["tiny", "small", "bench-2b"] = "tiny"  # the architecture when `arch` is empty (kpop/policy/presets.py)
     tokenizer: Path | None = None  # dir with tokenizer.json; None = build the local BPE tokenizer
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     fp32_lm_head: bool = True  # Ring-2.6 keeps the LM head in fp32 in training and inference
