@@ -107,6 +107,10 @@ class LearnerConfig(_Section):
     micro_batch_tokens: int = Field(4096, ge=1)  # token budget of one packed micro-batch
     dtype: Literal["float32", "bfloat16"] = "float32"
     num_gpus: int = Field(0, ge=0)  # 0 = CPU (gloo)
+    # recompute each decoder layer's activations in the backward; None = on with GPUs, off on CPU
+    activation_checkpointing: bool | None = None
+    # aux-loss-free MoE balancing: each step moves every expert_bias by this much toward even load (0 = off)
+    expert_bias_update_rate: float = Field(1e-3, ge=0.0)
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     # cold-start SFT on oracle demonstrations before RL

@@ -557,11 +557,16 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_mtp: bool | None = None,
+        return_logits: bool = True,
         **kwargs,
     ) -> BailingHybridOutput:
         """Logits for every position. `labels` [B,T] (same positions as input_ids, -100 ignored)
         gives the mean next-token cross-entropy (plus `mtp_loss_scaling_factor` x MTP losses).
-        MTP logits are computed when training (or `return_mtp=True`)."""
+        MTP logits are computed when training (or `return_mtp=True`). `return_logits=False`
+        leaves them to the caller (`hidden_states` + `logits()`, a chunk at a time: fp32 logits
+        over a long packed batch are the learner's largest tensor)."""
+        if labels is not None and not return_logits:
+            raise ValueError("labels need the logits: do not pass return_logits=False with labels")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -591,7 +596,7 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         for layer in m.layers[:L]:
             h = layer(h, rope, cu_seqlens)
         h = m.norm(h)
-        logits = self.logits(h)
+        logits = self.logits(h) if return_logits else None
 
         mtp_logits = None
         if m.layers[L:] and (self.training if return_mtp is None else return_mtp):
