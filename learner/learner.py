@@ -159,8 +159,8 @@ def expert_gates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 def balance_experts(gates: list[tuple[str, torch.nn.Module]], rate: float) -> dict[str, float]:
     """Aux-loss-free balancing (DeepSeek-V3, Ring-2.6): each router's `expert_bias` moves by `rate`
     up for experts loaded under the layer's mean and down for those over it; the gradient never
-    touches it. Resets the counts. Returns the max and min load over the mean per MoE layer (1.0
-    = even), one host read for all layers."""
+    touches it. Resets the counts. Returns the max and min load over the mean per MoE layer that
+    saw tokens (1.0 = even), one host read for all layers."""
     if not gates:
         return {}
     loads = torch.stack([g.expert_load for _, g in gates]).float()  # [layers, experts]
@@ -169,14 +169,15 @@ def balance_experts(gates: list[tuple[str, torch.nn.Module]], rate: float) -> di
         step = rate * torch.sign(mean - loads)  # 0 where the layer saw no token
         for (_, g), d in zip(gates, step):
             g.expert_bias.add_(d.to(g.expert_bias.dtype))
-    rel = (loads / mean.clamp(min=1e-9)).where(mean > 0, torch.ones_like(loads))
-    hi, lo = rel.max(-1).values.tolist(), rel.min(-1).values.tolist()
+    rel = loads / mean.clamp(min=1e-9)
+    hi, lo, seen = rel.max(-1).values.tolist(), rel.min(-1).values.tolist(), (mean[:, 0] > 0).tolist()
     for _, g in gates:
         g.expert_load.zero_()
     out = {}
-    for (name, _), a, b in zip(gates, hi, lo):
-        layer = name.removeprefix("model.").removesuffix(".gate").removesuffix(".mlp")
-        out[f"moe_load_max/{layer}"], out[f"moe_load_min/{layer}"] = a, b
+    for (name, _), a, b, s in zip(gates, hi, lo, seen):
+        if s:  # a layer the step never ran (an MTP layer in RL) has no load to report
+            layer = name.removeprefix("model.").removesuffix(".gate").removesuffix(".mlp")
+            out[f"moe_load_max/{layer}"], out[f"moe_load_min/{layer}"] = a, b
     return out
 
 
