@@ -14,8 +14,20 @@ Ceilings, measured first: `copy_tb_s` (a 2 GiB device-to-device copy, bytes read
   learner_peak_gb              peak allocated GPU memory over that step
   mla_prefill_fwd_vs_sdpa, mla_prefill_fwd_bwd_vs_sdpa   bench/kernels.py's MLA prefill bench
 --json prints one JSON object last. --record adds a dated entry under "## gpu" in bench/RESULTS.md.
-The learner needs DeepSpeed and pydantic; where an import fails, that part reports its error
-and the others still run. Each part is one function in BENCHES (the rollout engine adds its own).
+Each part is one function in BENCHES (the rollout engine adds its own).
+
+The learner needs DeepSpeed and pydantic; where an import fails, that part reports its error and
+the others still run. On a device image without them (and no network), bring wheels along:
+    pip download -d .whl --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
+        --platform any pydantic pydantic-core annotated-types typing-inspection hjson
+    pip download --no-deps -d .whl deepspeed==0.19.8
+and there, first:
+    python3 -m pip install --no-deps .whl/*.whl
+    DS_BUILD_OPS=0 python3 -m pip install --no-deps --no-build-isolation .whl/deepspeed-*.tar.gz
+
+Floors at the bench-2b MoE layer (65,536 tokens, bf16): 11.2 TFLOP forward+backward (14 ms at
+795 TFLOP/s; the goal 0.5 is 28 ms); the unavoidable traffic (weights and their gradients, x,
+the saved [g, u], the (token, slot) rows of y and dx) is ~8 GB, ~2 ms at 4.2 TB/s: arithmetic-bound.
 """
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 Rows are the routed (token, slot) pairs sorted by expert (reference.sort_by_expert): expert e owns
 rows offsets[e] .. offsets[e+1] of the sorted order. A row-tiled kernel launches an upper bound of
-cdiv(M, BM) + E row tiles (each expert has at most one partial tile); each program finds its expert
-from the per-expert counts in a few vector ops (_tile) and tiles past the last expert exit, so
-the grid never depends on device values. Tokens are gathered by index inside the loads and results
+cdiv(M, BM) + E row tiles (each expert has at most one partial tile) times the column blocks;
+each program finds its expert from the per-expert counts in a few vector ops (_tile) and tiles
+past the last expert exit, so the grid never depends on device values. Tokens are gathered by index inside the loads and results
 scattered back by index inside the stores: no permuted copy of x or of the output is made.
 
     forward   _gate_up_fwd   h = silu(x W_g^T) * (x W_u^T)       (SiLU-and-multiply in the epilogue;
@@ -12,7 +12,7 @@ scattered back by index inside the stores: no permuted copy of x or of the outpu
               _down_fwd      y[t, j] = w[t, j] * (h W_d^T)      (stored in (token, slot) order;
                                                                  the weighted combine is a sum over j)
     backward  _down_bwd_dh   a = dout W_d;  dw = <a, h>;  [dg, du] = silu'/product rule of w a
-              _wgrad         dW_d = (w dout)^T h,  dW_g = dg^T x,  dW_u = du^T x   (one kernel, three uses)
+              _wgrad         dW_d = (w dout)^T h,  [dW_g; dW_u] = [dg, du]^T x   (one kernel, two uses)
               _gate_up_bwd_dx dx[t, j] = dg W_g + du W_u        (summed over j)
 
 The routing weights' gradient needs no saved expert output: <dout, w-free y> = <dout W_d, h>.
@@ -55,9 +55,12 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 @triton.jit
-def _tile(counts, offsets, E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr):
-    """(expert, first row, end row) of this program's row tile; expert >= E: no work."""
-    pid = tl.program_id(0)
+def _tile(cols, counts, offsets, E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """(expert, first row, end row, column block) of this program; expert >= E: no work.
+    The column blocks of one row tile are neighbouring programs, so they run together and share
+    the gathered row tile (and the expert's weights) through L2 instead of re-reading them."""
+    nb = tl.cdiv(cols, BN)
+    pid = tl.program_id(0) // nb
     o = tl.arange(0, EP)
     cnt = tl.load(counts + o, mask=o < E, other=0)
     tiles = (cnt + BM - 1) // BM
@@ -67,7 +70,7 @@ def _tile(counts, offsets, E: tl.constexpr, EP: tl.constexpr, BM: tl.constexpr):
     e_safe = tl.minimum(e, E - 1)
     start = tl.load(offsets + e_safe) + (pid - first) * BM
     end = tl.load(offsets + e_safe + 1)
-    return e, start, end
+    return e, start, end, tl.program_id(0) % nb
 
 
 @triton.jit
@@ -76,13 +79,13 @@ def _gate_up_fwd(
     TOPK: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SAVE: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    e, start, end = _tile(counts, offsets, E, EP, BM)
+    e, start, end, pid_n = _tile(I, counts, offsets, E, EP, BM, BN)
     if e >= E:
         return
     rows = start + tl.arange(0, BM)
     m_r = rows < end
     tok = (tl.load(order + rows, mask=m_r, other=0) // TOPK).to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     m_c = cols < I
     w_base = e.to(tl.int64) * I * D
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
@@ -110,13 +113,13 @@ def _down_fwd(
     E: tl.constexpr, EP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    e, start, end = _tile(counts, offsets, E, EP, BM)
+    e, start, end, pid_n = _tile(D, counts, offsets, E, EP, BM, BN)
     if e >= E:
         return
     rows = start + tl.arange(0, BM)
     m_r = rows < end
     dst = tl.load(order + rows, mask=m_r, other=0).to(tl.int64)  # (token, slot) row
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     m_c = cols < D
     w_base = e.to(tl.int64) * D * I
     r64 = rows.to(tl.int64)
@@ -138,14 +141,14 @@ def _down_bwd_dh(
     TOPK: tl.constexpr, E: tl.constexpr, EP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    e, start, end = _tile(counts, offsets, E, EP, BM)
+    e, start, end, pid_n = _tile(I, counts, offsets, E, EP, BM, BN)
     if e >= E:
         return
     rows = start + tl.arange(0, BM)
     m_r = rows < end
     dst = tl.load(order + rows, mask=m_r, other=0).to(tl.int64)
     tok = dst // TOPK
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     m_c = cols < I
     w_base = e.to(tl.int64) * D * I
     acc = tl.zeros([BM, BN], dtype=tl.float32)  # a = dout W_d, before the routing weight
@@ -162,7 +165,7 @@ def _down_bwd_dh(
     sg = tl.sigmoid(g)
     silu = g * sg
     hh = (silu * u).to(dgu.dtype.element_ty).to(tl.float32)  # h as the forward stored it
-    tl.store(dw_part + dst * NB + tl.program_id(1), tl.sum(acc * hh, 1), mask=m_r)
+    tl.store(dw_part + dst * NB + pid_n, tl.sum(acc * hh, 1), mask=m_r)
     dh = acc * tl.load(weights + dst, mask=m_r, other=0.0)[:, None]
     dg = dh * u * sg * (1.0 + g * (1.0 - sg))
     tl.store(dgu + r64 * (2 * I) + cols[None, :], dg.to(dgu.dtype.element_ty), mask=m_o)
@@ -175,13 +178,13 @@ def _gate_up_bwd_dx(
     E: tl.constexpr, EP: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    e, start, end = _tile(counts, offsets, E, EP, BM)
+    e, start, end, pid_n = _tile(D, counts, offsets, E, EP, BM, BN)
     if e >= E:
         return
     rows = start + tl.arange(0, BM)
     m_r = rows < end
     dst = tl.load(order + rows, mask=m_r, other=0).to(tl.int64)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cols = pid_n * BN + tl.arange(0, BN)
     m_c = cols < D
     w_base = e.to(tl.int64) * I * D
     r64 = rows.to(tl.int64)
@@ -246,8 +249,9 @@ def _wgrad(
     tl.store(dw + base + p[:, None].to(tl.int64) * Q + q[None, :], acc.to(dw.dtype.element_ty), mask=m_p[:, None] & m_q[None, :])
 
 
-def _row_grid(M: int, E: int, BM: int, cols: int, BN: int) -> tuple[int, int]:
-    return triton.cdiv(M, BM) + E, triton.cdiv(cols, BN)
+def _row_grid(M: int, E: int, BM: int, cols: int, BN: int) -> tuple[int]:
+    """Row tiles (an upper bound: each expert has at most one partial tile) x column blocks, one axis."""
+    return ((triton.cdiv(M, BM) + E) * triton.cdiv(cols, BN),)
 
 
 class GroupedMoE(torch.autograd.Function):
@@ -316,20 +320,17 @@ class GroupedMoE(torch.autograd.Function):
 
         BM, BN, BK, warps, stages = cfg["wgrad"]
         common = dict(TOPK=K, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages, **meta)
-        grads = []
         # dW_down [E, D, I] = (w dout)^T h, h recomputed from the saved [g, u]
         dwd = torch.empty_like(w_down)
         _wgrad[(triton.cdiv(D, BM), triton.cdiv(I, BN), E)](
             dout, D, 0, gu, 2 * I, order, wflat, offsets, dwd, D, I,
             LEFT_BY_TOKEN=True, SCALE_LEFT=True, RIGHT_BY_TOKEN=False, RIGHT_SILU=True, I_SILU=I, **common)
-        # dW_gate, dW_up [E, I, D] = dg^T x, du^T x
-        for col0 in (0, I):
-            dwg = torch.empty_like(w_gate)
-            _wgrad[(triton.cdiv(I, BM), triton.cdiv(D, BN), E)](
-                dgu, 2 * I, col0, x, D, order, wflat, offsets, dwg, I, D,
-                LEFT_BY_TOKEN=False, SCALE_LEFT=False, RIGHT_BY_TOKEN=True, RIGHT_SILU=False, I_SILU=0, **common)
-            grads.append(dwg)
-        return dx, None, dweights.to(ctx.weights_dtype), grads[0], grads[1], dwd
+        # [dW_gate; dW_up] [E, 2I, D] = [dg, du]^T x in one pass over the gathered x
+        dwgu = torch.empty(E, 2 * I, D, device=x.device, dtype=w_gate.dtype)
+        _wgrad[(triton.cdiv(2 * I, BM), triton.cdiv(D, BN), E)](
+            dgu, 2 * I, 0, x, D, order, wflat, offsets, dwgu, 2 * I, D,
+            LEFT_BY_TOKEN=False, SCALE_LEFT=False, RIGHT_BY_TOKEN=True, RIGHT_SILU=False, I_SILU=0, **common)
+        return dx, None, dweights.to(ctx.weights_dtype), dwgu[:, :I], dwgu[:, I:], dwd
 
 
 def moe_grouped_triton(x: Tensor, ids: Tensor, weights: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
