@@ -26,8 +26,10 @@ and there, first:
     DS_BUILD_OPS=0 python3 -m pip install --no-deps --no-build-isolation .whl/deepspeed-*.tar.gz
 
 Floors at the bench-2b MoE layer (65,536 tokens, bf16): 11.2 TFLOP forward+backward (14 ms at
-795 TFLOP/s; the goal 0.5 is 28 ms); the unavoidable traffic (weights and their gradients, x,
-the saved [g, u], the (token, slot) rows of y and dx) is ~8 GB, ~2 ms at 4.2 TB/s: arithmetic-bound.
+795 TFLOP/s; the goal 0.5 is 28 ms). Traffic of this design, each tensor once per pass that
+needs it (weights and gradients, x, [g, u] written once and read twice, h, [dg, du], and the
+(token, slot) rows of y and dx at 2 GB each, written and read back): ~17 GB, ~4 ms at 4.2 TB/s.
+Arithmetic-bound by 3.5x; the per-row y and dx buffers are the largest traffic to cut next.
 """
 from __future__ import annotations
 
