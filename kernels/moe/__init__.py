@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from kernels._dispatch import backend, check
+from kernels._dispatch import backend
 from kernels.moe.reference import moe_loop, moe_sorted, sort_by_expert
 
 __all__ = ["moe_ffn", "moe_loop", "moe_sorted", "sort_by_expert"]
@@ -30,22 +30,28 @@ def moe_ffn(x: Tensor, ids: Tensor, weights: Tensor, w_gate: Weights, w_up: Weig
     matrices (stacked here only for the Triton path, which needs one tensor each; the torch path
     indexes them as they are, no copy). `ids` must lie in [0, E): they are not range-checked here
     (that would be a host sync); MoE callers that take ids from outside check them first."""
-    check(x.dim() == 2, f"moe_ffn: x must be [N, D], got {tuple(x.shape)}")
+    # `if not ...: raise` rather than check(cond, f"..."): the messages are formatted only on
+    # failure (this runs per MoE layer per decode step, where microseconds show)
+    if x.dim() != 2:
+        raise ValueError(f"moe_ffn: x must be [N, D], got {tuple(x.shape)}")
     N, D = x.shape
     E = len(w_gate)
-    check(E > 0 and len(w_up) == E and len(w_down) == E,
-          f"moe_ffn: w_gate, w_up, w_down must hold one matrix per expert, got {len(w_gate)}/{len(w_up)}/{len(w_down)}")
+    if not (E > 0 and len(w_up) == E and len(w_down) == E):
+        raise ValueError(f"moe_ffn: w_gate, w_up, w_down must hold one matrix per expert, got {len(w_gate)}/{len(w_up)}/{len(w_down)}")
     g, u, d = w_gate[0], w_up[0], w_down[0]  # per-expert shapes (the torch path checks the rest as it multiplies)
-    check(g.dim() == 2 and g.shape[1] == D, f"moe_ffn: w_gate must be [E, I, D={D}], got [{E}, {', '.join(map(str, g.shape))}]")
+    if not (g.dim() == 2 and g.shape[1] == D):
+        raise ValueError(f"moe_ffn: w_gate must be [E, I, D={D}], got [{E}, {', '.join(map(str, g.shape))}]")
     I = g.shape[0]
-    check(u.shape == g.shape, f"moe_ffn: w_up [{E}, {', '.join(map(str, u.shape))}] must match w_gate [{E}, {I}, {D}]")
-    check(d.shape == (D, I), f"moe_ffn: w_down must be [E, D, I]={(E, D, I)}, got [{E}, {', '.join(map(str, d.shape))}]")
-    check(ids.dim() == 2 and ids.shape[0] == N and not ids.is_floating_point(),
-          f"moe_ffn: ids must be an integer [N={N}, k] tensor, got {ids.dtype} {tuple(ids.shape)}")
-    check(weights.shape == ids.shape and weights.is_floating_point(),
-          f"moe_ffn: weights must be a float tensor shaped like ids {tuple(ids.shape)}, got {weights.dtype} {tuple(weights.shape)}")
-    check(x.is_floating_point() and g.dtype == x.dtype and u.dtype == x.dtype and d.dtype == x.dtype,
-          f"moe_ffn: x and the expert weights need one float dtype, got {x.dtype}/{g.dtype}/{u.dtype}/{d.dtype}")
+    if u.shape != g.shape:
+        raise ValueError(f"moe_ffn: w_up [{E}, {', '.join(map(str, u.shape))}] must match w_gate [{E}, {I}, {D}]")
+    if d.shape != (D, I):
+        raise ValueError(f"moe_ffn: w_down must be [E, D, I]={(E, D, I)}, got [{E}, {', '.join(map(str, d.shape))}]")
+    if not (ids.dim() == 2 and ids.shape[0] == N and not ids.is_floating_point()):
+        raise ValueError(f"moe_ffn: ids must be an integer [N={N}, k] tensor, got {ids.dtype} {tuple(ids.shape)}")
+    if not (weights.shape == ids.shape and weights.is_floating_point()):
+        raise ValueError(f"moe_ffn: weights must be a float tensor shaped like ids {tuple(ids.shape)}, got {weights.dtype} {tuple(weights.shape)}")
+    if not (x.is_floating_point() and g.dtype == x.dtype and u.dtype == x.dtype and d.dtype == x.dtype):
+        raise ValueError(f"moe_ffn: x and the expert weights need one float dtype, got {x.dtype}/{g.dtype}/{u.dtype}/{d.dtype}")
     if backend(x, ids, weights, g) == "triton":
         from kernels.moe.grouped import moe_grouped_triton
         stacked = (w if isinstance(w, Tensor) else torch.stack(list(w)) for w in (w_gate, w_up, w_down))
