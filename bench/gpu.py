@@ -11,7 +11,8 @@ Ceilings, measured first: `copy_tb_s` (a 2 GiB device-to-device copy, bytes read
   learner_mfu                  one learner step, 64 x 1,024-token trajectories (768 response tokens),
                                groups of 4, bf16, ZeRO-2 on one GPU: 6 x active non-embedding params
                                x tokens/s / gemm_tflops
-  learner_peak_gb              peak allocated GPU memory over that step
+  learner_peak_gb              peak allocated GPU memory over that step (learner_fp32_lm_head_s: the
+                               fp32 LM head's share of the step; --bf16-lm-head measures without it)
   mla_prefill_fwd_vs_sdpa, mla_prefill_fwd_bwd_vs_sdpa   bench/kernels.py's MLA prefill bench
 --json prints one JSON object last. --record adds a dated entry under "## gpu" in bench/RESULTS.md.
 Each part is one function in BENCHES (the rollout engine adds its own).
@@ -192,14 +193,17 @@ def learner_batch(vocab: int, seed: int = 0) -> list:
     return out
 
 
-def bench_learner(ceil: dict, out: dict, micro_batch_tokens: int, steps: int) -> None:
-    """Learner steps on the bench-2b policy (bf16, ZeRO-2, one GPU, activation checkpointing on)."""
+def bench_learner(ceil: dict, out: dict, micro_batch_tokens: int, steps: int, bf16_lm_head: bool = False) -> None:
+    """Learner steps on the bench-2b policy (bf16, ZeRO-2, one GPU, activation checkpointing on).
+    `bf16_lm_head`: the LM head in bf16 instead of Ring-2.6's fp32 (to measure what fp32 costs)."""
     from kpop.config import AlgorithmConfig, LearnerConfig
     from kpop.policy.checkpoint import build_model
     from learner.learner import Learner
 
     c = bench_2b_config()
     model = build_model(c, device="cuda", seed=0)
+    model.fp32_lm_head = not bf16_lm_head
+    out["learner_lm_head"] = "bf16" if bf16_lm_head else "fp32"
     lcfg = LearnerConfig(lr=1e-6, zero_stage=2, dtype="bfloat16", num_gpus=1, micro_batch_tokens=micro_batch_tokens)
     learner = Learner(lcfg, AlgorithmConfig(), model)
     batch = learner_batch(c.vocab_size)
@@ -241,7 +245,7 @@ def bench_mla(ceil: dict, out: dict) -> None:
 
 BENCHES: dict[str, Callable[[dict, dict, argparse.Namespace], None]] = {
     "moe": lambda ceil, out, a: bench_moe(ceil, out, a.sweep_moe),
-    "learner": lambda ceil, out, a: bench_learner(ceil, out, a.micro_batch_tokens, a.steps),
+    "learner": lambda ceil, out, a: bench_learner(ceil, out, a.micro_batch_tokens, a.steps, a.bf16_lm_head),
     "mla": lambda ceil, out, a: bench_mla(ceil, out),
 }
 
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-moe", action="store_true", help="also time alternative MoE kernel launch configs")
     ap.add_argument("--micro-batch-tokens", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=3, help="timed learner steps (after one warm-up step)")
+    ap.add_argument("--bf16-lm-head", action="store_true",
+                    help="learner with the LM head in bf16 (Ring-2.6 keeps it fp32): what the fp32 head costs")
     a = ap.parse_args(argv)
     only = [s for s in a.only.split(",") if s]
     unknown = sorted(set(only) - set(BENCHES))
