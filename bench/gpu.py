@@ -43,6 +43,8 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -226,6 +228,18 @@ def bench_learner(ceil: dict, out: dict, micro_batch_tokens: int, steps: int, bf
                learner_peak_gb=torch.cuda.max_memory_allocated() / 1e9, learner_model_states_gb=states_gb,
                learner_micro_batches=last.get("micro_batches"), learner_checkpointed_layers=learner.checkpointed_layers,
                learner_mfu_params=n, learner_moe_load_max=max((v for k, v in last.items() if k.startswith("moe_load_max/")), default=None))
+    # where one more step reads the device back to the host (file:line -> count): the micro-batch
+    # loop should show none; the forward's cu_seqlens check and the MLA prefill's longest-sequence
+    # read are known; after the step, the norm and the expert-load report are expected
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            learner.train_step(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    out["learner_host_sync_sites"] = dict(sites)
     # the fp32 LM head (Ring-2.6 keeps it fp32 for train/infer match) over the step's tokens:
     # forward, backward and the chunked recompute: a share of the step no bf16 GEMM rate applies to
     h = torch.randn(micro_batch_tokens, c.hidden_size, device="cuda", requires_grad=True)
