@@ -16,6 +16,7 @@ from kpop.policy.checkpoint import build_model  # noqa: E402
 from kpop.policy.presets import tiny_config  # noqa: E402
 
 VOCAB = 128
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # KPOP_KERNELS=triton: compiled on CUDA, interpreted on CPU
 
 
 @pytest.fixture
@@ -34,12 +35,13 @@ def _grads(b, x, **kw):
     x = x.detach().clone().requires_grad_()
     y = b(x, **kw)
     y = y[0] if isinstance(y, tuple) else y
-    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device).view_as(y)).sum().backward()
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in b.named_parameters() if p.grad is not None}
 
 
 def test_triton_block_matches_torch_block(block, monkeypatch):
-    x = torch.randn(2, 13, 64)
+    block.to(DEV)
+    x = torch.randn(2, 13, 64, device=DEV)
     monkeypatch.setenv("KPOP_KERNELS", "torch")
     y_ref, dx_ref, g_ref = _grads(block, x)
     monkeypatch.setenv("KPOP_KERNELS", "triton")
