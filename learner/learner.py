@@ -11,6 +11,14 @@ One `train_step` is one optimiser step: the batch is packed into micro-batches u
 whole batch, then DeepSpeed steps once. Because the weights do not move between micro-batches,
 the logprobs of that same forward, detached, are exactly the proximal policy pi_theta_old of the
 decoupled objective: no second forward pass. Plain class, no Ray (actors/ wraps it).
+
+At GPU scale: every micro-batch's inputs reach the device before the first forward and metrics
+stay on the device until the step is done, so nothing inside a micro-batch waits on the host;
+decoder layers recompute their activations in the backward (`activation_checkpointing`); the
+sampled tokens' logprobs come from the final hidden states a chunk of rows at a time
+(learner/packing.py), never as fp32 logits over the whole vocabulary for a whole micro-batch.
+After each step the MoE routers' `expert_bias` moves toward even expert load (aux-loss-free
+balancing, `expert_bias_update_rate`), and the max/min load per MoE layer is reported.
 """
 
 from __future__ import annotations
@@ -22,15 +30,17 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
 from inspect import signature
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from kpop.algo.advantages import group_index, grpo_advantages, length_rewards, rloo_advantages, varied_groups
 from kpop.algo.losses import LossSpec, linguistic_units, policy_loss, summarize
-from learner.packing import flat, pack, plan_micro_batches, token_logprobs
+from learner.packing import Packed, chunked_token_logprobs, flat, pack, plan_micro_batches, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +118,69 @@ def _sequences(items: Sequence, what: str) -> tuple[list[list[int]], list[list[b
     return ids, masks
 
 
+def checkpoint_layers(model: torch.nn.Module) -> int:
+    """Recompute each decoder layer (the modules HF names in `_no_split_modules`) in the backward
+    instead of keeping its activations; returns how many layers were wrapped. MoE gates inside a
+    layer stop counting expert load while it is recomputed (the recompute routes the same tokens
+    again). Names, parameters and state dicts are untouched: only the instances' forward changes."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    for layer in layers:
+        gates = [m for m in layer.modules() if hasattr(m, "count_load")]
+        layer.forward = _checkpointed(layer.forward, gates)
+    return len(layers)
+
+
+def _checkpointed(forward: Callable, gates: list[torch.nn.Module]) -> Callable:
+    @contextmanager
+    def recomputing():
+        for g in gates:
+            g.count_load = False
+        try:
+            yield
+        finally:
+            for g in gates:
+                g.count_load = True
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), recomputing()), **kwargs)
+
+    return run
+
+
+def expert_gates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every MoE router that keeps `expert_bias` and counts `expert_load`."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "expert_bias") and hasattr(m, "expert_load")]
+
+
+@torch.no_grad()
+def balance_experts(gates: list[tuple[str, torch.nn.Module]], rate: float) -> dict[str, float]:
+    """Aux-loss-free balancing (DeepSeek-V3, Ring-2.6): each router's `expert_bias` moves by `rate`
+    up for experts loaded under the layer's mean and down for those over it; the gradient never
+    touches it. Resets the counts. Returns the max and min load over the mean per MoE layer that
+    saw tokens (1.0 = even), one host read for all layers."""
+    if not gates:
+        return {}
+    loads = torch.stack([g.expert_load for _, g in gates]).float()  # [layers, experts]
+    mean = loads.mean(-1, keepdim=True)
+    if rate > 0:
+        step = rate * torch.sign(mean - loads)  # 0 where the layer saw no token
+        for (_, g), d in zip(gates, step):
+            g.expert_bias.add_(d.to(g.expert_bias.dtype))
+    rel = loads / mean.clamp(min=1e-9)
+    hi, lo, seen = rel.max(-1).values.tolist(), rel.min(-1).values.tolist(), (mean[:, 0] > 0).tolist()
+    for _, g in gates:
+        g.expert_load.zero_()
+    out = {}
+    for (name, _), a, b, s in zip(gates, hi, lo, seen):
+        if s:  # a layer the step never ran (an MTP layer in RL) has no load to report
+            layer = name.removeprefix("model.").removesuffix(".gate").removesuffix(".mlp")
+            out[f"moe_load_max/{layer}"], out[f"moe_load_min/{layer}"] = a, b
+    return out
+
+
 def _min_version(traj) -> int | None:
     return min((s[2] for s in traj.segments), default=None)  # Segment = (start, end, version)
 
@@ -138,6 +211,9 @@ class Learner:
         if learner_cfg.dtype == "bfloat16" and not on_gpu:
             raise ValueError("learner.dtype 'bfloat16' is for GPUs; on CPU (learner.num_gpus=0) use float32")
         ds = import_deepspeed(on_gpu)
+        ckpt = learner_cfg.activation_checkpointing
+        self.checkpointed_layers = checkpoint_layers(model) if (on_gpu if ckpt is None else ckpt) else 0
+        self._gates = expert_gates(model)
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -158,6 +234,10 @@ class Learner:
         params = signature(model.forward).parameters
         # MTP heads only matter for the SFT/pretraining loss, not for RL logprobs
         self._fwd_kwargs = {"return_mtp": False} if "return_mtp" in params else {}
+        # logprobs from hidden states a chunk at a time; ZeRO-3 gathers the LM head only inside the
+        # model's forward, so there the model computes the logits itself
+        if "return_logits" in params and hasattr(model, "logits") and learner_cfg.zero_stage != 3:
+            self._fwd_kwargs["return_logits"] = False
         self.version = 0  # optimiser steps taken (RL + SFT): the exported weights' version
         self.rl_steps = 0  # drives the lr schedule
         self.sft_steps = 0
@@ -168,10 +248,27 @@ class Learner:
 
     # -- forward -----------------------------------------------------------------------------
 
-    def _logprobs(self, packed) -> torch.Tensor:
-        ids = packed.input_ids.to(self.device)
-        out = self.engine(ids, cu_seqlens=packed.cu_seqlens.to(self.device), **self._fwd_kwargs)
-        return token_logprobs(out.logits, ids)
+    def _logprobs(self, ids: torch.Tensor, cu_seqlens: torch.Tensor, entropy: bool = False):
+        """(logprobs [T], entropy [T] or None) of one packed micro-batch already on the device."""
+        out = self.engine(ids, cu_seqlens=cu_seqlens, **self._fwd_kwargs)
+        if out.logits is None:
+            return chunked_token_logprobs(out.hidden_states, self.engine.module.logits, ids, with_entropy=entropy)
+        lp = token_logprobs(out.logits, ids)
+        if not entropy:
+            return lp, None
+        with torch.no_grad():
+            logits = out.logits[0, :-1].float()
+            ent = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+        return lp, torch.nn.functional.pad(ent, (1, 0))
+
+    def _stage(self, packed: Packed, per_token: dict[str, tuple[Sequence, torch.dtype]]) -> dict[str, torch.Tensor]:
+        """One micro-batch's tensors on the device (copied before the first forward, so no copy
+        inside a micro-batch waits for the GPU)."""
+        dev, nb = self.device, self.device.type == "cuda"
+        out = {"ids": packed.input_ids.to(dev, non_blocking=nb), "cu": packed.cu_seqlens.to(dev, non_blocking=nb)}
+        for name, (values, dtype) in per_token.items():
+            out[name] = flat(values, packed.index, dtype).to(dev, non_blocking=nb)
+        return out
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -245,31 +342,36 @@ class Learner:
         adv_tok = [[float(adv[k])] * len(ids[k]) for k in range(len(ids))]
         lr = self.cfg.lr * lr_factor(self.rl_steps, self.cfg.warmup_steps, self.cfg.lr_schedule, self.total_steps)
         self.engine.train()
-        loss_total, stats = 0.0, []
-        for index in plan:
-            packed = pack(ids, index)
-            logp = self._logprobs(packed)
+        per_token = {"behav": (behav, torch.float32), "adv": (adv_tok, torch.float32), "mask": (masks, torch.bool),
+                     "units": (units, torch.long)}
+        staged = [self._stage(pack(ids, index), per_token) for index in plan]
+        loss_total = torch.zeros((), device=self.device)
+        entropy_sum = torch.zeros((), device=self.device)
+        stats = []
+        for mb in staged:
+            logp, entropy = self._logprobs(mb["ids"], mb["cu"], entropy=True)
             loss, s = policy_loss(
                 logp,
                 logp.detach(),  # proximal policy: this step's weights, before it updates them
-                flat(behav, index, torch.float32).to(self.device),
-                flat(adv_tok, index, torch.float32).to(self.device),
-                flat(masks, index, torch.bool).to(self.device),
-                flat(units, index, torch.long).to(self.device),
+                mb["behav"], mb["adv"], mb["mask"], mb["units"],
                 self.spec,
                 norm=norm,
             )
             self.engine.backward(loss, scale_wrt_gas=False)
-            loss_total += float(loss.detach())
+            loss_total += loss.detach()
+            entropy_sum += (entropy * mb["mask"]).sum()
             stats.append(s)
         grad_norm = self._step(lr)
         self.rl_steps += 1
+        metrics.update(balance_experts(self._gates, self.cfg.expert_bias_update_rate))
+        loss_tokens = sum(sum(masks[k]) for k in use)
         dt = time.perf_counter() - t0
         tokens = sum(lengths)
         return {
             **metrics,
             **summarize(stats),
-            "loss": loss_total,
+            "loss": float(loss_total),
+            "entropy": float(entropy_sum) / max(loss_tokens, 1),
             "grad_norm": grad_norm,
             "lr": lr,
             "version": float(self.version),
@@ -311,18 +413,18 @@ class Learner:
         norm = float(sum(sum(masks[k]) for k in use))
         plan = self._plan(use, ids)
         self.engine.train()
-        loss_total = 0.0
-        for index in plan:
-            packed = pack(ids, index)
-            logp = self._logprobs(packed)
-            mask = flat(masks, index, torch.bool).to(self.device)
-            loss = -(logp * mask).sum() / norm
+        staged = [self._stage(pack(ids, index), {"mask": (masks, torch.bool)}) for index in plan]
+        loss_total = torch.zeros((), device=self.device)
+        for mb in staged:
+            logp, _ = self._logprobs(mb["ids"], mb["cu"])
+            loss = -(logp * mb["mask"]).sum() / norm
             self.engine.backward(loss, scale_wrt_gas=False)
-            loss_total += float(loss.detach())
+            loss_total += loss.detach()
         grad_norm = self._step(self.cfg.sft_lr)
         self.sft_steps += 1
-        return {"sft_loss": loss_total, "grad_norm": grad_norm, "version": float(self.version),
-                "step_s": time.perf_counter() - t0}
+        balance = balance_experts(self._gates, self.cfg.expert_bias_update_rate)
+        return {"sft_loss": float(loss_total), "grad_norm": grad_norm, "version": float(self.version),
+                "step_s": time.perf_counter() - t0, **balance}
 
     # -- weights and checkpoints ---------------------------------------------------------------
 
@@ -333,7 +435,7 @@ class Learner:
         out = []
         for index in plan_micro_batches([len(s) for s in token_ids], self.cfg.micro_batch_tokens):
             packed = pack(token_ids, index)
-            lp = self._logprobs(packed).cpu()
+            lp = self._logprobs(packed.input_ids.to(self.device), packed.cu_seqlens.to(self.device))[0].cpu()
             cu = packed.cu_seqlens.tolist()
             out.extend((i, lp[cu[j] + 1 : cu[j + 1]]) for j, i in enumerate(index))
         self.engine.train()

@@ -75,7 +75,7 @@ def test_defaults_and_overrides(tmp_path):
         (MINIMAL, ["algorithm.advantage=rloo", "rollout.group_size=1"], "<root>", "group_size >= 2"),
         ({"name": "t"}, [], "<root>", "environments.train is empty"),
         (MINIMAL, ["environments.eval_seeds=0"], "environments.eval_seeds", "seed count must be >= 1"),
-        (MINIMAL, ["policy.preset=huge"], "policy.preset", "'tiny' or 'small'"),
+        (MINIMAL, ["policy.preset=huge"], "policy.preset", "'tiny', 'small' or 'bench-2b'"),
         # strict types where a number is meant
         (yaml.safe_dump(MINIMAL) + "learner:\n  lr: '2e-5'\n", [], "learner.lr", "valid number"),
         ({**MINIMAL, "rollout": {"num_workers": True}}, [], "rollout.num_workers", "valid integer"),

@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from kernels.lightning import lightning_attn, lightning_decode
 from kernels.mla import mla_cache_write, mla_decode, mla_prefill
+from kernels.moe import moe_ffn
 from kpop.policy.cache import CacheShape, HybridCache
 from kpop.policy.config import BailingHybridConfig
 
@@ -301,18 +302,42 @@ class MLP(nn.Module):
 
 class MoEGate(nn.Module):
     """fp32 sigmoid router; `expert_bias` (a buffer, moved by load balancing, never by gradient)
-    only steers *which* experts are chosen; the weights are the unbiased scores."""
+    only steers *which* experts are chosen; the weights are the unbiased scores.
+
+    In training mode the gate also counts the rows routed to each expert (`expert_load`, int64,
+    not saved) for the aux-loss-free bias update; `count_load = False` pauses counting (the
+    learner sets it while activation checkpointing recomputes a layer, which routes again)."""
 
     def __init__(self, config: BailingHybridConfig) -> None:
         super().__init__()
         self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.num_experts = config.num_experts
         self.scaling = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        self.register_buffer("expert_load", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
+        self.count_load = True
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (expert ids [N, k], fp32 weights [N, k])."""
+    def reset_buffers(self) -> None:
+        """Buffers no checkpoint holds (`expert_bias` is loaded, so it is left alone here)."""
+        self.expert_load.zero_()
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (expert ids [N, k], fp32 weights [N, k]). With `expert_ids` (routing replay)
+        those experts are used, weighted by the router's own scores at them, so the router still
+        learns; the choice itself is then not the router's."""
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        idx = self.select(scores) if expert_ids is None else expert_ids.long()
+        w = scores.gather(1, idx)
+        if self.top_k > 1:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        if self.training and self.count_load:
+            self.expert_load.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+        return idx, w * self.scaling
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Group-limited top-k over the biased scores: the best `topk_group` groups by the sum of
+        their top-2, then the top `k` experts inside them."""
         biased = scores.detach() + self.expert_bias.float()
         n, e = biased.shape
         grouped = biased.view(n, self.n_group, e // self.n_group)
@@ -320,14 +345,27 @@ class MoEGate(nn.Module):
         keep = group_score.topk(self.topk_group, dim=-1).indices
         group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
         masked = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, e)
-        idx = masked.topk(self.top_k, dim=-1).indices
-        w = scores.gather(1, idx)
-        if self.top_k > 1:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return idx, w * self.scaling
+        return masked.topk(self.top_k, dim=-1).indices
+
+    def check_expert_ids(self, expert_ids: torch.Tensor, n: int) -> None:
+        """Forced ids come from outside (a stored trajectory): name what is wrong with them."""
+        if expert_ids.shape != (n, self.top_k) or expert_ids.is_floating_point():
+            raise ValueError(
+                f"expert_ids must be an integer [tokens={n}, top_k={self.top_k}] tensor, "
+                f"got {expert_ids.dtype} {tuple(expert_ids.shape)}"
+            )
+        if n and not bool(((expert_ids >= 0) & (expert_ids < self.num_experts)).all()):
+            raise ValueError(f"expert_ids must lie in [0, {self.num_experts}), got values {expert_ids.min().item()}..{expert_ids.max().item()}")
 
 
 class SparseMoeBlock(nn.Module):
+    """Routed experts (one grouped kernel, kernels/moe) plus the shared expert.
+
+    `forward(x, expert_ids=None, return_expert_ids=False)`: `expert_ids` [tokens, top_k] forces the
+    routing (replay: the rollout's experts, weighted by this router's scores); with
+    `return_expert_ids` the result is `(y, ids)`, ids [tokens, top_k] int64, tokens = x's leading
+    dims flattened."""
+
     def __init__(self, config: BailingHybridConfig) -> None:
         super().__init__()
         self.experts = nn.ModuleList(MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
@@ -336,19 +374,27 @@ class SparseMoeBlock(nn.Module):
             MLP(config, config.moe_intermediate_size * config.num_shared_experts) if config.num_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per-expert (gate [I,D], up [I,D], down [D,I]) weights, as the HF `nn.Linear`s hold them.
+        The grouped GEMM stacks them (E x 3 x I x D copied, ~2% of a training step at 64k tokens);
+        keeping them per expert keeps parameter names, optimizer state and weight loading as every
+        checkpoint and engine expects."""
+        mlps = [e._modules for e in self.experts._modules.values()]  # plain dicts: no Module.__getattr__ per expert
+        return tuple([m[name].weight for m in mlps] for name in ("gate_proj", "up_proj", "down_proj"))
+
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor | None = None, return_expert_ids: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        idx, w = self.gate(flat)
-        y = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
-        # dispatch token groups per expert (a grouped GEMM on GPU would replace this loop)
-        for e in idx.unique().tolist():
-            tok, k = (idx == e).nonzero(as_tuple=True)
-            y.index_add_(0, tok, self.experts[e](flat[tok]).float() * w[tok, k, None])
-        y = y.to(x.dtype)
+        if expert_ids is not None:
+            self.gate.check_expert_ids(expert_ids, flat.shape[0])
+        idx, w = self.gate(flat, expert_ids)
+        y = moe_ffn(flat, idx, w, *self.expert_weights())
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return y.view(shape)
+        y = y.view(shape)
+        return (y, idx) if return_expert_ids else y
 
 
 # -- blocks ----------------------------------------------------------------------------------
@@ -418,6 +464,11 @@ class BailingHybridPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
+        if isinstance(module, MoEGate) and getattr(module.weight, "_is_hf_initialized", False):
+            # HF from_pretrained calls this for the gate because its `expert_load` buffer is not in
+            # the checkpoint; the loaded router weight and bias must stay
+            module.reset_buffers()
+            return
         if isinstance(module, (nn.Linear, MoEGate)):
             module.weight.normal_(0.0, std)
             if getattr(module, "bias", None) is not None:
@@ -506,11 +557,16 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_mtp: bool | None = None,
+        return_logits: bool = True,
         **kwargs,
     ) -> BailingHybridOutput:
         """Logits for every position. `labels` [B,T] (same positions as input_ids, -100 ignored)
         gives the mean next-token cross-entropy (plus `mtp_loss_scaling_factor` x MTP losses).
-        MTP logits are computed when training (or `return_mtp=True`)."""
+        MTP logits are computed when training (or `return_mtp=True`). `return_logits=False`
+        leaves them to the caller (`hidden_states` + `logits()`, a chunk at a time: fp32 logits
+        over a long packed batch are the learner's largest tensor)."""
+        if labels is not None and not return_logits:
+            raise ValueError("labels need the logits: do not pass return_logits=False with labels")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -540,7 +596,7 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         for layer in m.layers[:L]:
             h = layer(h, rope, cu_seqlens)
         h = m.norm(h)
-        logits = self.logits(h)
+        logits = self.logits(h) if return_logits else None
 
         mtp_logits = None
         if m.layers[L:] and (self.training if return_mtp is None else return_mtp):
