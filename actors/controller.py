@@ -136,7 +136,7 @@ class Controller:
         # fresh demonstrations rather than epochs over few: the policy must learn to copy numbers
         # from the prompt, not memorise answers (demos are cheap: ~5 ms each)
         n_demos = min(4096, max(64, cfg.learner.sft_steps * cfg.learner.sft_batch_size))
-        demos = collect_demos(cfg.environments.train, n_demos, tok, seed=cfg.seed,
+        demos = collect_demos(cfg.environments.sft or cfg.environments.train, n_demos, tok, seed=cfg.seed,
                               step_timeout_s=cfg.environments.step_timeout_s)
         log.info("cold-start SFT: %d oracle demonstrations, %d steps", len(demos), cfg.learner.sft_steps)
         rows = ray.get(self.learner.sft.remote(demos, cfg.learner.sft_steps, cfg.learner.sft_batch_size, cfg.seed))
