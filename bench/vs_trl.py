@@ -35,6 +35,7 @@ subclass that only changes how a padded batch reaches the model (see its docstri
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import logging
@@ -52,8 +53,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # before bench/ itself, whose kernels.py would shadow the kernels package
 
 from environments.core import Message  # noqa: E402
 from environments.tooluse.env import ToolUseEnv  # noqa: E402
@@ -77,6 +77,14 @@ class SingleCallEnv(ToolUseEnv):
 
     def __init__(self, split: str = "all", render_mode: str | None = None) -> None:
         super().__init__(difficulty=0, split=split, show_tools=False, max_turns=1, render_mode=render_mode)
+
+    def _after_tools(self, new: list[Message]):
+        # the call's result is the outcome: the episode ends here (terminated, not cut off), which
+        # is also what lets SFT take oracle episodes as demonstrations
+        self.transcript += copy.deepcopy(new)
+        self._done = True
+        reward, detail = self._verify(None)
+        return new, float(reward), True, False, self._info(reward_detail=detail)
 
     def _verify(self, final: Message | None) -> tuple[float, dict[str, Any]]:
         _, detail = super()._verify(final)
@@ -123,8 +131,8 @@ def verifier_rewards(tokenizer: Any, completion_ids: Sequence[Sequence[int]], se
         out = []
         for ids, seed in zip(completion_ids, seeds, strict=True):
             env.reset(seed=int(seed))
-            _, reward, terminated, truncated, _ = env.step(completion_message(tokenizer, ids))
-            if not (terminated or truncated):
+            _, reward, terminated, _, _ = env.step(completion_message(tokenizer, ids))
+            if not terminated:
                 raise RuntimeError(f"{ENV_ID} did not end after one turn (seed {seed})")
             out.append(float(reward))
         return out
@@ -388,7 +396,7 @@ def held_out(policy: Path, args: argparse.Namespace) -> dict[str, float]:
     from kpop.evaluate import evaluate
 
     common = dict(env_kwargs={"split": "eval"}, seed=EVAL_SEED0, max_new_tokens=args.max_new_tokens, max_turns=1,
-                  max_episode_tokens=256)
+                  max_episode_tokens=256, concurrency=64)
     greedy = evaluate(policy, ENV_ID, args.eval_episodes, samples=1, temperature=0.0, **common)
     sampled = evaluate(policy, ENV_ID, args.eval_episodes, samples=args.eval_samples, temperature=1.0, **common)
     per_seed: dict[int, list[float]] = {}
@@ -406,7 +414,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print only the final JSON object")
     ap.add_argument("--record", action="store_true", help="add the result to bench/RESULTS.md (## vs_trl)")
     ap.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget per side")
-    ap.add_argument("--sft-steps", type=int, default=150, help="shared cold-start SFT (short: leaves room for RL)")
+    ap.add_argument("--sft-steps", type=int, default=250, help="shared cold-start SFT (short: leaves room for RL)")
     ap.add_argument("--batch", type=int, default=32, help="trajectories per learner step, both sides")
     ap.add_argument("--group", type=int, default=4, help="samples per prompt (GRPO group), both sides")
     ap.add_argument("--lr", type=float, default=5e-4, help="RL learning rate, both sides (the quickstart's)")

@@ -41,7 +41,15 @@ def test_the_task_is_one_turn_and_its_oracle_earns_full_reward(registered):
     for seed in range(20):
         env.reset(seed=seed)
         _, reward, terminated, truncated, info = env.step(env.oracle_action(env.transcript))
-        assert (terminated or truncated) and reward == 1.0, info
+        assert terminated and not truncated and reward == 1.0, info
+
+
+def test_sft_takes_its_oracle_episodes_as_demonstrations(registered, tok):
+    from kpop.config import EnvSpec
+    from kpop.sft import collect_demos
+
+    demos = collect_demos([EnvSpec(id=vs_trl.ENV_ID, kwargs={"split": "train"})], 8, tok)
+    assert len(demos) == 8 and all(sum(mask) > 0 for _, mask in demos)
 
 
 def test_workers_find_the_task_by_its_entry_point(registered):
