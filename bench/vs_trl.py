@@ -1,6 +1,6 @@
 """KPop vs TRL's `GRPOTrainer`: the same policy, task, starting point, eval and wall-clock budget.
 
-    PYTHONPATH=. python bench/vs_trl.py --json [--minutes 5] [--record] [--install-trl]
+    PYTHONPATH=. python bench/vs_trl.py --json [--minutes 4] [--record] [--install-trl]
 
 Policy: the quickstart's Ring-2.6 policy (`small` preset, 1.6M parameters, fp32), loaded on the TRL
 side through its HF `AutoModelForCausalLM` registration, with KPop's local tokenizer and chat template.
@@ -275,7 +275,7 @@ def trl_probe(trl: Any, args: argparse.Namespace, ckpt: Path, base: Path) -> lis
 
 def run_trl(trl: Any, args: argparse.Namespace, ckpt: Path, base: Path) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
 
     from kpop.policy.checkpoint import save_checkpoint
     from kpop.policy.tokenizer import load_tokenizer
@@ -302,16 +302,21 @@ def run_trl(trl: Any, args: argparse.Namespace, ckpt: Path, base: Path) -> dict[
     trainer = trl.GRPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                               reward_funcs=lambda completion_ids, seed, **_: verifier_rewards(tok, completion_ids, seed),
                               callbacks=[Budget()])
+    trainer.remove_callback(PrinterCallback)  # stdout is for the result (--json); steps go to the log
     trainer.train()
     wall = time.perf_counter() - t0
     steps = trainer.state.global_step
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    flat = [h["frac_reward_zero_std"] for h in trainer.state.log_history if "frac_reward_zero_std" in h]
+    step_s = [h["step_time"] for h in trainer.state.log_history if "step_time" in h][1:]  # the first pays warm-up
     out = base / "trl" / "policy"
     save_checkpoint(model, out)
     tok.save_pretrained(out)
-    return {"wall_s": round(wall, 1), "learner_steps": steps, "trajectories": steps * args.batch,
+    return {"wall_s": round(wall, 1), "learner_steps": steps, "optimizer_updates": steps, "trajectories": steps * args.batch,
             "trajectories_per_s": round(steps * args.batch / wall, 3),
             "train_reward_first": rewards[0] if rewards else None, "train_reward_last": rewards[-1] if rewards else None,
+            "no_signal_frac": round(statistics.fmean(flat), 3) if flat else None,
+            "steady_trajectories_per_s": round(args.batch * len(step_s) / sum(step_s), 3) if step_s else None,
             "policy": str(out)}
 
 
@@ -370,16 +375,27 @@ def run_kpop(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     v0 = checkpoint_version(run_dir)
     config = kpop_config(args, base, "kpop", ["schedule.rl_steps=100000", "learner.checkpoint_every=1"])
     wall = kpop_train(config, budget_s=args.minutes * 60.0)
-    steps = checkpoint_version(run_dir) - v0  # one policy version per learner step
-    rows = {r["step"]: r for r in read_metrics(run_dir, phase="rl") if r["step"] <= steps}
-    # export the newest checkpoint as an HF policy: the same config, stopping at the steps done
+    # The newest checkpoint is the policy kept. Its version counts optimizer updates (a step whose
+    # groups were all filtered out updates nothing); the controller's steps are the logged rows up
+    # to the first one at that version (a later row at the same version changed no weights).
+    version = checkpoint_version(run_dir)
+    rows = sorted(read_metrics(run_dir, phase="rl"), key=lambda r: r["step"])
+    kept = [r for r in rows if r["version"] < version]
+    kept += [r for r in rows if r["version"] == version][:1]
+    steps = len(kept)
+    # export that checkpoint as an HF policy: the same config, stopping at the steps done (a resume
+    # past rl_steps trains no more)
     kpop_train(config, [f"schedule.rl_steps={steps}"])
-    last = rows[max(rows)] if rows else {}
-    consumed = int(last.get("consumed", steps * args.batch))
-    return {"wall_s": round(wall, 1), "learner_steps": steps, "trajectories": consumed,
-            "trajectories_per_s": round(consumed / wall, 3),
-            "train_reward_first": rows[min(rows)]["reward_mean"] if rows else None,
-            "train_reward_last": last.get("reward_mean"), "policy": str(run_dir / "policy")}
+    last = kept[-1] if kept else {}
+    consumed = int(last.get("consumed", 0))
+    return {"wall_s": round(wall, 1), "learner_steps": steps, "optimizer_updates": version - v0,
+            "trajectories": consumed, "trajectories_per_s": round(consumed / wall, 3),
+            "train_reward_first": kept[0]["reward_mean"] if kept else None,
+            "train_reward_last": last.get("reward_mean"), "policy": str(run_dir / "policy"),
+            "no_signal_frac": round(sum(r["filtered"] for r in kept) / max(1, sum(r["trajectories"] for r in kept)), 3),
+            # after the first step (start-up and warm-up excluded), as for TRL
+            "steady_trajectories_per_s": (round((last["consumed"] - kept[0]["consumed"]) / (last["time"] - kept[0]["time"]), 3)
+                                          if len(kept) > 1 else None)}
 
 
 # -- eval ----------------------------------------------------------------------------------------
@@ -413,7 +429,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print only the final JSON object")
     ap.add_argument("--record", action="store_true", help="add the result to bench/RESULTS.md (## vs_trl)")
-    ap.add_argument("--minutes", type=float, default=5.0, help="wall-clock training budget per side")
+    ap.add_argument("--minutes", type=float, default=4.0, help="wall-clock training budget per side")
     ap.add_argument("--sft-steps", type=int, default=250, help="shared cold-start SFT (short: leaves room for RL)")
     ap.add_argument("--batch", type=int, default=32, help="trajectories per learner step, both sides")
     ap.add_argument("--group", type=int, default=4, help="samples per prompt (GRPO group), both sides")
@@ -436,7 +452,7 @@ def main() -> None:
     base = (args.out or Path(tempfile.mkdtemp(prefix="kpop-vs-trl-"))).resolve()
     base.mkdir(parents=True, exist_ok=True)
     register_env(base / "plugin")
-    t_start = time.time()
+    t_start, load_start = time.time(), os.getloadavg()[0]
     try:
         t = time.perf_counter()
         kpop_train(kpop_config(args, base, "sft", ["schedule.rl_steps=0"]))
@@ -465,6 +481,7 @@ def main() -> None:
               "batch": args.batch, "group": args.group, "lr": args.lr, "eval_episodes": args.eval_episodes,
               "eval_samples": args.eval_samples, "before": before, "kpop": kpop, "trl": trl_side,
               "trl_as_registered": probe, "total_wall_s": round(time.time() - t_start, 1),
+              "load_average": [round(load_start, 1), round(os.getloadavg()[0], 1)],
               "versions": {"trl": trl.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
                            "torch": torch.__version__, "transformers": transformers.__version__}}
     if not args.json:
@@ -482,22 +499,26 @@ def record(args: argparse.Namespace, result: dict) -> None:
 
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "PYTHONPATH=. python bench/vs_trl.py " + " ".join(sys.argv[1:])
-    load = os.getloadavg()
-    b = result["before"]
+    b, load = result["before"], result["load_average"]
     lines = [f"`{cmd}` on {when}, {os.cpu_count()} CPUs ({platform.machine()}) shared with other engineers' jobs "
-             f"(load average {load[0]:.1f} at the end). Task {ENV_ID} (tool-use d0 in one turn), quickstart policy "
+             f"(load average {load[0]} at the start, {load[1]} at the end), {result['total_wall_s']} s in all. Task {ENV_ID} (tool-use d0 in one turn), quickstart policy "
              f"(small, fp32), shared SFT {result['sft_steps']} steps, then {result['minutes']} min per side, batch "
              f"{result['batch']} (groups of {result['group']}), lr {result['lr']}. Held-out: {result['eval_episodes']} "
              f"seeds greedy + {result['eval_samples']} samples/seed at T=1, same function for both; +- is the standard "
              f"error over seeds. Versions: {json.dumps(result['versions'])}.", "",
-             "| side | learner steps | wall s | trajectories/s | held-out greedy before -> after | sampled before -> after |",
-             "|---|---|---|---|---|---|"]
+             "| side | learner steps (updates) | wall s | trajectories/s (after step 1) | no-signal groups "
+             "| train reward first -> last | held-out greedy before -> after | sampled before -> after |",
+             "|---|---|---|---|---|---|---|---|"]
     for side in ("kpop", "trl"):
         r, a = result[side], result[side]["after"]
-        lines.append(f"| {side} | {r['learner_steps']} | {r['wall_s']} | {r['trajectories_per_s']} | "
+        tr = " -> ".join("-" if x is None else f"{x:.3f}" for x in (r["train_reward_first"], r["train_reward_last"]))
+        lines.append(f"| {side} | {r['learner_steps']} ({r['optimizer_updates']}) | {r['wall_s']} | "
+                     f"{r['trajectories_per_s']} ({r['steady_trajectories_per_s']}) | "
+                     f"{r['no_signal_frac']} | {tr} | "
                      f"{b['greedy']:.3f}+-{b['greedy_se']:.3f} -> {a['greedy']:.3f}+-{a['greedy_se']:.3f} | "
                      f"{b['sampled']:.3f}+-{b['sampled_se']:.3f} -> {a['sampled']:.3f}+-{a['sampled_se']:.3f} |")
-    lines += ["", "TRL with the model as registered (`AutoModelForCausalLM`), one step each:"]
+    lines += ["", "The TRL row trains through the bench's `TRLAdapter` (packs padded rows with cu_seqlens, passes the "
+              "mask to generation). TRL with the model as registered (`AutoModelForCausalLM`), one step each:"]
     lines += [f"- {p['config']}: {p['error'] or 'ran'}" for p in result["trl_as_registered"]]
     bench_results.record("vs_trl", when, lines)
 
