@@ -27,9 +27,23 @@ the venv's):
     multiprocess==0.70.19 python-dateutil==2.9.0.post0
 `--install-trl` runs `pip install --no-deps --target DIR <pins>`.
 
-TRL 1.16 cannot train this model as registered; the bench first runs a 1-step probe with the
-plain model and reports each error (`trl_as_registered`), then trains TRL through `TRLAdapter`, a
-subclass that only changes how a padded batch reaches the model (see its docstring).
+TRL 1.16 cannot train this model as registered. The bench runs a 1-step probe of the plain model
+and reports each error (`trl_as_registered`); the causes:
+  1. GRPOConfig turns gradient checkpointing on by default; the class does not support it
+     (ValueError). Config: gradient_checkpointing=False.
+  2. bf16=True by default: CPU autocast runs the v projection in bf16 while q/k leave their fp32
+     RMSNorms, and lightning_attn refuses mixed dtypes (ValueError). Config: bf16=False (fp32, as
+     the quickstart trains).
+  3. TRL's fused LM head calls `model.base_model(input_ids=..., attention_mask=...)` for
+     `last_hidden_state` (the HF backbone convention); this model's backbone has no forward (the
+     CausalLM's forward runs the layers), so: TypeError ... unexpected keyword argument 'input_ids'.
+     TRL 1.16 has no switch to turn the fused head off.
+  4. Behind that: the forward refuses padding masks, and TRL pads every batch; and `generate`
+     drops the attention mask (`prepare_inputs_for_generation` keeps only input_ids), so
+     left-padded prompts would silently feed pad tokens into the Lightning state.
+The bench then trains TRL through `TRLAdapter`, a subclass that only changes how a padded batch
+reaches the model (3 and 4; see its docstring). HF `generate` cannot use the model's HybridCache,
+so TRL's sampling re-runs the whole prefix for every new token: part of its cost per step here.
 """
 
 from __future__ import annotations
