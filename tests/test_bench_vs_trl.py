@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
 
 import pytest
@@ -15,9 +16,14 @@ from environments.registry import make
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     root = tmp_path_factory.mktemp("plugin")
+    saved = os.environ.get("PYTHONPATH")
     vs_trl.register_env(root)
     yield root
     sys.path.remove(str(root))
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +61,7 @@ def test_sft_takes_its_oracle_episodes_as_demonstrations(registered, tok):
 def test_workers_find_the_task_by_its_entry_point(registered):
     eps = [ep for ep in importlib.metadata.entry_points(group="kpop.environments") if ep.name == vs_trl.ENV_ID]
     assert [ep.value for ep in eps] == [vs_trl.ENTRY_POINT]
-    assert str(registered) in __import__("os").environ["PYTHONPATH"].split(":")
+    assert str(registered) in os.environ["PYTHONPATH"].split(os.pathsep)
 
 
 def test_trl_reward_is_the_env_verifier(registered, tok):
