@@ -1,6 +1,6 @@
 """Training-inference corrections compared under real mismatch: `none` vs `icepop` vs `kpop`.
 
-    PYTHONPATH=. python bench/corrections.py --json [--record] [--seeds 2] [--rl-steps 40]
+    PYTHONPATH=. python bench/corrections.py --json [--record] [--seeds 2] [--rl-steps 30] [--sft-steps 400]
 
 The mismatch is the one users meet, not an injected one: the rollout engine runs the policy in
 bf16 (`policy.dtype=bfloat16`) while the learner trains in fp32 (`learner.dtype=float32`), and RL
@@ -130,9 +130,9 @@ def table(variants: Sequence[dict[str, Any]]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         lines.append(
-            f"| {v['variant']} | {fmt(v['before_greedy'])} -> {fmt(v['after_greedy'], v['after_greedy_se'])} "
+            f"| {v['variant']} | {fmt(v['before_greedy'], v['before_greedy_se'])} -> {fmt(v['after_greedy'], v['after_greedy_se'])} "
             f"| {fmt(v['delta_greedy'], v['delta_greedy_se'])} "
-            f"| {fmt(v['before_sampled'])} -> {fmt(v['after_sampled'], v['after_sampled_se'])} "
+            f"| {fmt(v['before_sampled'], v['before_sampled_se'])} -> {fmt(v['after_sampled'], v['after_sampled_se'])} "
             f"| {fmt(v['delta_sampled'], v['delta_sampled_se'])} | {fmt(v['mask_rate'], digits=4)} "
             f"| {fmt(v['dlogp_mean'], digits=4)} | {fmt(v['dlogp_max'])} | {v['grad_spikes']} / {fmt(v['grad_norm_max'], digits=2)} |")
     return lines
@@ -191,9 +191,10 @@ def progress(run_dir: Path, rl_steps: int) -> str:
     rl = [r for r in rows if r.get("phase") == "rl"]
     if rl:
         r = rl[-1]
-        return (f"RL step {r['step']}/{rl_steps} reward {r.get('reward_mean', float('nan')):.3f} "
-                f"mask {r.get('mask_rate', 0.0):.4f} dlogp {r.get('dlogp_mean', 0.0):.4f} "
-                f"grad {r.get('grad_norm', float('nan')):.2f}")
+        head = f"RL step {r['step']}/{rl_steps} reward {r.get('reward_mean', float('nan')):.3f}"
+        if r.get("skipped") or "mask_rate" not in r:
+            return f"{head} (no group with varied rewards: no update)"
+        return f"{head} mask {r['mask_rate']:.4f} dlogp {r['dlogp_mean']:.4f} grad {r['grad_norm']:.2f}"
     if any(r.get("phase") == "eval" for r in rows):
         return "eval done, RL starting"
     sft = [r for r in rows if r.get("phase") == "sft"]
@@ -228,6 +229,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
             f"{fmt(run['before_sampled'])} -> {fmt(run['after_sampled'])}, mask {fmt(run['mask_rate'], digits=4)}, "
             f"dlogp {fmt(run['dlogp_mean'], digits=4)}, spikes {run['grad_spikes']}")
         runs.append(run)
+        with (args.out / "runs.jsonl").open("a") as fh:  # what finished survives a later failure
+            fh.write(json.dumps(run) + "\n")
     return runs
 
 
@@ -235,9 +238,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", type=Path, default=ROOT / "configs/quickstart.yaml")
     ap.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1, each with its own SFT")
-    ap.add_argument("--rl-steps", type=int, default=40, help="RL steps per variant and seed")
-    ap.add_argument("--sft-steps", type=int, default=300,
-                    help="cold-start SFT steps (short on purpose: 800 already solves the quickstart task)")
+    ap.add_argument("--rl-steps", type=int, default=30, help="RL steps per variant and seed")
+    # the quickstart's 800 SFT steps already solve its task (nothing left for RL); after ~500 the
+    # policy earns ~0.8 held-out and has copied numbers from the prompt on some seeds, ~300 on none
+    ap.add_argument("--sft-steps", type=int, default=400, help="cold-start SFT steps, once per seed")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir, removed)")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object (last line)")

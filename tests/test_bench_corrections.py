@@ -74,7 +74,7 @@ def test_aggregate_reports_change_per_seed_with_its_standard_error():
     assert v["delta_sampled"] is None  # no sampled eval after: no change to report
     assert v["grad_spikes"] == 3 and v["grad_norm_max"] == 4.0
     lines = table([v])
-    assert len(lines) == 3 and lines[2].startswith("| kpop | 0.300 -> 0.500 +- 0.000 | 0.200 +- 0.100 |")
+    assert len(lines) == 3 and lines[2].startswith("| kpop | 0.300 +- 0.100 -> 0.500 +- 0.000 | 0.200 +- 0.100 |")
 
 
 def test_fmt():
