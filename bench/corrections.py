@@ -171,7 +171,7 @@ def train(config: Path, out: Path, name: str, overrides: list[str], rl_steps: in
             time.sleep(2.0)
             if time.monotonic() - last >= 30.0:
                 last = time.monotonic()
-                log(f"{name}: {progress(out / name, rl_steps)} ({time.monotonic() - t0:.0f} s)")
+                log(f"{name}: {progress(out / name, rl_steps, log_path)} ({time.monotonic() - t0:.0f} s)")
     if proc.returncode != 0:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"bench/corrections.py: `{' '.join(cmd)}` exited {proc.returncode}; last lines of "
@@ -181,7 +181,8 @@ def train(config: Path, out: Path, name: str, overrides: list[str], rl_steps: in
     return summary
 
 
-def progress(run_dir: Path, rl_steps: int) -> str:
+def progress(run_dir: Path, rl_steps: int, log_path: Path) -> str:
+    """One line on where a run is, from its metrics (RL, eval) and its log (start-up, SFT)."""
     from kpop.metrics import read_metrics
 
     try:
@@ -196,9 +197,14 @@ def progress(run_dir: Path, rl_steps: int) -> str:
             return f"{head} (no group with varied rewards: no update)"
         return f"{head} mask {r['mask_rate']:.4f} dlogp {r['dlogp_mean']:.4f} grad {r['grad_norm']:.2f}"
     if any(r.get("phase") == "eval" for r in rows):
-        return "eval done, RL starting"
+        return "eval done, RL starting" if rl_steps else "eval done, saving the policy"
     sft = [r for r in rows if r.get("phase") == "sft"]
-    return f"SFT step {len(sft)} loss {sft[-1]['sft_loss']:.3f}" if sft else "starting / SFT / eval"
+    if sft:
+        return f"SFT done ({len(sft)} steps, loss {sft[-1]['sft_loss']:.3f}), eval"
+    text = log_path.read_text(errors="replace")
+    if "cold-start SFT" in text:
+        return "SFT running (its steps are logged when it ends)"
+    return "starting (Ray, learner, rollout workers)"
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
