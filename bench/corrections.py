@@ -80,14 +80,18 @@ def run_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         latest[r["step"]] = r
     steps = [latest[s] for s in sorted(latest)]
     trained = [r for r in steps if not r.get("skipped") and "mask_rate" in r]
-    tokens = sum(r.get("loss_tokens", 0.0) for r in trained)
 
-    def token_mean(key: str) -> float | None:  # weighted by loss tokens, as one big batch would be
-        if not trained:
+    def token_mean(key: str, part: Sequence[dict] = trained) -> float | None:
+        """Weighted by loss tokens, as one big batch would be."""
+        n = sum(r.get("loss_tokens", 0.0) for r in part)
+        if not part:
             return None
-        if tokens <= 0:
-            return statistics.fmean(r[key] for r in trained)
-        return sum(r[key] * r.get("loss_tokens", 0.0) for r in trained) / tokens
+        if n <= 0:
+            return statistics.fmean(r[key] for r in part)
+        return sum(r[key] * r.get("loss_tokens", 0.0) for r in part) / n
+
+    # batches trained on the weights that sampled them: their |dlogp| is bf16 vs fp32 alone
+    fresh = [r for r in trained if r.get("staleness_max", 1.0) == 0]
 
     spikes = grad_spikes([r["grad_norm"] for r in trained if "grad_norm" in r])
     return {
@@ -95,7 +99,10 @@ def run_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "mask_rate": token_mean("mask_rate"), "dlogp_mean": token_mean("dlogp_mean"),
         "dlogp_max": max((r["dlogp_max"] for r in trained), default=None),
         "grad_norm_median": spikes["median"], "grad_norm_max": spikes["max"], "grad_spikes": spikes["spikes"],
+        "dlogp_mean_fresh": token_mean("dlogp_mean", fresh), "fresh_steps": len(fresh),
+        "dlogp_max_fresh": max((r["dlogp_max"] for r in fresh), default=None),
         "staleness_mean": statistics.fmean(r["staleness_mean"] for r in steps) if steps else None,
+        "staleness_max": max((r.get("staleness_max", 0.0) for r in steps), default=None),
         "reward_train_first": steps[0]["reward_mean"] if steps else None,
         "reward_train_last": steps[-1]["reward_mean"] if steps else None,
     }

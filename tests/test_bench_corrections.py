@@ -28,7 +28,7 @@ def test_grad_spikes_counts_steps_above_three_times_the_median():
 
 
 def _row(step, skipped=False, **kw):
-    row = {"phase": "rl", "step": step, "staleness_mean": 1.0, "reward_mean": 0.1 * step, "skipped": float(skipped)}
+    row = {"phase": "rl", "step": step, "staleness_mean": 1.0, "staleness_max": 1.0, "reward_mean": 0.1 * step, "skipped": float(skipped)}
     if not skipped:
         row.update({"mask_rate": 0.0, "dlogp_mean": 0.01, "dlogp_max": 0.1, "grad_norm": 1.0, "loss_tokens": 100.0})
     row.update(kw)
@@ -47,6 +47,17 @@ def test_run_stats_weights_by_loss_tokens_and_ignores_skipped_steps():
     assert s["dlogp_max"] == 0.9
     assert s["grad_norm_median"] == 1.2 and s["grad_norm_max"] == 5.0 and s["grad_spikes"] == 1
     assert s["reward_train_first"] == pytest.approx(0.1) and s["reward_train_last"] == pytest.approx(0.4)
+    assert s["fresh_steps"] == 0 and s["dlogp_mean_fresh"] is None and s["staleness_max"] == 1.0
+
+
+def test_run_stats_separates_fresh_batches_where_only_precision_differs():
+    rows = [_row(1, staleness_max=0.0, dlogp_mean=0.002, dlogp_max=0.2, loss_tokens=100.0),
+            _row(2, staleness_max=0.0, dlogp_mean=0.004, dlogp_max=0.1, loss_tokens=300.0),
+            _row(3, staleness_max=2.0, dlogp_mean=0.1, dlogp_max=3.0)]
+    s = run_stats(rows)
+    assert s["fresh_steps"] == 2 and s["staleness_max"] == 2.0
+    assert s["dlogp_mean_fresh"] == pytest.approx((0.2 + 1.2) / 400)
+    assert s["dlogp_max_fresh"] == 0.2 and s["dlogp_max"] == 3.0
 
 
 def test_run_stats_keeps_the_newest_row_of_a_step_logged_twice():
