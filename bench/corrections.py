@@ -109,15 +109,17 @@ def run_stats(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def aggregate(variant: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One variant over its seeds: mean and standard error of every number, spikes summed."""
+    """One variant over its seeds: mean and standard error of every number; maxima are the
+    largest of any seed, spike counts summed."""
     out: dict[str, Any] = {"variant": variant, "seeds": [r["seed"] for r in runs]}
     for key in ("before_greedy", "after_greedy", "before_sampled", "after_sampled",
-                "mask_rate", "dlogp_mean", "dlogp_max", "grad_norm_median", "staleness_mean"):
+                "mask_rate", "dlogp_mean", "grad_norm_median", "staleness_mean"):
         out[key], out[f"{key}_se"] = mean_se([r.get(key) for r in runs])
     for kind in ("greedy", "sampled"):
         deltas = [None if r.get(f"after_{kind}") is None or r.get(f"before_{kind}") is None
                   else r[f"after_{kind}"] - r[f"before_{kind}"] for r in runs]
         out[f"delta_{kind}"], out[f"delta_{kind}_se"] = mean_se(deltas)
+    out["dlogp_max"] = max((r["dlogp_max"] for r in runs if r["dlogp_max"] is not None), default=None)
     out["grad_spikes"] = sum(r["grad_spikes"] for r in runs)
     out["grad_norm_max"] = max((r["grad_norm_max"] for r in runs if r["grad_norm_max"] is not None), default=None)
     return out
@@ -133,7 +135,7 @@ def fmt(value: float | None, se: float | None = None, digits: int = 3) -> str:
 
 def table(variants: Sequence[dict[str, Any]]) -> list[str]:
     lines = ["| correction | greedy before -> after | greedy change | sampled before -> after | sampled change "
-             "| mask rate | mean \\|dlogp\\| | max \\|dlogp\\| | grad-norm spikes (> 3x median) / max norm |",
+             "| mask rate | mean \\|dlogp\\| | max \\|dlogp\\| (any seed) | grad-norm spikes (> 3x median, all seeds) / max norm |",
              "|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         lines.append(
@@ -297,14 +299,16 @@ def record(args: argparse.Namespace, result: dict[str, Any]) -> None:
              f"SFT {args.sft_steps} steps once per seed, then {args.rl_steps} RL steps per correction from that "
              f"policy; seeds 0..{args.seeds - 1}; mean +- standard error over seeds (before is shared per seed).",
              "", *table(result["variants"]), "", "Per run:", "",
-             "| run | greedy | sampled | mask rate | mean \\|dlogp\\| | max \\|dlogp\\| | grad norm median / max | spikes | staleness | trained steps |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | greedy | sampled | mask rate | mean \\|dlogp\\| | max \\|dlogp\\| | fresh batches: mean / max \\|dlogp\\| "
+             "| grad norm median / max | spikes | staleness mean / max | trained steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         lines.append(f"| {r['variant']} s{r['seed']} | {fmt(r['before_greedy'])} -> {fmt(r['after_greedy'])} "
                      f"| {fmt(r['before_sampled'])} -> {fmt(r['after_sampled'])} | {fmt(r['mask_rate'], digits=4)} "
                      f"| {fmt(r['dlogp_mean'], digits=4)} | {fmt(r['dlogp_max'])} "
+                     f"| {fmt(r['dlogp_mean_fresh'], digits=4)} / {fmt(r['dlogp_max_fresh'])} ({r['fresh_steps']} step{'' if r['fresh_steps'] == 1 else 's'}) "
                      f"| {fmt(r['grad_norm_median'], digits=2)} / {fmt(r['grad_norm_max'], digits=2)} | {r['grad_spikes']} "
-                     f"| {fmt(r['staleness_mean'], digits=2)} | {r['trained_steps']}/{r['steps']} |")
+                     f"| {fmt(r['staleness_mean'], digits=2)} / {fmt(r['staleness_max'], digits=0)} | {r['trained_steps']}/{r['steps']} |")
     bench_results.record("corrections", when, lines)
 
 

@@ -77,13 +77,13 @@ def _run(seed, before, after, spikes=0, gmax=2.0):
 
 
 def test_aggregate_reports_change_per_seed_with_its_standard_error():
-    v = aggregate("kpop", [_run(0, 0.2, 0.5, spikes=1, gmax=4.0), _run(1, 0.4, 0.5, spikes=2)])
+    v = aggregate("kpop", [_run(0, 0.2, 0.5, spikes=1, gmax=4.0), {**_run(1, 0.4, 0.5, spikes=2), "dlogp_max": 0.2}])
     assert v["seeds"] == [0, 1]
     assert v["delta_greedy"] == pytest.approx(0.2)  # +0.3 and +0.1
     assert v["delta_greedy_se"] == pytest.approx(0.1)
     assert v["after_greedy"] == pytest.approx(0.5) and v["after_greedy_se"] == pytest.approx(0.0)
     assert v["delta_sampled"] is None  # no sampled eval after: no change to report
-    assert v["grad_spikes"] == 3 and v["grad_norm_max"] == 4.0
+    assert v["grad_spikes"] == 3 and v["grad_norm_max"] == 4.0 and v["dlogp_max"] == 0.5
     lines = table([v])
     assert len(lines) == 3 and lines[2].startswith("| kpop | 0.300 +- 0.100 -> 0.500 +- 0.000 | 0.200 +- 0.100 |")
 
