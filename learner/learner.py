@@ -69,10 +69,16 @@ def import_deepspeed(on_gpu: bool):
         if single:
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
                 os.environ.setdefault(key, value)
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            own_port = "MASTER_PORT" not in os.environ
+            if own_port:
+                os.environ["MASTER_PORT"] = str(_free_port())
             if not on_gpu:
                 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        if single and own_port:
+            # the group holds the port now; processes started later from this one (Ray workers)
+            # would inherit it and fail to bind it for their own learner
+            del os.environ["MASTER_PORT"]
     return deepspeed
 
 
