@@ -61,8 +61,9 @@ class Choice(BaseModel):
     token_ids: list[int]
     token_logprobs: list[float]
     token_versions: list[int]
-    # experts of prompt_token_ids + token_ids per MoE layer, where the engine records them (routing replay)
-    routes: Routes | None = None
+    # experts of prompt_token_ids + token_ids per MoE layer, where the engine records them (routing
+    # replay); for training only, so left out of the chat-completion JSON
+    routes: Routes | None = Field(default=None, exclude=True)
     tool_call_errors: list[str] = Field(default_factory=list)  # malformed calls the parser dropped
 
 
