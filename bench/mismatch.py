@@ -141,7 +141,7 @@ def main() -> None:
     vocab = base.config.vocab_size
     prompts = [torch.randint(2, vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
     out = {"device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)", "preset": preset,
-           "prompts": args.prompts, "new_tokens": args.new_tokens, "modes": {}}
+           "prompts": args.prompts, "new_tokens": args.new_tokens, "kpop_phi": AlgorithmConfig().kpop_phi, "modes": {}}
     for mode in args.modes.split(","):
         out["modes"][mode] = run_mode(mode, base, prompts, args, cuda)
     first = out["modes"][args.modes.split(",")[0]]
@@ -174,6 +174,9 @@ def record(out: dict, args) -> None:
                     f"{fmt(m['mean_abs_dlogp_ratio'])} | {w['max_abs_dlogp']:.3e} | {r['max_abs_dlogp']:.3e} | "
                     f"{w['mask_rate']:.4f} | {r['mask_rate']:.4f} | {fmt(m['mask_rate_ratio'])} | "
                     f"{m['route_flip_rate']:.3f} |")
+    if any(m["mask_rate_ratio"] is None for m in out["modes"].values()):
+        body += ["", f"mask_rate_ratio n/a: no token crossed KPop's binary-KL threshold (kpop_phi={out['kpop_phi']}) "
+                 "with or without replay in those modes."]
     results.record("mismatch", f"{when}: {out['preset']}, {out['device']}", body)
 
 

@@ -252,3 +252,32 @@ def test_stream_round_trips_routes_and_dead_letters_hostile_ones(redis_url):
     assert [t for _, t in got] == [good] and got[0][1].routes.ids().tolist() == good.routes.ids().tolist()
     dead = cons.dead_letters()
     assert len(dead) == 1 and b"routes data has 1 bytes" in dead[0]["error"]
+
+
+# -- the worker: routes travel from the engine into the episode's Trajectory --------------------
+
+def test_worker_episodes_carry_routes_for_their_tokens():
+    import asyncio
+
+    from kpop.config import PolicyConfig, RolloutConfig
+    from kpop.rollout.worker import RolloutTask, RolloutWorker
+
+    cfg = RolloutConfig(max_new_tokens=8, max_turns=2, max_concurrent_episodes=2, max_episode_tokens=1024)
+    worker = RolloutWorker(PolicyConfig(), cfg, None, run_id="r3")
+    tasks = [RolloutTask(env_id="kpop/tooluse-v0", seed=s, group_id="g", env_kwargs={"difficulty": 0}) for s in range(2)]
+    try:
+        trajs = asyncio.run(worker.play(tasks))
+        model = worker.engine.model
+    finally:
+        worker.close()
+    moe, k = len(model.moe_layers()), model.config.num_experts_per_tok
+    for t in trajs:
+        assert t.num_model_tokens > 0 and t.routes is not None and t.routes.shape == (t.num_tokens, moe, k)
+        got = t.routes.ids()
+        known = (got[:, 0, 0] >= 0)
+        last_model = max(i for i, m in enumerate(t.loss_mask) if m)
+        # every token before the last sampled one went through the engine in some turn's pass
+        assert known[:last_model].all() and not known[last_model:].any()
+        want = full_routes(model, t.token_ids)
+        assert torch.equal(got[known].sort(-1).values, want[known].sort(-1).values)
+        assert decode(encode(t)) == t
