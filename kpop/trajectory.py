@@ -14,7 +14,8 @@ Wire format: a msgpack map of the fields plus `_v` (the writer's schema version)
 `_compat` (the oldest reader version that understands it). The per-token arrays travel as
 packed little-endian bytes (int32 token ids, float32 logprobs, uint8 mask): 4-5x smaller and
 far faster than msgpack lists of numbers. Logprobs are float32 on the wire; rollout engines
-produce them in fp32 or lower anyway.
+produce them in fp32 or lower anyway. `routes` (MoE routing replay, optional) travel as a map of
+their shape, dtype and packed bytes (`Routes`).
 
 Speed: the learner decodes every trajectory, so the per-token fields also accept an
 `array.array` of their wire type ('i', 'f', 'B'). Such an array's item type is fixed by

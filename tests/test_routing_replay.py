@@ -281,3 +281,34 @@ def test_worker_episodes_carry_routes_for_their_tokens():
         want = full_routes(model, t.token_ids)
         assert torch.equal(got[known].sort(-1).values, want[known].sort(-1).values)
         assert decode(encode(t)) == t
+
+
+# -- the model's plumbing ----------------------------------------------------------------------
+
+def test_model_replays_its_own_routes_exactly_and_refuses_bad_ones(model):
+    ids = torch.tensor([PROMPTS[1]])
+    with torch.no_grad():
+        out = model(ids, return_expert_ids=True)
+        assert out.expert_ids.shape == (ids.numel(), len(model.moe_layers()), model.config.num_experts_per_tok)
+        assert torch.equal(model(ids, expert_ids=out.expert_ids).logits, out.logits)
+        none = torch.full_like(out.expert_ids, -1)  # no routes at all: the router decides, bit for bit
+        assert torch.equal(model(ids, expert_ids=none).logits, out.logits)
+        with pytest.raises(ValueError, match="expert_ids must be"):
+            model(ids, expert_ids=out.expert_ids[:, :1])
+        half = out.expert_ids.clone()
+        half[0, 0, 0] = -1  # a row half forced is neither a route nor "no route"
+        with pytest.raises(ValueError, match="all -1"):
+            model(ids, expert_ids=half)
+
+
+def test_replay_under_activation_checkpointing_matches_the_plain_step(model):
+    trajs = [trajectory(r, group_id="g", reward=float(i)) for i, r in enumerate(rollouts(model))]
+    steps = []
+    for ckpt in (False, True):
+        lcfg = LearnerConfig(lr=1e-3, zero_stage=0, micro_batch_tokens=256, activation_checkpointing=ckpt)
+        lrn = Learner(lcfg, AlgorithmConfig(routing_replay=True), copy.deepcopy(model))
+        perturb_router(lrn.engine.module)
+        lrn.train_step(trajs)
+        steps.append(lrn.engine.module.state_dict())
+    for name, w in steps[0].items():
+        torch.testing.assert_close(steps[1][name], w, atol=1e-6, rtol=0, msg=name)

@@ -337,7 +337,7 @@ class MoEGate(nn.Module):
         w = scores.gather(1, idx)
         if self.top_k > 1:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        if self.training and self.count_load:
+        if self.training and self.count_load:  # replayed experts count: they are the load the rollout put on them
             self.expert_load.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
         return idx, w * self.scaling
 
