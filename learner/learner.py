@@ -19,6 +19,12 @@ sampled tokens' logprobs come from the final hidden states a chunk of rows at a 
 (learner/packing.py), never as fp32 logits over the whole vocabulary for a whole micro-batch.
 After each step the MoE routers' `expert_bias` moves toward even expert load (aux-loss-free
 balancing, `expert_bias_update_rate`), and the max/min load per MoE layer is reported.
+
+Routing replay (`algorithm.routing_replay`, on by default for MoE policies): a trajectory's
+`routes` (the experts the rollout engine chose per token and MoE layer) are passed to the
+forward, so each token goes through the experts it was sampled with, weighted by this router's
+scores (the router still gets a gradient). Tokens without a route (older records, tokens the
+engine never processed) are routed by the learner's router.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kpop.algo.advantages import group_index, grpo_advantages, length_rewards, rloo_advantages, varied_groups
 from kpop.algo.losses import LossSpec, linguistic_units, policy_loss, summarize
-from learner.packing import Packed, chunked_token_logprobs, flat, pack, plan_micro_batches, token_logprobs
+from learner.packing import Packed, chunked_token_logprobs, flat, flat_rows, pack, plan_micro_batches, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +302,7 @@ class Learner:
         for name, (values, dtype) in per_token.items():
             out[name] = flat(values, packed.index, dtype).to(dev, non_blocking=nb)
         if routes is not None:
-            out["expert_ids"] = torch.cat([routes[i] for i in packed.index]).to(dev, non_blocking=nb)
+            out["expert_ids"] = flat_rows(routes, packed.index).to(dev, non_blocking=nb)
         return out
 
     def _replayed(self, routes: Sequence, lengths: list[int], names: Sequence[str]) -> list[torch.Tensor] | None:
