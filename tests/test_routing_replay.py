@@ -3,8 +3,8 @@ experts, they travel in the `Trajectory`, and the learner's forward replays them
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
-import time
 
 import msgpack
 import pytest
@@ -92,21 +92,19 @@ def test_routes_after_a_mid_request_weight_update_are_the_last_pass(model):
     engine = EmbeddedEngine(model=copy.deepcopy(model), max_seqs=2, block_size=4, num_blocks=64)
     try:
         req = GenerationRequest(prompt_token_ids=PROMPTS[0], params=SamplingParams(max_tokens=12, seed=0, ignore_eos=True))
-        fut = engine.submit(req)
-        engine.pause()
-        while True:  # stop the engine once some tokens are out, update, go on
-            with engine._lock:
-                if fut.done() or (engine._running and len(engine._running[0].tokens) >= 4):
-                    break
-            engine.resume()
-            time.sleep(0.001)
-            engine.pause()
+        fut = concurrent.futures.Future()
+        # the scheduler's own hooks, stepped here instead of on its thread: the update lands after
+        # exactly 5 steps (prefill + 4 decodes), not wherever a timer would put it
+        engine._add(req, fut)
+        for _ in range(5):
+            engine._step()
         engine.update_weights(new.state_dict(), 1)
-        engine.resume()
+        while not fut.done():
+            engine._step()
         r = fut.result()
     finally:
         engine.close()
-    assert set(r.token_versions) == {0, 1}
+    assert r.token_versions == [0] * 5 + [1] * 7
     ids = r.prompt_token_ids + r.token_ids
     k = r.token_versions.index(1) + len(r.prompt_token_ids)  # first token sampled under the new weights
     got, old_full, new_full = r.routes.ids()[:-1], full_routes(model, ids)[:-1], full_routes(new, ids)[:-1]
