@@ -70,6 +70,9 @@ class EnvSpec(_Section):
 class EnvironmentsConfig(_Section):
     train: list[EnvSpec] = Field(default_factory=list)
     eval: list[EnvSpec] = Field(default_factory=list)  # empty = same ids as train
+    # where cold-start SFT's oracle demonstrations come from; empty = the train envs. Lets the
+    # demonstrator differ from the task RL trains on (e.g. an env kwarg for a weaker oracle).
+    sft: list[EnvSpec] = Field(default_factory=list)
     eval_seeds: list[int] = Field(default_factory=lambda: list(range(10_000, 10_032)))
     step_timeout_s: float = Field(60.0, gt=0.0)
 
