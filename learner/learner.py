@@ -389,6 +389,9 @@ class Learner:
                      "units": (units, torch.long)}
         routes = self._replayed([getattr(t, "routes", None) for t in trajectories], [len(i) for i in ids],
                                 [f"trajectory {getattr(t, 'trajectory_id', k)}" for k, t in enumerate(trajectories)])
+        if self.routing_replay:  # share of the trained tokens whose experts were replayed
+            routed = sum(int((routes[k][:, 0, 0] >= 0).sum()) for k in use) if routes is not None else 0
+            metrics["routing_replay_share"] = routed / max(sum(len(ids[k]) for k in use), 1)
         staged = [self._stage(pack(ids, index), per_token, routes) for index in plan]
         loss_total = torch.zeros((), device=self.device)
         entropy_sum = torch.zeros((), device=self.device)

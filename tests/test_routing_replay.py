@@ -175,6 +175,8 @@ def test_train_step_replays_and_the_router_still_learns(model):
     before = gate.weight.detach().clone()
     out = lrn.train_step(trajs)
     assert out["skipped"] == 0.0
+    n_routed = sum(t.num_tokens - 1 for t in trajs[:-1])  # the last sampled token of each has no route
+    assert out["routing_replay_share"] == pytest.approx(n_routed / sum(t.num_tokens for t in trajs))
     assert not torch.equal(before, gate.weight.detach())  # the router's scores weight the replayed experts
 
 
