@@ -171,6 +171,9 @@ class AlgorithmConfig(_Section):
     length_reward: bool = False  # Evo-CoT length reward
     dynamic_filter: bool = True  # drop groups whose rewards all agree
     normalize_std: bool = True  # GRPO: divide by group std
+    # MoE routing replay: the learner's forward uses the experts the rollout engine chose for each
+    # token (weighted by the learner's router). None = on for MoE policies.
+    routing_replay: bool | None = None
 
     @model_validator(mode="after")
     def _band(self) -> "AlgorithmConfig":

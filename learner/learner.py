@@ -19,6 +19,12 @@ sampled tokens' logprobs come from the final hidden states a chunk of rows at a 
 (learner/packing.py), never as fp32 logits over the whole vocabulary for a whole micro-batch.
 After each step the MoE routers' `expert_bias` moves toward even expert load (aux-loss-free
 balancing, `expert_bias_update_rate`), and the max/min load per MoE layer is reported.
+
+Routing replay (`algorithm.routing_replay`, on by default for MoE policies): a trajectory's
+`routes` (the experts the rollout engine chose per token and MoE layer) are passed to the
+forward, so each token goes through the experts it was sampled with, weighted by this router's
+scores (the router still gets a gradient). Tokens without a route (older records, tokens the
+engine never processed) are routed by the learner's router.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kpop.algo.advantages import group_index, grpo_advantages, length_rewards, rloo_advantages, varied_groups
 from kpop.algo.losses import LossSpec, linguistic_units, policy_loss, summarize
-from learner.packing import Packed, chunked_token_logprobs, flat, pack, plan_micro_batches, token_logprobs
+from learner.packing import Packed, chunked_token_logprobs, flat, flat_rows, pack, plan_micro_batches, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +193,20 @@ def balance_experts(gates: list[tuple[str, torch.nn.Module]], rate: float) -> di
     return out
 
 
+def route_ids(routes, n: int, moe_layers: int, top_k: int, num_experts: int, what: str) -> torch.Tensor:
+    """A trajectory's recorded routes as the model's `expert_ids` ([n, layers, top_k] int64, -1 rows
+    where a token has none), checked against the policy: a record is untrusted input."""
+    if routes is None:
+        return torch.full((n, moe_layers, top_k), -1, dtype=torch.long)
+    if tuple(routes.shape) != (n, moe_layers, top_k):
+        raise ValueError(f"{what}: routes of shape {list(routes.shape)} do not fit this policy "
+                         f"([tokens={n}, MoE layers={moe_layers}, top_k={top_k}])")
+    ids = routes.ids()
+    if ids.numel() and int(ids.max()) >= num_experts:
+        raise ValueError(f"{what}: routes name expert {int(ids.max())}, the policy has {num_experts}")
+    return ids
+
+
 def _min_version(traj) -> int | None:
     return min((s[2] for s in traj.segments), default=None)  # Segment = (start, end, version)
 
@@ -244,6 +264,13 @@ class Learner:
         # model's forward, so there the model computes the logits itself
         if "return_logits" in params and hasattr(model, "logits") and learner_cfg.zero_stage != 3:
             self._fwd_kwargs["return_logits"] = False
+        # routing replay: the policy's MoE layers take the rollout's experts (None = on for MoE)
+        moe = model.moe_layers() if hasattr(model, "moe_layers") and "expert_ids" in params else []
+        replay = getattr(algorithm_cfg, "routing_replay", None)
+        if replay and not moe:
+            raise ValueError("algorithm.routing_replay is on but the policy has no MoE layer to replay")
+        self.routing_replay = bool(moe) and replay is not False
+        self._route_shape = (len(moe), model.config.num_experts_per_tok, model.config.num_experts) if moe else None
         self.version = 0  # optimiser steps taken (RL + SFT): the exported weights' version
         self.rl_steps = 0  # drives the lr schedule
         self.sft_steps = 0
@@ -254,9 +281,14 @@ class Learner:
 
     # -- forward -----------------------------------------------------------------------------
 
-    def _logprobs(self, ids: torch.Tensor, cu_seqlens: torch.Tensor, entropy: bool = False):
-        """(logprobs [T], entropy [T] or None) of one packed micro-batch already on the device."""
-        out = self.engine(ids, cu_seqlens=cu_seqlens, **self._fwd_kwargs)
+    def _logprobs(self, ids: torch.Tensor, cu_seqlens: torch.Tensor, entropy: bool = False,
+                  expert_ids: torch.Tensor | None = None):
+        """(logprobs [T], entropy [T] or None) of one packed micro-batch already on the device;
+        `expert_ids` [T, MoE layers, top_k] replays the rollout's routing (-1 rows: the router's)."""
+        kwargs = dict(self._fwd_kwargs)
+        if expert_ids is not None:
+            kwargs["expert_ids"] = expert_ids
+        out = self.engine(ids, cu_seqlens=cu_seqlens, **kwargs)
         if out.logits is None:
             return chunked_token_logprobs(out.hidden_states, self.engine.module.logits, ids, with_entropy=entropy)
         lp = token_logprobs(out.logits, ids)
@@ -267,14 +299,25 @@ class Learner:
             ent = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
         return lp, torch.nn.functional.pad(ent, (1, 0))
 
-    def _stage(self, packed: Packed, per_token: dict[str, tuple[Sequence, torch.dtype]]) -> dict[str, torch.Tensor]:
+    def _stage(self, packed: Packed, per_token: dict[str, tuple[Sequence, torch.dtype]],
+               routes: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """One micro-batch's tensors on the device (copied before the first forward, so no copy
         inside a micro-batch waits for the GPU)."""
         dev, nb = self.device, self.device.type == "cuda"
         out = {"ids": packed.input_ids.to(dev, non_blocking=nb), "cu": packed.cu_seqlens.to(dev, non_blocking=nb)}
         for name, (values, dtype) in per_token.items():
             out[name] = flat(values, packed.index, dtype).to(dev, non_blocking=nb)
+        if routes is not None:
+            out["expert_ids"] = flat_rows(routes, packed.index).to(dev, non_blocking=nb)
         return out
+
+    def _replayed(self, routes: Sequence, lengths: list[int], names: Sequence[str]) -> list[torch.Tensor] | None:
+        """Per sequence, its recorded routes (`Routes` or None) as `expert_ids`, or None with replay
+        off or no routes at all; sequences without routes (older records) get -1 rows: the router."""
+        if not self.routing_replay or all(r is None for r in routes):
+            return None
+        layers, k, experts = self._route_shape
+        return [route_ids(r, n, layers, k, experts, name) for r, n, name in zip(routes, lengths, names)]
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -350,12 +393,17 @@ class Learner:
         self.engine.train()
         per_token = {"behav": (behav, torch.float32), "adv": (adv_tok, torch.float32), "mask": (masks, torch.bool),
                      "units": (units, torch.long)}
-        staged = [self._stage(pack(ids, index), per_token) for index in plan]
+        routes = self._replayed([getattr(t, "routes", None) for t in trajectories], [len(i) for i in ids],
+                                [f"trajectory {getattr(t, 'trajectory_id', k)}" for k, t in enumerate(trajectories)])
+        if self.routing_replay:  # share of the trained tokens whose experts were replayed
+            routed = sum(int((routes[k][:, 0, 0] >= 0).sum()) for k in use) if routes is not None else 0
+            metrics["routing_replay_share"] = routed / max(sum(len(ids[k]) for k in use), 1)
+        staged = [self._stage(pack(ids, index), per_token, routes) for index in plan]
         loss_total = torch.zeros((), device=self.device)
         entropy_sum = torch.zeros((), device=self.device)
         stats = []
         for mb in staged:
-            logp, entropy = self._logprobs(mb["ids"], mb["cu"], entropy=True)
+            logp, entropy = self._logprobs(mb["ids"], mb["cu"], entropy=True, expert_ids=mb.get("expert_ids"))
             loss, s = policy_loss(
                 logp,
                 logp.detach(),  # proximal policy: this step's weights, before it updates them
@@ -435,13 +483,18 @@ class Learner:
     # -- weights and checkpoints ---------------------------------------------------------------
 
     @torch.no_grad()
-    def logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Per-sequence log p(x_t | x_<t) for t >= 1 under the current weights (eval helper)."""
+    def logprobs(self, token_ids: Sequence[Sequence[int]], routes: Sequence | None = None) -> list[torch.Tensor]:
+        """Per-sequence log p(x_t | x_<t) for t >= 1 under the current weights (eval helper);
+        `routes` (a `Routes` or None per sequence) are replayed when routing replay is on."""
         self.engine.eval()
         out = []
+        replay = None
+        if routes is not None:
+            replay = self._replayed(routes, [len(s) for s in token_ids], [f"sequence {k}" for k in range(len(routes))])
         for index in plan_micro_batches([len(s) for s in token_ids], self.cfg.micro_batch_tokens):
             packed = pack(token_ids, index)
-            lp = self._logprobs(packed.input_ids.to(self.device), packed.cu_seqlens.to(self.device))[0].cpu()
+            mb = self._stage(packed, {}, replay)
+            lp = self._logprobs(mb["ids"], mb["cu"], expert_ids=mb.get("expert_ids"))[0].cpu()
             cu = packed.cu_seqlens.tolist()
             out.extend((i, lp[cu[j] + 1 : cu[j + 1]]) for j, i in enumerate(index))
         self.engine.train()

@@ -69,6 +69,12 @@ def flat(values: Sequence[Sequence], index: list[int], dtype: torch.dtype) -> to
     return torch.tensor([v for i in index for v in values[i]], dtype=dtype)
 
 
+def flat_rows(rows: Sequence[torch.Tensor], index: list[int]) -> torch.Tensor:
+    """Concatenate per-sequence tensors (leading dim = tokens, e.g. routes [n, layers, top_k]) in
+    packed order: row t describes packed token t."""
+    return torch.cat([rows[i] for i in index])
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(x_t | x_<t) at every packed position t, [T] fp32; position 0 of the row gets 0.
     The first token of each packed sequence gets a meaningless value (its "context" is the

@@ -327,11 +327,17 @@ class MoEGate(nn.Module):
         those experts are used, weighted by the router's own scores at them, so the router still
         learns; the choice itself is then not the router's."""
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
-        idx = self.select(scores) if expert_ids is None else expert_ids.long()
+        if expert_ids is None:
+            idx = self.select(scores)
+        else:  # rows of -1 (a token with no recorded route) fall back to this router's choice
+            idx = expert_ids.long()
+            free = idx[:, 0] < 0
+            if bool(free.any()):
+                idx = torch.where(free[:, None], self.select(scores), idx)
         w = scores.gather(1, idx)
         if self.top_k > 1:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        if self.training and self.count_load:
+        if self.training and self.count_load:  # replayed experts count: they are the load the rollout put on them
             self.expert_load.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
         return idx, w * self.scaling
 
@@ -354,15 +360,19 @@ class MoEGate(nn.Module):
                 f"expert_ids must be an integer [tokens={n}, top_k={self.top_k}] tensor, "
                 f"got {expert_ids.dtype} {tuple(expert_ids.shape)}"
             )
-        if n and not bool(((expert_ids >= 0) & (expert_ids < self.num_experts)).all()):
-            raise ValueError(f"expert_ids must lie in [0, {self.num_experts}), got values {expert_ids.min().item()}..{expert_ids.max().item()}")
+        # a row is either a route (every id in range) or all -1 (no route: the router decides)
+        ok = ((expert_ids >= 0) & (expert_ids < self.num_experts)).all(-1) | (expert_ids == -1).all(-1)
+        if n and not bool(ok.all()):
+            raise ValueError(f"expert_ids rows must lie in [0, {self.num_experts}) or be all -1 (no route), "
+                             f"got values {expert_ids.min().item()}..{expert_ids.max().item()}")
 
 
 class SparseMoeBlock(nn.Module):
     """Routed experts (one grouped kernel, kernels/moe) plus the shared expert.
 
     `forward(x, expert_ids=None, return_expert_ids=False)`: `expert_ids` [tokens, top_k] forces the
-    routing (replay: the rollout's experts, weighted by this router's scores); with
+    routing (replay: the rollout's experts, weighted by this router's scores; an all -1 row leaves
+    that token to the router); with
     `return_expert_ids` the result is `(y, ids)`, ids [tokens, top_k] int64, tokens = x's leading
     dims flattened."""
 
@@ -411,15 +421,27 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, rope: dict, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, rope: dict, cu_seqlens: torch.Tensor | None, expert_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (h, the MoE's expert ids [tokens, top_k], None for a dense layer); `expert_ids` replays a routing."""
         cos, sin = rope["mla" if self.is_mla else "linear"]
         h = h + self.attention(self.input_layernorm(h), cos, sin, cu_seqlens)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self._ffn(h, expert_ids)
 
-    def step(self, h: torch.Tensor, rope: dict, ctx: StepContext, layer_cache: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, h: torch.Tensor, rope: dict, ctx: StepContext, layer_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cos, sin = rope["mla" if self.is_mla else "linear"]
         h = h + self.attention.step(self.input_layernorm(h), cos, sin, ctx, layer_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self._ffn(h, None)
+
+    def _ffn(self, h: torch.Tensor, expert_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.post_attention_layernorm(h)
+        if not isinstance(self.mlp, SparseMoeBlock):
+            return h + self.mlp(x), None
+        y, ids = self.mlp(x, expert_ids, return_expert_ids=True)
+        return h + y, ids
 
 
 class MTPLayer(nn.Module):
@@ -453,6 +475,7 @@ class BailingHybridOutput(ModelOutput):
     logits: torch.Tensor | None = None  # fp32 [B, T, V]
     mtp_logits: tuple[torch.Tensor, ...] | None = None  # k-th (0-based) at position t predicts token t+2+k
     hidden_states: torch.Tensor | None = None  # final-norm output [B, T, D]
+    expert_ids: torch.Tensor | None = None  # with return_expert_ids: int64 [B*T, MoE layers, top_k]
 
 
 class BailingHybridPreTrainedModel(PreTrainedModel):
@@ -558,13 +581,19 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         return_mtp: bool | None = None,
         return_logits: bool = True,
+        expert_ids: torch.Tensor | None = None,
+        return_expert_ids: bool = False,
         **kwargs,
     ) -> BailingHybridOutput:
         """Logits for every position. `labels` [B,T] (same positions as input_ids, -100 ignored)
         gives the mean next-token cross-entropy (plus `mtp_loss_scaling_factor` x MTP losses).
         MTP logits are computed when training (or `return_mtp=True`). `return_logits=False`
         leaves them to the caller (`hidden_states` + `logits()`, a chunk at a time: fp32 logits
-        over a long packed batch are the learner's largest tensor)."""
+        over a long packed batch are the learner's largest tensor).
+
+        Routing replay: `expert_ids` int `[B*T, MoE layers, top_k]` (MoE layers of the main stack,
+        in order; a row of -1 leaves that token to the router) forces each MoE layer's experts;
+        `return_expert_ids` returns the ids used in `expert_ids` of the output."""
         if labels is not None and not return_logits:
             raise ValueError("labels need the logits: do not pass return_logits=False with labels")
         if input_ids.dim() != 2:
@@ -593,8 +622,16 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         rope = m.rope(position_ids)
         L = self.config.num_hidden_layers
         h = m.word_embeddings(input_ids)
-        for layer in m.layers[:L]:
-            h = layer(h, rope, cu_seqlens)
+        moe_layers = self.moe_layers()
+        if expert_ids is not None and tuple(expert_ids.shape[:2]) != (B * T, len(moe_layers)):
+            raise ValueError(f"expert_ids must be [tokens={B * T}, MoE layers={len(moe_layers)}, top_k], "
+                             f"got {tuple(expert_ids.shape)}")
+        routes = []
+        for i, layer in enumerate(m.layers[:L]):
+            forced = expert_ids[:, moe_layers.index(i)] if expert_ids is not None and i in moe_layers else None
+            h, ids = layer(h, rope, cu_seqlens, forced)
+            if ids is not None and return_expert_ids:
+                routes.append(ids)
         h = m.norm(h)
         logits = self.logits(h) if return_logits else None
 
@@ -616,7 +653,13 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
                     target, valid = shift_within_sequences(target, cu_seqlens)
                     target = target.masked_fill(~valid, -100)
                 loss = loss + self.config.mtp_loss_scaling_factor * self._next_token_loss(ml, target, cu_seqlens)
-        return BailingHybridOutput(loss=loss, logits=logits, mtp_logits=mtp_logits, hidden_states=h)
+        return BailingHybridOutput(loss=loss, logits=logits, mtp_logits=mtp_logits, hidden_states=h,
+                                   expert_ids=torch.stack(routes, 1) if routes else None)
+
+    def moe_layers(self) -> list[int]:
+        """Indices of the main-stack decoder layers with a routed MoE (the routes' layer axis)."""
+        return [i for i, layer in enumerate(self.model.layers[: self.config.num_hidden_layers])
+                if isinstance(layer.mlp, SparseMoeBlock)]
 
     @staticmethod
     def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -644,9 +687,11 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         query_lens: list[int],
         cache: HybridCache,
         all_logits: bool = False,
-    ) -> torch.Tensor:
+        return_expert_ids: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Run new tokens of several sequences through the cache; fp32 logits of each sequence's
-        last new token `[S, V]` (or of every new token `[N, V]`). Contract: kpop/policy/cache.py."""
+        last new token `[S, V]` (or of every new token `[N, V]`). Contract: kpop/policy/cache.py.
+        `return_expert_ids`: `(logits, ids)`, ids int64 `[N, MoE layers, top_k]` (None without MoE)."""
         if input_ids.dim() != 1:
             raise ValueError(f"forward_step takes flat input_ids [N], got shape {tuple(input_ids.shape)}")
         if sum(query_lens) != input_ids.numel():
@@ -657,15 +702,21 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         rope = m.rope(positions)
         h = m.word_embeddings(input_ids)
         mla_i = lin_i = 0
+        routes = []
         for layer in m.layers[: self.config.num_hidden_layers]:
             if layer.is_mla:
-                h, mla_i = layer.step(h, rope, ctx, cache.kv[mla_i]), mla_i + 1
+                (h, ids), mla_i = layer.step(h, rope, ctx, cache.kv[mla_i]), mla_i + 1
             else:
-                h, lin_i = layer.step(h, rope, ctx, cache.state[lin_i]), lin_i + 1
+                (h, ids), lin_i = layer.step(h, rope, ctx, cache.state[lin_i]), lin_i + 1
+            if ids is not None:
+                routes.append(ids)
         cache.advance(slots, query_lens)
         if not all_logits:
             h = h[ctx.cu_seqlens[1:].long() - 1]
-        return self.logits(m.norm(h))
+        logits = self.logits(m.norm(h))
+        if return_expert_ids:
+            return logits, torch.stack(routes, 1) if routes else None
+        return logits
 
     @staticmethod
     def _step_context(slots: list[int], query_lens: list[int], cache: HybridCache, dev: torch.device):
