@@ -33,7 +33,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from actors.learner_actor import start_learner
 from actors.rollout_pool import RolloutPool
 from kpop.config import RunConfig, dump_config
-from kpop.metrics import MetricsWriter, RLProgress, add_once, read_metrics, summarize_rl
+from kpop.metrics import MetricsWriter, Progress, add_once, read_metrics, rl_info, summarize_rl
 from kpop.ray_utils import init_ray, shutdown_ray
 from kpop.rollout.worker import RolloutTask, truncation_stats
 from kpop.scheduler import Admission, StalenessBound, TaskSource
@@ -136,13 +136,20 @@ class Controller:
         # fresh demonstrations rather than epochs over few: the policy must learn to copy numbers
         # from the prompt, not memorise answers (demos are cheap: ~5 ms each)
         n_demos = min(4096, max(64, cfg.learner.sft_steps * cfg.learner.sft_batch_size))
-        demos = collect_demos(cfg.environments.train, n_demos, tok, seed=cfg.seed,
+        demos = collect_demos(cfg.environments.sft or cfg.environments.train, n_demos, tok, seed=cfg.seed,
                               step_timeout_s=cfg.environments.step_timeout_s)
         log.info("cold-start SFT: %d oracle demonstrations, %d steps", len(demos), cfg.learner.sft_steps)
-        rows = ray.get(self.learner.sft.remote(demos, cfg.learner.sft_steps, cfg.learner.sft_batch_size, cfg.seed))
-        for i, row in enumerate(rows):
-            self.metrics.log(i, row, phase="sft")
-        log.info("SFT loss %.3f -> %.3f", rows[0]["sft_loss"], rows[-1]["sft_loss"])
+        steps, demos_ref, losses = cfg.learner.sft_steps, ray.put(demos), []
+        chunk = max(1, steps // 50)  # ~2% of the phase per call: its rows and progress appear as it runs
+        with Progress("sft", steps, bar=cfg.logging.progress) as progress:
+            for start in range(0, steps, chunk):
+                rows = ray.get(self.learner.sft.remote(demos_ref, start, min(steps, start + chunk),
+                                                       cfg.learner.sft_batch_size, cfg.seed))
+                for i, row in enumerate(rows, start):
+                    self.metrics.log(i, row, phase="sft")
+                losses += [r["sft_loss"] for r in rows]
+                progress.update(len(losses), f"loss {losses[-1]:.3f}")
+        log.info("SFT loss %.3f -> %.3f", losses[0], losses[-1])
         self.state.sft_done = True
         self._checkpoint()
 
@@ -155,7 +162,8 @@ class Controller:
         tasks = [RolloutTask(env_id=s.id, seed=seed, group_id=f"eval-{tag}", env_kwargs=s.kwargs,
                              policy_version=self.version, temperature=t)
                  for s in specs for seed in cfg.environments.eval_seeds for t in modes]
-        results = self.eval_pool.run(tasks)
+        with Progress(f"eval {tag}", len(tasks), bar=cfg.logging.progress) as progress:
+            results = self.eval_pool.run(tasks, on_progress=lambda done: progress.update(done, "episodes"))
         greedy = [r for r, t in zip(results, tasks) if t.temperature is None]
         sampled = [r for r, t in zip(results, tasks) if t.temperature is not None]
         reward = statistics.fmean(r.reward for r in greedy)
@@ -176,7 +184,7 @@ class Controller:
         step_ref = None
         finished: list = []  # episodes finished since the last learner step
         t_step = time.perf_counter()
-        with RLProgress(cfg.logging.progress, sched.rl_steps) as progress:
+        with Progress("rl", sched.rl_steps, bar=cfg.logging.progress) as progress:
             while self.state.rl_step < sched.rl_steps:
                 while self.admission.capacity() >= cfg.rollout.group_size:  # keep the pipeline full
                     group = source.next_group()
@@ -214,7 +222,7 @@ class Controller:
                     row = add_once(row, worker_restarts=float(self.pool.restarts),
                                    **{f"episodes_{k}": float(v) for k, v in self.admission.counters().items()})
                     self.metrics.log(self.state.rl_step, row, phase="rl")
-                    progress.update(self.state.rl_step, row)
+                    progress.update(self.state.rl_step, rl_info(row))
                     if self.state.rl_step % cfg.learner.checkpoint_every == 0 or self.state.rl_step == sched.rl_steps:
                         self._checkpoint()
                 except _ACTOR_DEATH as exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ray
 import torch
@@ -89,7 +89,9 @@ class RolloutPool:
         out, self._done = self._done, []
         return out
 
-    def run(self, tasks: list[RolloutTask], timeout_s: float = 3600.0) -> list[TaskResult]:
+    def run(self, tasks: list[RolloutTask], timeout_s: float = 3600.0,
+            on_progress: Callable[[int], None] | None = None) -> list[TaskResult]:
+        """Every task's result, in task order; `on_progress(done)` after each batch finishes."""
         tasks = [RolloutTask.model_validate(t) for t in tasks]
         self.submit(tasks)
         want = {t.task_id for t in tasks}
@@ -98,8 +100,10 @@ class RolloutPool:
         while want - set(got):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(want - set(got))} of {len(want)} rollout tasks unfinished after {timeout_s:g} s")
-            for r in self.poll(timeout_s=1.0):
-                got[r.task_id] = r
+            finished = self.poll(timeout_s=1.0)
+            got.update((r.task_id, r) for r in finished)
+            if finished and on_progress is not None:
+                on_progress(len(got))
         return [got[t.task_id] for t in tasks]
 
     def _dispatch(self) -> None:

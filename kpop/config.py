@@ -42,7 +42,7 @@ class PolicyConfig(_Section):
 
     checkpoint: Path | None = Field(None, strict=False)  # HF-format dir (config.json + safetensors); wins over `arch`
     arch: dict[str, Any] = Field(default_factory=dict)  # HF `bailing_hybrid` config fields
-    preset: Literal["tiny", "small"] = "tiny"  # the architecture when `arch` is empty (kpop/policy/presets.py)
+    preset: Literal["tiny", "small", "bench-2b"] = "tiny"  # the architecture when `arch` is empty (kpop/policy/presets.py)
     tokenizer: Path | None = Field(None, strict=False)  # dir with tokenizer.json; None = build the local BPE tokenizer
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     fp32_lm_head: bool = True  # Ring-2.6 keeps the LM head in fp32 in training and inference
@@ -70,6 +70,9 @@ class EnvSpec(_Section):
 class EnvironmentsConfig(_Section):
     train: list[EnvSpec] = Field(default_factory=list)
     eval: list[EnvSpec] = Field(default_factory=list)  # empty = same ids as train
+    # where cold-start SFT's oracle demonstrations come from; empty = the train envs. Lets the
+    # demonstrator differ from the task RL trains on (e.g. an env kwarg for a weaker oracle).
+    sft: list[EnvSpec] = Field(default_factory=list)
     eval_seeds: list[int] = Field(default_factory=lambda: list(range(10_000, 10_032)))
     step_timeout_s: float = Field(60.0, gt=0.0)
 
@@ -136,6 +139,10 @@ class LearnerConfig(_Section):
     micro_batch_tokens: int = Field(4096, ge=1)  # token budget of one packed micro-batch
     dtype: Literal["float32", "bfloat16"] = "float32"
     num_gpus: int = Field(0, ge=0)  # 0 = CPU (gloo)
+    # recompute each decoder layer's activations in the backward; None = on with GPUs, off on CPU
+    activation_checkpointing: bool | None = None
+    # aux-loss-free MoE balancing: each step moves every expert_bias by this much toward even load (0 = off)
+    expert_bias_update_rate: float = Field(1e-3, ge=0.0)
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     sync_bucket_mb: float = Field(256.0, gt=0.0)  # weight-sync bucket size (bucketed transports)
@@ -165,6 +172,9 @@ class AlgorithmConfig(_Section):
     length_reward: bool = False  # Evo-CoT length reward
     dynamic_filter: bool = True  # drop groups whose rewards all agree
     normalize_std: bool = True  # GRPO: divide by group std
+    # MoE routing replay: the learner's forward uses the experts the rollout engine chose for each
+    # token (weighted by the learner's router). None = on for MoE policies.
+    routing_replay: bool | None = None
 
     @model_validator(mode="after")
     def _band(self) -> "AlgorithmConfig":

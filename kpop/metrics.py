@@ -13,10 +13,10 @@ import json
 import logging
 import math
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("kpop.train")
 
@@ -85,33 +85,68 @@ def summarize_rl(rows: list[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-@dataclass
-class RLProgress:
-    """Rich progress line for the RL phase (plain log lines when disabled)."""
+class Progress:
+    """Progress of one long phase (SFT, eval, RL): a rich bar on a terminal; elsewhere (CI, nohup,
+    a log file) a plain log line at most every `every_s` seconds and every 5% of the phase,
+    whichever is rarer, and always one at the end.
 
-    enabled: bool
-    total: int
-    bar: Any = field(default=None, init=False)
-    task: Any = field(default=None, init=False)
+        with Progress("sft", total=800, bar=cfg.logging.progress) as p:
+            p.update(120, "loss 1.234")    # -> "sft 120/800 loss 1.234 (15%, 0:45 elapsed, ~4:15 left)"
 
-    def __enter__(self) -> "RLProgress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    `bar=False` never draws a bar (plain lines only). `clock` is injectable so tests need not sleep.
+    """
 
-            self.bar = Progress(TextColumn("[bold]RL"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.fields[info]}"))
-            self.bar.__enter__()
-            self.task = self.bar.add_task("rl", total=self.total, info="waiting for the first batch")
+    def __init__(self, name: str, total: int, bar: bool = True, every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name, self.total, self.every_s, self.clock = name, total, every_s, clock
+        # a bar only where someone watches it: both streams on a terminal (logs go to stderr)
+        self.use_bar = bar and sys.stdout.isatty() and sys.stderr.isatty()
+        self._bar: Any = None
+        self._task: Any = None
+        self.t0 = self._last_t = clock()
+        self._last_done = 0
+
+    def __enter__(self) -> "Progress":
+        if self.use_bar:
+            from rich.progress import (BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(TextColumn(f"[bold]{self.name}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.name, total=self.total, info="")
         return self
 
-    def update(self, step: int, m: dict[str, float]) -> None:
-        info = (f"reward {m['task_reward_mean']:.3f}  staleness {m.get('staleness_mean', 0.0):.2f}  "
-                f"tok/s {m['wall_tokens_per_s']:.0f}  kpop mask {m.get('mask_rate', 0.0):.3f}")
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
-        else:
-            log.info("step %d/%d  %s", step, self.total, info)
+    def update(self, done: int, info: str = "") -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, completed=done, info=info)
+            return
+        now = self.clock()
+        final = done >= self.total
+        due = (now - self._last_t >= self.every_s and done - self._last_done >= 0.05 * self.total)
+        if not (final or due) or done == self._last_done:
+            return
+        self._last_t, self._last_done = now, done
+        elapsed = now - self.t0
+        left = elapsed / done * (self.total - done) if done else None
+        log.info("%s %d/%d%s (%d%%, %s elapsed%s)", self.name, done, self.total, f" {info}" if info else "",
+                 100 * done // max(self.total, 1), _clock_time(elapsed),
+                 "" if left is None or final else f", ~{_clock_time(left)} left")
 
     def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _clock_time(seconds: float) -> str:
+    """1:05 for 65 s; 1:01:05 past an hour."""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def rl_info(m: dict[str, float]) -> str:
+    """The RL step's numbers a person watches, for `Progress.update`."""
+    return (f"reward {m['task_reward_mean']:.3f}  staleness {m.get('staleness_mean', 0.0):.2f}  "
+            f"tok/s {m['wall_tokens_per_s']:.0f}  kpop mask {m.get('mask_rate', 0.0):.3f}")

@@ -14,7 +14,8 @@ Wire format: a msgpack map of the fields plus `_v` (the writer's schema version)
 `_compat` (the oldest reader version that understands it). The per-token arrays travel as
 packed little-endian bytes (int32 token ids, float32 logprobs, uint8 mask): 4-5x smaller and
 far faster than msgpack lists of numbers. Logprobs are float32 on the wire; rollout engines
-produce them in fp32 or lower anyway.
+produce them in fp32 or lower anyway. `routes` (MoE routing replay, optional) travel as a map of
+their shape, dtype and packed bytes (`Routes`).
 
 Speed: the learner decodes every trajectory, so the per-token fields also accept an
 `array.array` of their wire type ('i', 'f', 'B'). Such an array's item type is fixed by
@@ -26,6 +27,7 @@ Schema history (bump SCHEMA_VERSION and add a migration for every change):
   1  one `policy_version: int` per trajectory, no `group_id`.
   2  per-segment policy versions (`segments`), `group_id`.
   3  `env_kwargs` (additive: `_compat` stays 2, a version-2 reader ignores it with a warning).
+  4  `routes` (MoE routing replay; additive: `_compat` stays 2; older records have none).
 Additive changes (a new optional field) keep `_compat` unchanged so older readers can still
 decode, ignoring the field with a warning; a change older readers would misread raises
 `_compat` to the new version.
@@ -41,7 +43,7 @@ import uuid
 import warnings
 from array import array
 from enum import StrEnum
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple
 
 import msgpack
 from pydantic import (
@@ -54,7 +56,10 @@ from pydantic import (
     model_validator,
 )
 
-SCHEMA_VERSION = 3
+if TYPE_CHECKING:
+    import torch
+
+SCHEMA_VERSION = 4
 # The oldest reader that can decode what this writer produces (see module docstring).
 COMPAT_VERSION = 2
 
@@ -108,6 +113,74 @@ class SandboxIdentity(BaseModel):
     digest: str | None = None  # image id / content hash when known
 
 
+class Routes(BaseModel):
+    """The experts each token was routed to by the rollout engine (MoE routing replay): for every
+    token of the episode and every MoE layer of the policy's main stack, `top_k` expert ids, packed
+    little-endian `[tokens, layers, top_k]` as uint8 (<= 256 experts) or uint16, plus a 0/1 byte
+    per token saying whether it has a route at all (a token the engine never processed: the
+    episode's last token, tool output appended after the last turn, a teacher's turn).
+
+    Which route a token keeps: the one of the last time the engine processed it. A later turn's
+    prompt prefill, or a re-prefill after a weight update mid-episode, overwrites the earlier route
+    with the one the tokens after it were sampled under, so each segment's tokens are scored by the
+    learner in the routing their own policy version saw."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shape: tuple[int, int, int]  # tokens, MoE layers, top_k
+    dtype: Literal["uint8", "uint16"]
+    data: bytes  # the ids, row-major
+    known: bytes  # one 0/1 byte per token
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "Routes":
+        n, layers, k = self.shape
+        if min(self.shape) < 0 or layers < 1 or k < 1:
+            raise ValueError(f"routes shape must be [tokens >= 0, layers >= 1, top_k >= 1], got {list(self.shape)}")
+        item = 1 if self.dtype == "uint8" else 2
+        if len(self.data) != n * layers * k * item:
+            raise ValueError(f"routes data has {len(self.data)} bytes; shape {list(self.shape)} of {self.dtype} "
+                             f"needs {n * layers * k * item}")
+        if len(self.known) != n or self.known.translate(None, b"\x00\x01"):
+            raise ValueError(f"routes known must be {n} bytes of 0/1, got {len(self.known)} bytes")
+        return self
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor, num_experts: int, known: torch.Tensor | None = None) -> "Routes":
+        """ids: integer [tokens, layers, top_k] in [0, num_experts) (rows where `known` is False are ignored)."""
+        import torch  # lazily: readers of trajectories (CLI, viewer) need no torch
+        dtype = "uint8" if num_experts <= 256 else "uint16"
+        if ids.dim() != 3 or ids.is_floating_point():
+            raise ValueError(f"routes ids must be an integer [tokens, layers, top_k] tensor, got {ids.dtype} {tuple(ids.shape)}")
+        if known is None:
+            known = torch.ones(ids.shape[0], dtype=torch.bool)
+        ids = ids.detach().cpu().masked_fill(~known.cpu()[:, None, None], 0)
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < num_experts:
+            raise ValueError(f"routes ids must lie in [0, {num_experts})")
+        wide = ids.to(torch.int32).numpy().astype("<u1" if dtype == "uint8" else "<u2")
+        return cls(shape=tuple(ids.shape), dtype=dtype, data=wide.tobytes(),
+                   known=known.cpu().to(torch.uint8).numpy().tobytes())
+
+    def ids(self) -> torch.Tensor:
+        """int64 [tokens, layers, top_k]; -1 rows for tokens without a route (what the model's
+        `expert_ids` takes: the router decides there)."""
+        import numpy as np
+        import torch
+
+        flat = np.frombuffer(self.data, dtype="<u1" if self.dtype == "uint8" else "<u2").astype(np.int64)
+        out = torch.from_numpy(flat).view(self.shape)
+        known = torch.frombuffer(bytearray(self.known), dtype=torch.uint8).bool() if self.known else torch.zeros(0, dtype=torch.bool)
+        return out.masked_fill(~known[:, None, None], -1)
+
+    def resized(self, n: int) -> "Routes":
+        """The first `n` tokens' routes, padded with route-less tokens beyond those held."""
+        tokens, layers, k = self.shape
+        row = len(self.data) // tokens if tokens else layers * k * (1 if self.dtype == "uint8" else 2)
+        keep = min(n, tokens)
+        return Routes(shape=(n, layers, k), dtype=self.dtype, data=self.data[: keep * row] + bytes((n - keep) * row),
+                      known=self.known[:keep] + bytes(n - keep))
+
+
 def _check_shapes(n: int, n_logprobs: int, n_mask: int, segments: list[Segment]) -> None:
     if n_logprobs != n or n_mask != n:
         raise ValueError(f"token_ids, logprobs and loss_mask must have equal lengths, got {n}, {n_logprobs}, {n_mask}")
@@ -153,6 +226,7 @@ class Trajectory(BaseModel):
     # constructor kwargs of the env beyond the seed (difficulty, tool set, ...), so a replay
     # rebuilds exactly the env the episode ran in
     env_kwargs: dict[str, Any] = Field(default_factory=dict)
+    routes: Routes | None = None  # the rollout's MoE routing per token (replayed by the learner)
     created_at: float = Field(default_factory=time.time)  # unix seconds
 
     @field_validator("messages")
@@ -201,6 +275,8 @@ class Trajectory(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> "Trajectory":
         _check_shapes(len(self.token_ids), len(self.logprobs), len(self.loss_mask), self.segments)
+        if self.routes is not None and self.routes.shape[0] != len(self.token_ids):
+            raise ValueError(f"routes cover {self.routes.shape[0]} tokens, the trajectory has {len(self.token_ids)}")
         if self.status == TrajectoryStatus.FAILED and not self.error:
             raise ValueError("status 'failed' needs an error message")
         return self
@@ -263,6 +339,10 @@ def encode(traj: Trajectory) -> bytes:
         doc[name] = _pack(doc[name], typecode)
     if traj.sandbox is not None:
         doc["sandbox"] = traj.sandbox.model_dump()
+    if traj.routes is not None:
+        doc["routes"] = traj.routes.model_dump()
+    else:
+        del doc["routes"]  # absent = no routes, as in every record before version 4
     # segments are NamedTuples: msgpack writes tuples as arrays already
     doc["_v"], doc["_compat"] = SCHEMA_VERSION, COMPAT_VERSION
     return msgpack.packb(doc, use_bin_type=True)
@@ -345,5 +425,11 @@ def _v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
     return doc  # v3 only added `env_kwargs`, whose default (empty) is right for v2 episodes
 
 
+def _v3_to_v4(doc: dict[str, Any]) -> dict[str, Any]:
+    doc = dict(doc)
+    doc.pop("routes", None)  # v4 added `routes`; a v3 record has none (the learner's router decides)
+    return doc
+
+
 # MIGRATIONS[v] turns a decoded version-v document into a version-(v+1) document.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3, 3: _v3_to_v4}

@@ -11,6 +11,20 @@ One `train_step` is one optimiser step: the batch is packed into micro-batches u
 whole batch, then DeepSpeed steps once. Because the weights do not move between micro-batches,
 the logprobs of that same forward, detached, are exactly the proximal policy pi_theta_old of the
 decoupled objective: no second forward pass. Plain class, no Ray (actors/ wraps it).
+
+At GPU scale: every micro-batch's inputs reach the device before the first forward and metrics
+stay on the device until the step is done, so nothing inside a micro-batch waits on the host;
+decoder layers recompute their activations in the backward (`activation_checkpointing`); the
+sampled tokens' logprobs come from the final hidden states a chunk of rows at a time
+(learner/packing.py), never as fp32 logits over the whole vocabulary for a whole micro-batch.
+After each step the MoE routers' `expert_bias` moves toward even expert load (aux-loss-free
+balancing, `expert_bias_update_rate`), and the max/min load per MoE layer is reported.
+
+Routing replay (`algorithm.routing_replay`, on by default for MoE policies): a trajectory's
+`routes` (the experts the rollout engine chose per token and MoE layer) are passed to the
+forward, so each token goes through the experts it was sampled with, weighted by this router's
+scores (the router still gets a gradient). Tokens without a route (older records, tokens the
+engine never processed) are routed by the learner's router.
 """
 
 from __future__ import annotations
@@ -22,15 +36,17 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
 from inspect import signature
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from kpop.algo.advantages import group_index, grpo_advantages, length_rewards, rloo_advantages, varied_groups
 from kpop.algo.losses import LossSpec, linguistic_units, policy_loss, summarize
-from learner.packing import flat, pack, plan_micro_batches, token_logprobs
+from learner.packing import Packed, chunked_token_logprobs, flat, flat_rows, pack, plan_micro_batches, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +75,16 @@ def import_deepspeed(on_gpu: bool):
         if single:
             for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
                 os.environ.setdefault(key, value)
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            own_port = "MASTER_PORT" not in os.environ
+            if own_port:
+                os.environ["MASTER_PORT"] = str(_free_port())
             if not on_gpu:
                 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+        if single and own_port:
+            # the group holds the port now; processes started later from this one (Ray workers)
+            # would inherit it and fail to bind it for their own learner
+            del os.environ["MASTER_PORT"]
     return deepspeed
 
 
@@ -108,6 +130,83 @@ def _sequences(items: Sequence, what: str) -> tuple[list[list[int]], list[list[b
     return ids, masks
 
 
+def checkpoint_layers(model: torch.nn.Module) -> int:
+    """Recompute each decoder layer (the modules HF names in `_no_split_modules`) in the backward
+    instead of keeping its activations; returns how many layers were wrapped. MoE gates inside a
+    layer stop counting expert load while it is recomputed (the recompute routes the same tokens
+    again). Names, parameters and state dicts are untouched: only the instances' forward changes."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in kinds]
+    for layer in layers:
+        gates = [m for m in layer.modules() if hasattr(m, "count_load")]
+        layer.forward = _checkpointed(layer.forward, gates)
+    return len(layers)
+
+
+def _checkpointed(forward: Callable, gates: list[torch.nn.Module]) -> Callable:
+    @contextmanager
+    def recomputing():
+        for g in gates:
+            g.count_load = False
+        try:
+            yield
+        finally:
+            for g in gates:
+                g.count_load = True
+
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), recomputing()), **kwargs)
+
+    return run
+
+
+def expert_gates(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every MoE router that keeps `expert_bias` and counts `expert_load`."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "expert_bias") and hasattr(m, "expert_load")]
+
+
+@torch.no_grad()
+def balance_experts(gates: list[tuple[str, torch.nn.Module]], rate: float) -> dict[str, float]:
+    """Aux-loss-free balancing (DeepSeek-V3, Ring-2.6): each router's `expert_bias` moves by `rate`
+    up for experts loaded under the layer's mean and down for those over it; the gradient never
+    touches it. Resets the counts. Returns the max and min load over the mean per MoE layer that
+    saw tokens (1.0 = even), one host read for all layers."""
+    if not gates:
+        return {}
+    loads = torch.stack([g.expert_load for _, g in gates]).float()  # [layers, experts]
+    mean = loads.mean(-1, keepdim=True)
+    if rate > 0:
+        step = rate * torch.sign(mean - loads)  # 0 where the layer saw no token
+        for (_, g), d in zip(gates, step):
+            g.expert_bias.add_(d.to(g.expert_bias.dtype))
+    rel = loads / mean.clamp(min=1e-9)
+    hi, lo, seen = rel.max(-1).values.tolist(), rel.min(-1).values.tolist(), (mean[:, 0] > 0).tolist()
+    for _, g in gates:
+        g.expert_load.zero_()
+    out = {}
+    for (name, _), a, b, s in zip(gates, hi, lo, seen):
+        if s:  # a layer the step never ran (an MTP layer in RL) has no load to report
+            layer = name.removeprefix("model.").removesuffix(".gate").removesuffix(".mlp")
+            out[f"moe_load_max/{layer}"], out[f"moe_load_min/{layer}"] = a, b
+    return out
+
+
+def route_ids(routes, n: int, moe_layers: int, top_k: int, num_experts: int, what: str) -> torch.Tensor:
+    """A trajectory's recorded routes as the model's `expert_ids` ([n, layers, top_k] int64, -1 rows
+    where a token has none), checked against the policy: a record is untrusted input."""
+    if routes is None:
+        return torch.full((n, moe_layers, top_k), -1, dtype=torch.long)
+    if tuple(routes.shape) != (n, moe_layers, top_k):
+        raise ValueError(f"{what}: routes of shape {list(routes.shape)} do not fit this policy "
+                         f"([tokens={n}, MoE layers={moe_layers}, top_k={top_k}])")
+    ids = routes.ids()
+    if ids.numel() and int(ids.max()) >= num_experts:
+        raise ValueError(f"{what}: routes name expert {int(ids.max())}, the policy has {num_experts}")
+    return ids
+
+
 def _min_version(traj) -> int | None:
     return min((s[2] for s in traj.segments), default=None)  # Segment = (start, end, version)
 
@@ -138,6 +237,9 @@ class Learner:
         if learner_cfg.dtype == "bfloat16" and not on_gpu:
             raise ValueError("learner.dtype 'bfloat16' is for GPUs; on CPU (learner.num_gpus=0) use float32")
         ds = import_deepspeed(on_gpu)
+        ckpt = learner_cfg.activation_checkpointing
+        self.checkpointed_layers = checkpoint_layers(model) if (on_gpu if ckpt is None else ckpt) else 0
+        self._gates = expert_gates(model)
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -158,6 +260,17 @@ class Learner:
         params = signature(model.forward).parameters
         # MTP heads only matter for the SFT/pretraining loss, not for RL logprobs
         self._fwd_kwargs = {"return_mtp": False} if "return_mtp" in params else {}
+        # logprobs from hidden states a chunk at a time; ZeRO-3 gathers the LM head only inside the
+        # model's forward, so there the model computes the logits itself
+        if "return_logits" in params and hasattr(model, "logits") and learner_cfg.zero_stage != 3:
+            self._fwd_kwargs["return_logits"] = False
+        # routing replay: the policy's MoE layers take the rollout's experts (None = on for MoE)
+        moe = model.moe_layers() if hasattr(model, "moe_layers") and "expert_ids" in params else []
+        replay = getattr(algorithm_cfg, "routing_replay", None)
+        if replay and not moe:
+            raise ValueError("algorithm.routing_replay is on but the policy has no MoE layer to replay")
+        self.routing_replay = bool(moe) and replay is not False
+        self._route_shape = (len(moe), model.config.num_experts_per_tok, model.config.num_experts) if moe else None
         self.version = 0  # optimiser steps taken (RL + SFT): the exported weights' version
         self.rl_steps = 0  # drives the lr schedule
         self.sft_steps = 0
@@ -168,10 +281,43 @@ class Learner:
 
     # -- forward -----------------------------------------------------------------------------
 
-    def _logprobs(self, packed) -> torch.Tensor:
-        ids = packed.input_ids.to(self.device)
-        out = self.engine(ids, cu_seqlens=packed.cu_seqlens.to(self.device), **self._fwd_kwargs)
-        return token_logprobs(out.logits, ids)
+    def _logprobs(self, ids: torch.Tensor, cu_seqlens: torch.Tensor, entropy: bool = False,
+                  expert_ids: torch.Tensor | None = None):
+        """(logprobs [T], entropy [T] or None) of one packed micro-batch already on the device;
+        `expert_ids` [T, MoE layers, top_k] replays the rollout's routing (-1 rows: the router's)."""
+        kwargs = dict(self._fwd_kwargs)
+        if expert_ids is not None:
+            kwargs["expert_ids"] = expert_ids
+        out = self.engine(ids, cu_seqlens=cu_seqlens, **kwargs)
+        if out.logits is None:
+            return chunked_token_logprobs(out.hidden_states, self.engine.module.logits, ids, with_entropy=entropy)
+        lp = token_logprobs(out.logits, ids)
+        if not entropy:
+            return lp, None
+        with torch.no_grad():
+            logits = out.logits[0, :-1].float()
+            ent = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+        return lp, torch.nn.functional.pad(ent, (1, 0))
+
+    def _stage(self, packed: Packed, per_token: dict[str, tuple[Sequence, torch.dtype]],
+               routes: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """One micro-batch's tensors on the device (copied before the first forward, so no copy
+        inside a micro-batch waits for the GPU)."""
+        dev, nb = self.device, self.device.type == "cuda"
+        out = {"ids": packed.input_ids.to(dev, non_blocking=nb), "cu": packed.cu_seqlens.to(dev, non_blocking=nb)}
+        for name, (values, dtype) in per_token.items():
+            out[name] = flat(values, packed.index, dtype).to(dev, non_blocking=nb)
+        if routes is not None:
+            out["expert_ids"] = flat_rows(routes, packed.index).to(dev, non_blocking=nb)
+        return out
+
+    def _replayed(self, routes: Sequence, lengths: list[int], names: Sequence[str]) -> list[torch.Tensor] | None:
+        """Per sequence, its recorded routes (`Routes` or None) as `expert_ids`, or None with replay
+        off or no routes at all; sequences without routes (older records) get -1 rows: the router."""
+        if not self.routing_replay or all(r is None for r in routes):
+            return None
+        layers, k, experts = self._route_shape
+        return [route_ids(r, n, layers, k, experts, name) for r, n, name in zip(routes, lengths, names)]
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -245,31 +391,41 @@ class Learner:
         adv_tok = [[float(adv[k])] * len(ids[k]) for k in range(len(ids))]
         lr = self.cfg.lr * lr_factor(self.rl_steps, self.cfg.warmup_steps, self.cfg.lr_schedule, self.total_steps)
         self.engine.train()
-        loss_total, stats = 0.0, []
-        for index in plan:
-            packed = pack(ids, index)
-            logp = self._logprobs(packed)
+        per_token = {"behav": (behav, torch.float32), "adv": (adv_tok, torch.float32), "mask": (masks, torch.bool),
+                     "units": (units, torch.long)}
+        routes = self._replayed([getattr(t, "routes", None) for t in trajectories], [len(i) for i in ids],
+                                [f"trajectory {getattr(t, 'trajectory_id', k)}" for k, t in enumerate(trajectories)])
+        if self.routing_replay:  # share of the trained tokens whose experts were replayed
+            routed = sum(int((routes[k][:, 0, 0] >= 0).sum()) for k in use) if routes is not None else 0
+            metrics["routing_replay_share"] = routed / max(sum(len(ids[k]) for k in use), 1)
+        staged = [self._stage(pack(ids, index), per_token, routes) for index in plan]
+        loss_total = torch.zeros((), device=self.device)
+        entropy_sum = torch.zeros((), device=self.device)
+        stats = []
+        for mb in staged:
+            logp, entropy = self._logprobs(mb["ids"], mb["cu"], entropy=True, expert_ids=mb.get("expert_ids"))
             loss, s = policy_loss(
                 logp,
                 logp.detach(),  # proximal policy: this step's weights, before it updates them
-                flat(behav, index, torch.float32).to(self.device),
-                flat(adv_tok, index, torch.float32).to(self.device),
-                flat(masks, index, torch.bool).to(self.device),
-                flat(units, index, torch.long).to(self.device),
+                mb["behav"], mb["adv"], mb["mask"], mb["units"],
                 self.spec,
                 norm=norm,
             )
             self.engine.backward(loss, scale_wrt_gas=False)
-            loss_total += float(loss.detach())
+            loss_total += loss.detach()
+            entropy_sum += (entropy * mb["mask"]).sum()
             stats.append(s)
         grad_norm = self._step(lr)
         self.rl_steps += 1
+        metrics.update(balance_experts(self._gates, self.cfg.expert_bias_update_rate))
+        loss_tokens = sum(sum(masks[k]) for k in use)
         dt = time.perf_counter() - t0
         tokens = sum(lengths)
         return {
             **metrics,
             **summarize(stats),
-            "loss": loss_total,
+            "loss": float(loss_total),
+            "entropy": float(entropy_sum) / max(loss_tokens, 1),
             "grad_norm": grad_norm,
             "lr": lr,
             "version": float(self.version),
@@ -311,29 +467,34 @@ class Learner:
         norm = float(sum(sum(masks[k]) for k in use))
         plan = self._plan(use, ids)
         self.engine.train()
-        loss_total = 0.0
-        for index in plan:
-            packed = pack(ids, index)
-            logp = self._logprobs(packed)
-            mask = flat(masks, index, torch.bool).to(self.device)
-            loss = -(logp * mask).sum() / norm
+        staged = [self._stage(pack(ids, index), {"mask": (masks, torch.bool)}) for index in plan]
+        loss_total = torch.zeros((), device=self.device)
+        for mb in staged:
+            logp, _ = self._logprobs(mb["ids"], mb["cu"])
+            loss = -(logp * mb["mask"]).sum() / norm
             self.engine.backward(loss, scale_wrt_gas=False)
-            loss_total += float(loss.detach())
+            loss_total += loss.detach()
         grad_norm = self._step(self.cfg.sft_lr)
         self.sft_steps += 1
-        return {"sft_loss": loss_total, "grad_norm": grad_norm, "version": float(self.version),
-                "step_s": time.perf_counter() - t0}
+        balance = balance_experts(self._gates, self.cfg.expert_bias_update_rate)
+        return {"sft_loss": float(loss_total), "grad_norm": grad_norm, "version": float(self.version),
+                "step_s": time.perf_counter() - t0, **balance}
 
     # -- weights and checkpoints ---------------------------------------------------------------
 
     @torch.no_grad()
-    def logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Per-sequence log p(x_t | x_<t) for t >= 1 under the current weights (eval helper)."""
+    def logprobs(self, token_ids: Sequence[Sequence[int]], routes: Sequence | None = None) -> list[torch.Tensor]:
+        """Per-sequence log p(x_t | x_<t) for t >= 1 under the current weights (eval helper);
+        `routes` (a `Routes` or None per sequence) are replayed when routing replay is on."""
         self.engine.eval()
         out = []
+        replay = None
+        if routes is not None:
+            replay = self._replayed(routes, [len(s) for s in token_ids], [f"sequence {k}" for k in range(len(routes))])
         for index in plan_micro_batches([len(s) for s in token_ids], self.cfg.micro_batch_tokens):
             packed = pack(token_ids, index)
-            lp = self._logprobs(packed).cpu()
+            mb = self._stage(packed, {}, replay)
+            lp = self._logprobs(mb["ids"], mb["cu"], expert_ids=mb.get("expert_ids"))[0].cpu()
             cu = packed.cu_seqlens.tolist()
             out.extend((i, lp[cu[j] + 1 : cu[j + 1]]) for j, i in enumerate(index))
         self.engine.train()

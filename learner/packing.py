@@ -7,11 +7,16 @@ the packed position of the token they describe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# fp32 logits held at once by chunked_token_logprobs: rows per chunk = this / vocabulary size
+# (32k vocab: 2,048 rows, 256 MiB; 157k vocab: 427 rows)
+LOGIT_CHUNK_ELEMENTS = 64 << 20
 
 
 @dataclass
@@ -64,6 +69,12 @@ def flat(values: Sequence[Sequence], index: list[int], dtype: torch.dtype) -> to
     return torch.tensor([v for i in index for v in values[i]], dtype=dtype)
 
 
+def flat_rows(rows: Sequence[torch.Tensor], index: list[int]) -> torch.Tensor:
+    """Concatenate per-sequence tensors (leading dim = tokens, e.g. routes [n, layers, top_k]) in
+    packed order: row t describes packed token t."""
+    return torch.cat([rows[i] for i in index])
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """log p(x_t | x_<t) at every packed position t, [T] fp32; position 0 of the row gets 0.
     The first token of each packed sequence gets a meaningless value (its "context" is the
@@ -71,3 +82,46 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     logits, ids = logits[0, :-1].float(), input_ids[0, 1:]
     lp = -F.cross_entropy(logits, ids, reduction="none")
     return F.pad(lp, (1, 0))
+
+
+def _chunk_logprobs(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, target: torch.Tensor,
+                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    logits = head(h).float()
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():  # H = lse - sum p * logit, a statistic: no graph
+            entropy = torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    # the same per-row arithmetic as token_logprobs, so chunking changes no bit of a row
+    return -F.cross_entropy(logits, target, reduction="none"), entropy
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    chunk_rows: int | None = None,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` from the final hidden states [1, T, D] and the LM head (`head`: hidden rows
+    -> logits [rows, V]), a chunk of rows at a time: fp32 logits exist for one chunk only, in the
+    forward and again in the backward, which recomputes them (one more LM-head GEMM) instead of
+    keeping [T, V] fp32 logits alive. Returns (logprobs [T], entropy [T] or None; entropy is of
+    the predicting position's distribution, detached, 0 at position 0)."""
+    h, target = hidden[0, :-1], input_ids[0, 1:]
+    T = h.shape[0]
+    if chunk_rows is None:
+        with torch.no_grad():
+            V = head(h[:1]).shape[-1]
+        chunk_rows = max(1, LOGIT_CHUNK_ELEMENTS // V)
+    lps, ents = [], []
+    for a in range(0, T, chunk_rows):
+        args = (head, h[a : a + chunk_rows], target[a : a + chunk_rows], with_entropy)
+        if torch.is_grad_enabled():
+            lp, ent = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(*args)
+        lps.append(lp)
+        ents.append(ent)
+    lp = F.pad(torch.cat(lps) if lps else h.new_zeros(0, dtype=torch.float32), (1, 0))
+    entropy = F.pad(torch.cat(ents) if ents else lp.new_zeros(0), (1, 0)) if with_entropy else None
+    return lp, entropy

@@ -112,9 +112,15 @@ class LearnerService:
 
     # -- SFT -----------------------------------------------------------------------------------
 
-    def sft(self, demos: list[tuple[list[int], list[int]]], steps: int, batch_size: int, seed: int) -> list[dict]:
-        rng = random.Random(seed)
-        return [self.learner.sft_step(rng.sample(demos, min(batch_size, len(demos)))) for _ in range(steps)]
+    def sft(self, demos: list[tuple[list[int], list[int]]], start: int, stop: int, batch_size: int,
+            seed: int) -> list[dict]:
+        """SFT steps `start..stop-1`, one metrics row each. The caller runs the phase in chunks
+        (so it can report and log as it goes); each step draws its batch from its own seeded
+        RNG, so any split into chunks trains on exactly the same batches."""
+        if not 0 <= start <= stop:
+            raise ValueError(f"sft: steps {start}..{stop} is not a range of step indices")
+        return [self.learner.sft_step(random.Random(f"sft-{seed}-{i}").sample(demos, min(batch_size, len(demos))))
+                for i in range(start, stop)]
 
     # -- RL --------------------------------------------------------------------------------------
 

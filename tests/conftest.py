@@ -9,11 +9,20 @@ test's tmp dir. The fixture stops the server afterwards; a test may kill and res
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernel tests run under Triton's interpreter, which must be switched on
+# before anything imports triton (`triton.language`'s own helpers are decorated at import, and
+# DeepSpeed, imported by many tests, imports triton). The vLLM tests run in a process of their own
+# with TRITON_INTERPRET=0 (scripts/test.sh): vLLM's Triton kernels must not be interpreted.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kpop.redis_server import EmbeddedRedis, RedisServer
 

@@ -75,7 +75,7 @@ def test_defaults_and_overrides(tmp_path):
         (MINIMAL, ["algorithm.advantage=rloo", "rollout.group_size=1"], "<root>", "group_size >= 2"),
         ({"name": "t"}, [], "<root>", "environments.train is empty"),
         (MINIMAL, ["environments.eval_seeds=0"], "environments.eval_seeds", "seed count must be >= 1"),
-        (MINIMAL, ["policy.preset=huge"], "policy.preset", "'tiny' or 'small'"),
+        (MINIMAL, ["policy.preset=huge"], "policy.preset", "'tiny', 'small' or 'bench-2b'"),
         # strict types where a number is meant
         (yaml.safe_dump(MINIMAL) + "learner:\n  lr: '2e-5'\n", [], "learner.lr", "valid number"),
         ({**MINIMAL, "rollout": {"num_workers": True}}, [], "rollout.num_workers", "valid integer"),
@@ -216,3 +216,13 @@ def test_cli_fresh_refuses_before_deleting_anything(tmp_path, name, needle):
     assert (res.exit_code == 2 or isinstance(res.exception, ConfigError)) and needle in said, res.output
     assert (root / "mine").is_dir() and sibling.is_dir() and unrelated.read_text() == "precious"
     assert (root / "notarun" / "data.txt").is_file()
+def test_sft_environments_default_to_train_and_validate(tmp_path):
+    """`environments.sft` chooses where the SFT demonstrations come from; empty means the train envs."""
+    assert load_config(write(tmp_path, MINIMAL)).environments.sft == []
+    qs = load_config(ROOT / "configs" / "quickstart.yaml").environments
+    # the quickstart's demonstrator is the train env with a weaker oracle; RL trains on the env as-is
+    assert [s.id for s in qs.sft] == [s.id for s in qs.train]
+    assert "oracle_tool_share" in qs.sft[0].kwargs and "oracle_tool_share" not in qs.train[0].kwargs
+    bad = {**MINIMAL, "environments": {**MINIMAL["environments"], "sft": [{"kwargs": {}}]}}
+    with pytest.raises(ConfigError, match=r"field 'environments.sft.0.id': Field required"):
+        load_config(write(tmp_path, bad))

@@ -254,3 +254,43 @@ def test_tool_output_is_capped():
     content = tool_msg["content"]
     assert len(content.encode()) <= MAX_TOOL_OUTPUT_BYTES + 200
     assert "truncated" in content and "900" in content
+def test_mixed_quality_oracle_skips_the_tool_on_a_fixed_share_of_tasks():
+    """`oracle_tool_share`: the oracle calls the calculator on that share of tasks (chosen by task
+    id, so every env instance agrees) and answers the rest directly and correctly (reward 0.5)."""
+    seeds = range(200)
+
+    def tool_use(share):
+        env = make("kpop/tooluse-v0", difficulty=0, split="train", oracle_tool_share=share)
+        out = {}
+        for seed in seeds:
+            ep = play(env, oracle_agent(env), seed)
+            assert ep.status == "ok" and ep.reward_detail["answer"] == 1.0, ep.reward_detail
+            used = any(m.get("tool_calls") for m in ep.messages)
+            assert ep.reward == (1.0 if used else 0.5)
+            out[ep.task_id] = used
+        return out
+
+    always, never, half, half_again = tool_use(1.0), tool_use(0.0), tool_use(0.5), tool_use(0.5)
+    assert all(always.values()) and not any(never.values())
+    assert half == half_again and 0.4 < sum(half.values()) / len(half) < 0.6
+    more = tool_use(0.8)
+    assert all(more[t] for t, used in half.items() if used) and sum(more.values()) > sum(half.values())
+    with pytest.raises(ValueError, match="oracle_tool_share must be a number in"):
+        make("kpop/tooluse-v0", oracle_tool_share=1.5)
+    with pytest.raises(ValueError, match="oracle_tool_share must be a number in"):
+        make("kpop/tooluse-v0", oracle_tool_share="half")
+
+
+def test_demonstrations_keep_the_mixed_oracles_direct_answers():
+    """Cold-start SFT keeps every demonstration that earned reward, so a mixed-quality oracle's
+    direct answers reach the policy (and the tool-calling ones too)."""
+    from kpop.config import EnvSpec
+    from kpop.policy.tokenizer import get_tokenizer
+    from kpop.sft import collect_demos
+
+    tok = get_tokenizer()
+    spec = EnvSpec(id="kpop/tooluse-v0", kwargs={"difficulty": 0, "show_tools": False, "oracle_tool_share": 0.5})
+    demos = collect_demos([spec], 40, tok)
+    texts = [tok.decode([t for t, m in zip(ids, mask) if m]) for ids, mask in demos]
+    with_tool = [t for t in texts if "calculator" in t]
+    assert len(demos) == 40 and 0 < len(with_tool) < 40

@@ -313,15 +313,31 @@ def split_of(prompt: str) -> Literal["train", "eval"]:
 _SYSTEM = "Use the tools. Reply with just the answer."
 
 
+def _uses_tools(task_id: str, share: float) -> bool:
+    """Whether the oracle calls the tools on this task: a fixed `share` of tasks, by task-id hash
+    (salted, so the choice is independent of the train/eval split)."""
+    h = int(hashlib.sha256(f"oracle-tools:{task_id}".encode()).hexdigest()[:8], 16)
+    return h / 0x1_0000_0000 < share
+
+
 class ToolUseEnv(ChatEnv):
+    """`oracle_tool_share` < 1 makes the oracle a mixed-quality demonstrator: on that share of tasks
+    it calls the tools, on the rest it answers directly from "mental arithmetic" (the correct number,
+    reward 0.5) -- a skill a small policy cannot imitate, so demonstrations from it leave RL a lesson
+    to learn (always call the tool). Below 1 the oracle no longer earns reward 1 on every task."""
+
     def __init__(self, difficulty: int = 0, split: Literal["all", "train", "eval"] = "all",
                  system_prompt: bool | None = None, max_turns: int | None = None, render_mode: str | None = None,
-                 show_tools: bool = True):
+                 show_tools: bool = True, oracle_tool_share: float = 1.0):
         super().__init__(max_turns=max_turns, render_mode=render_mode, show_tools=show_tools)
         if difficulty not in range(len(_LEVELS)):
             raise ValueError(f"difficulty must be 0, 1 or 2, got {difficulty!r}")
         if split not in ("all", "train", "eval"):
             raise ValueError(f"split must be 'all', 'train' or 'eval', got {split!r}")
+        if isinstance(oracle_tool_share, bool) or not isinstance(oracle_tool_share, (int, float)) \
+                or not 0.0 <= oracle_tool_share <= 1.0:
+            raise ValueError(f"oracle_tool_share must be a number in [0, 1], got {oracle_tool_share!r}")
+        self.oracle_tool_share = float(oracle_tool_share)
         self.split = split
         self.difficulty = difficulty
         self.system_prompt = system_prompt  # None: only above level 0, where prompts must stay tiny
@@ -380,6 +396,8 @@ class ToolUseEnv(ChatEnv):
         assert self.task is not None
         gold, level = self.task.data["gold"], self.task.data["level"]
         step = count_assistant_turns(messages)
+        if not _uses_tools(self.task.task_id, self.oracle_tool_share):
+            return assistant(format_number(self.task.data["answer"]))
         if level == 0 or (level == 1 and isinstance(gold, str)):
             plan = [("calculator", {"expression": gold})]
         elif level == 1:

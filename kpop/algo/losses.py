@@ -84,8 +84,8 @@ def policy_loss(
     units: torch.Tensor,
     spec: LossSpec,
     norm: float | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss to minimise and additive statistics (see `summarize`). `norm` is the normaliser of the
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss to minimise and additive statistics (0-dim tensors; see `summarize`). `norm` is the normaliser of the
     whole optimiser step when the batch is split into micro-batches: loss tokens (PPO, LPO) or
     sequences (GSPO); None = this batch's own."""
     if not (logp.shape == prox.shape == behav.shape == adv.shape == mask.shape == units.shape) or logp.dim() != 1:
@@ -131,21 +131,24 @@ def policy_loss(
 
     with torch.no_grad():
         clipped = ((adv > 0) & (ratio > 1 + spec.clip_high)) | ((adv < 0) & (ratio < 1 - spec.clip_low))
-        dlogp = (prox - behav).abs()[mask]
+        # device scalars, read by `summarize` after the step: a read here would stall the GPU
+        # between each micro-batch's forward and backward
+        dlogp = torch.where(mask, (prox - behav).abs(), 0.0)
         stats = {
-            "tokens": float(mask.sum()),
-            "masked": float((mask & ~keep).sum()),
-            "clipped": float((clipped & keep).sum()),
-            "dlogp_sum": float(dlogp.sum()),
-            "dlogp_max": float(dlogp.max()) if dlogp.numel() else 0.0,
-            "weight_sum": float((weight * keep).sum()),
-            "kept": float(keep.sum()),
+            "tokens": mask.sum().float(),
+            "masked": (mask & ~keep).sum().float(),
+            "clipped": (clipped & keep).sum().float(),
+            "dlogp_sum": dlogp.sum(),
+            "dlogp_max": dlogp.max() if dlogp.numel() else dlogp.new_zeros(()),
+            "weight_sum": (weight * keep).sum(),
+            "kept": keep.sum().float(),
         }
     return loss, stats
 
 
 def summarize(stats: Sequence[dict[str, float]]) -> dict[str, float]:
     """Merge micro-batch statistics into rates: mask_rate, clip_frac, dlogp_mean/max, weight_mean."""
+    stats = [{k: float(v) for k, v in s.items()} for s in stats]
     tot = {k: sum(s[k] for s in stats) for k in ("tokens", "masked", "clipped", "dlogp_sum", "weight_sum", "kept")}
     tokens, kept = max(tot["tokens"], 1.0), max(tot["kept"], 1.0)
     return {

@@ -18,8 +18,7 @@ def plan(
         "(default: ~70% of an H200's 4.25 TB/s copy bandwidth measured by bench/kernels.py)"),
     bucket_mb: float = typer.Option(256.0, "--bucket-mb", help="weight-sync bucket size, MiB"),
 ) -> None:
-    """Total/active parameters, cache sizes and the memory to train and serve CONFIG's policy;
-    with --nccl-gbps, the time of one bucketed weight sync from the learner to the engines."""
+    """Total/active parameters, cache sizes and the memory to train and serve CONFIG's policy (with --nccl-gbps, also the time of one weight sync)."""
     from kpop.config import ConfigError, load_config
     from kpop.policy.plan import format_plan, format_sync, plan_run_config, plan_weight_sync
 

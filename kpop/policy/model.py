@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 
 from kernels.lightning import lightning_attn, lightning_decode
 from kernels.mla import mla_cache_write, mla_decode, mla_prefill
+from kernels.moe import moe_ffn
 from kpop.policy.cache import CacheShape, HybridCache
 from kpop.policy.config import BailingHybridConfig
 
@@ -301,18 +302,48 @@ class MLP(nn.Module):
 
 class MoEGate(nn.Module):
     """fp32 sigmoid router; `expert_bias` (a buffer, moved by load balancing, never by gradient)
-    only steers *which* experts are chosen; the weights are the unbiased scores."""
+    only steers *which* experts are chosen; the weights are the unbiased scores.
+
+    In training mode the gate also counts the rows routed to each expert (`expert_load`, int64,
+    not saved) for the aux-loss-free bias update; `count_load = False` pauses counting (the
+    learner sets it while activation checkpointing recomputes a layer, which routes again)."""
 
     def __init__(self, config: BailingHybridConfig) -> None:
         super().__init__()
         self.top_k, self.n_group, self.topk_group = config.num_experts_per_tok, config.n_group, config.topk_group
+        self.num_experts = config.num_experts
         self.scaling = config.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        self.register_buffer("expert_load", torch.zeros(config.num_experts, dtype=torch.long), persistent=False)
+        self.count_load = True
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, D] -> (expert ids [N, k], fp32 weights [N, k])."""
+    def reset_buffers(self) -> None:
+        """Buffers no checkpoint holds (`expert_bias` is loaded, so it is left alone here)."""
+        self.expert_load.zero_()
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (expert ids [N, k], fp32 weights [N, k]). With `expert_ids` (routing replay)
+        those experts are used, weighted by the router's own scores at them, so the router still
+        learns; the choice itself is then not the router's."""
         scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        if expert_ids is None:
+            idx = self.select(scores)
+        else:  # rows of -1 (a token with no recorded route) fall back to this router's choice
+            idx = expert_ids.long()
+            free = idx[:, 0] < 0
+            if bool(free.any()):
+                idx = torch.where(free[:, None], self.select(scores), idx)
+        w = scores.gather(1, idx)
+        if self.top_k > 1:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        if self.training and self.count_load:  # replayed experts count: they are the load the rollout put on them
+            self.expert_load.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
+        return idx, w * self.scaling
+
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Group-limited top-k over the biased scores: the best `topk_group` groups by the sum of
+        their top-2, then the top `k` experts inside them."""
         biased = scores.detach() + self.expert_bias.float()
         n, e = biased.shape
         grouped = biased.view(n, self.n_group, e // self.n_group)
@@ -320,14 +351,31 @@ class MoEGate(nn.Module):
         keep = group_score.topk(self.topk_group, dim=-1).indices
         group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
         masked = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, e)
-        idx = masked.topk(self.top_k, dim=-1).indices
-        w = scores.gather(1, idx)
-        if self.top_k > 1:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return idx, w * self.scaling
+        return masked.topk(self.top_k, dim=-1).indices
+
+    def check_expert_ids(self, expert_ids: torch.Tensor, n: int) -> None:
+        """Forced ids come from outside (a stored trajectory): name what is wrong with them."""
+        if expert_ids.shape != (n, self.top_k) or expert_ids.is_floating_point():
+            raise ValueError(
+                f"expert_ids must be an integer [tokens={n}, top_k={self.top_k}] tensor, "
+                f"got {expert_ids.dtype} {tuple(expert_ids.shape)}"
+            )
+        # a row is either a route (every id in range) or all -1 (no route: the router decides)
+        ok = ((expert_ids >= 0) & (expert_ids < self.num_experts)).all(-1) | (expert_ids == -1).all(-1)
+        if n and not bool(ok.all()):
+            raise ValueError(f"expert_ids rows must lie in [0, {self.num_experts}) or be all -1 (no route), "
+                             f"got values {expert_ids.min().item()}..{expert_ids.max().item()}")
 
 
 class SparseMoeBlock(nn.Module):
+    """Routed experts (one grouped kernel, kernels/moe) plus the shared expert.
+
+    `forward(x, expert_ids=None, return_expert_ids=False)`: `expert_ids` [tokens, top_k] forces the
+    routing (replay: the rollout's experts, weighted by this router's scores; an all -1 row leaves
+    that token to the router); with
+    `return_expert_ids` the result is `(y, ids)`, ids [tokens, top_k] int64, tokens = x's leading
+    dims flattened."""
+
     def __init__(self, config: BailingHybridConfig) -> None:
         super().__init__()
         self.experts = nn.ModuleList(MLP(config, config.moe_intermediate_size) for _ in range(config.num_experts))
@@ -336,19 +384,27 @@ class SparseMoeBlock(nn.Module):
             MLP(config, config.moe_intermediate_size * config.num_shared_experts) if config.num_shared_experts else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def expert_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per-expert (gate [I,D], up [I,D], down [D,I]) weights, as the HF `nn.Linear`s hold them.
+        The grouped GEMM stacks them (E x 3 x I x D copied, ~2% of a training step at 64k tokens);
+        keeping them per expert keeps parameter names, optimizer state and weight loading as every
+        checkpoint and engine expects."""
+        mlps = [e._modules for e in self.experts._modules.values()]  # plain dicts: no Module.__getattr__ per expert
+        return tuple([m[name].weight for m in mlps] for name in ("gate_proj", "up_proj", "down_proj"))
+
+    def forward(
+        self, x: torch.Tensor, expert_ids: torch.Tensor | None = None, return_expert_ids: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        idx, w = self.gate(flat)
-        y = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
-        # dispatch token groups per expert (a grouped GEMM on GPU would replace this loop)
-        for e in idx.unique().tolist():
-            tok, k = (idx == e).nonzero(as_tuple=True)
-            y.index_add_(0, tok, self.experts[e](flat[tok]).float() * w[tok, k, None])
-        y = y.to(x.dtype)
+        if expert_ids is not None:
+            self.gate.check_expert_ids(expert_ids, flat.shape[0])
+        idx, w = self.gate(flat, expert_ids)
+        y = moe_ffn(flat, idx, w, *self.expert_weights())
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return y.view(shape)
+        y = y.view(shape)
+        return (y, idx) if return_expert_ids else y
 
 
 # -- blocks ----------------------------------------------------------------------------------
@@ -365,15 +421,27 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, rope: dict, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, rope: dict, cu_seqlens: torch.Tensor | None, expert_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (h, the MoE's expert ids [tokens, top_k], None for a dense layer); `expert_ids` replays a routing."""
         cos, sin = rope["mla" if self.is_mla else "linear"]
         h = h + self.attention(self.input_layernorm(h), cos, sin, cu_seqlens)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self._ffn(h, expert_ids)
 
-    def step(self, h: torch.Tensor, rope: dict, ctx: StepContext, layer_cache: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, h: torch.Tensor, rope: dict, ctx: StepContext, layer_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         cos, sin = rope["mla" if self.is_mla else "linear"]
         h = h + self.attention.step(self.input_layernorm(h), cos, sin, ctx, layer_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self._ffn(h, None)
+
+    def _ffn(self, h: torch.Tensor, expert_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.post_attention_layernorm(h)
+        if not isinstance(self.mlp, SparseMoeBlock):
+            return h + self.mlp(x), None
+        y, ids = self.mlp(x, expert_ids, return_expert_ids=True)
+        return h + y, ids
 
 
 class MTPLayer(nn.Module):
@@ -407,6 +475,7 @@ class BailingHybridOutput(ModelOutput):
     logits: torch.Tensor | None = None  # fp32 [B, T, V]
     mtp_logits: tuple[torch.Tensor, ...] | None = None  # k-th (0-based) at position t predicts token t+2+k
     hidden_states: torch.Tensor | None = None  # final-norm output [B, T, D]
+    expert_ids: torch.Tensor | None = None  # with return_expert_ids: int64 [B*T, MoE layers, top_k]
 
 
 class BailingHybridPreTrainedModel(PreTrainedModel):
@@ -418,6 +487,11 @@ class BailingHybridPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
+        if isinstance(module, MoEGate) and getattr(module.weight, "_is_hf_initialized", False):
+            # HF from_pretrained calls this for the gate because its `expert_load` buffer is not in
+            # the checkpoint; the loaded router weight and bias must stay
+            module.reset_buffers()
+            return
         if isinstance(module, (nn.Linear, MoEGate)):
             module.weight.normal_(0.0, std)
             if getattr(module, "bias", None) is not None:
@@ -506,11 +580,22 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         return_mtp: bool | None = None,
+        return_logits: bool = True,
+        expert_ids: torch.Tensor | None = None,
+        return_expert_ids: bool = False,
         **kwargs,
     ) -> BailingHybridOutput:
         """Logits for every position. `labels` [B,T] (same positions as input_ids, -100 ignored)
         gives the mean next-token cross-entropy (plus `mtp_loss_scaling_factor` x MTP losses).
-        MTP logits are computed when training (or `return_mtp=True`)."""
+        MTP logits are computed when training (or `return_mtp=True`). `return_logits=False`
+        leaves them to the caller (`hidden_states` + `logits()`, a chunk at a time: fp32 logits
+        over a long packed batch are the learner's largest tensor).
+
+        Routing replay: `expert_ids` int `[B*T, MoE layers, top_k]` (MoE layers of the main stack,
+        in order; a row of -1 leaves that token to the router) forces each MoE layer's experts;
+        `return_expert_ids` returns the ids used in `expert_ids` of the output."""
+        if labels is not None and not return_logits:
+            raise ValueError("labels need the logits: do not pass return_logits=False with labels")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -537,10 +622,18 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         rope = m.rope(position_ids)
         L = self.config.num_hidden_layers
         h = m.word_embeddings(input_ids)
-        for layer in m.layers[:L]:
-            h = layer(h, rope, cu_seqlens)
+        moe_layers = self.moe_layers()
+        if expert_ids is not None and tuple(expert_ids.shape[:2]) != (B * T, len(moe_layers)):
+            raise ValueError(f"expert_ids must be [tokens={B * T}, MoE layers={len(moe_layers)}, top_k], "
+                             f"got {tuple(expert_ids.shape)}")
+        routes = []
+        for i, layer in enumerate(m.layers[:L]):
+            forced = expert_ids[:, moe_layers.index(i)] if expert_ids is not None and i in moe_layers else None
+            h, ids = layer(h, rope, cu_seqlens, forced)
+            if ids is not None and return_expert_ids:
+                routes.append(ids)
         h = m.norm(h)
-        logits = self.logits(h)
+        logits = self.logits(h) if return_logits else None
 
         mtp_logits = None
         if m.layers[L:] and (self.training if return_mtp is None else return_mtp):
@@ -560,7 +653,13 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
                     target, valid = shift_within_sequences(target, cu_seqlens)
                     target = target.masked_fill(~valid, -100)
                 loss = loss + self.config.mtp_loss_scaling_factor * self._next_token_loss(ml, target, cu_seqlens)
-        return BailingHybridOutput(loss=loss, logits=logits, mtp_logits=mtp_logits, hidden_states=h)
+        return BailingHybridOutput(loss=loss, logits=logits, mtp_logits=mtp_logits, hidden_states=h,
+                                   expert_ids=torch.stack(routes, 1) if routes else None)
+
+    def moe_layers(self) -> list[int]:
+        """Indices of the main-stack decoder layers with a routed MoE (the routes' layer axis)."""
+        return [i for i, layer in enumerate(self.model.layers[: self.config.num_hidden_layers])
+                if isinstance(layer.mlp, SparseMoeBlock)]
 
     @staticmethod
     def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -588,9 +687,11 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         query_lens: list[int],
         cache: HybridCache,
         all_logits: bool = False,
-    ) -> torch.Tensor:
+        return_expert_ids: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """Run new tokens of several sequences through the cache; fp32 logits of each sequence's
-        last new token `[S, V]` (or of every new token `[N, V]`). Contract: kpop/policy/cache.py."""
+        last new token `[S, V]` (or of every new token `[N, V]`). Contract: kpop/policy/cache.py.
+        `return_expert_ids`: `(logits, ids)`, ids int64 `[N, MoE layers, top_k]` (None without MoE)."""
         if input_ids.dim() != 1:
             raise ValueError(f"forward_step takes flat input_ids [N], got shape {tuple(input_ids.shape)}")
         if sum(query_lens) != input_ids.numel():
@@ -601,15 +702,21 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
         rope = m.rope(positions)
         h = m.word_embeddings(input_ids)
         mla_i = lin_i = 0
+        routes = []
         for layer in m.layers[: self.config.num_hidden_layers]:
             if layer.is_mla:
-                h, mla_i = layer.step(h, rope, ctx, cache.kv[mla_i]), mla_i + 1
+                (h, ids), mla_i = layer.step(h, rope, ctx, cache.kv[mla_i]), mla_i + 1
             else:
-                h, lin_i = layer.step(h, rope, ctx, cache.state[lin_i]), lin_i + 1
+                (h, ids), lin_i = layer.step(h, rope, ctx, cache.state[lin_i]), lin_i + 1
+            if ids is not None:
+                routes.append(ids)
         cache.advance(slots, query_lens)
         if not all_logits:
             h = h[ctx.cu_seqlens[1:].long() - 1]
-        return self.logits(m.norm(h))
+        logits = self.logits(m.norm(h))
+        if return_expert_ids:
+            return logits, torch.stack(routes, 1) if routes else None
+        return logits
 
     @staticmethod
     def _step_context(slots: list[int], query_lens: list[int], cache: HybridCache, dev: torch.device):

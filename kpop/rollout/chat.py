@@ -27,6 +27,7 @@ from environments.core import Agent
 from environments.runner import EpisodeTruncated
 from kpop.policy.chat import parse_assistant
 from kpop.rollout.engine import Engine, GenerationRequest, GenerationResult, SamplingParams
+from kpop.trajectory import Routes
 
 Message = dict[str, Any]
 
@@ -60,6 +61,9 @@ class Choice(BaseModel):
     token_ids: list[int]
     token_logprobs: list[float]
     token_versions: list[int]
+    # experts of prompt_token_ids + token_ids per MoE layer, where the engine records them (routing
+    # replay); for training only, so left out of the chat-completion JSON
+    routes: Routes | None = Field(default=None, exclude=True)
     tool_call_errors: list[str] = Field(default_factory=list)  # malformed calls the parser dropped
 
 
@@ -153,7 +157,7 @@ class ChatClient:
                                              for s, v in zip(pieces, r.logprobs)])
             choices.append(Choice(index=i, message=turn.to_message(), finish_reason=finish, logprobs=lp,
                                   token_ids=r.token_ids, token_logprobs=r.logprobs,
-                                  token_versions=r.token_versions, tool_call_errors=turn.errors))
+                                  token_versions=r.token_versions, routes=r.routes, tool_call_errors=turn.errors))
         completion_tokens = sum(len(r.token_ids) for r in results)
         return ChatCompletion(
             id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=self.model, choices=choices,
@@ -172,12 +176,23 @@ class TokenTrace:
     logprobs: list[float] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     versions: list[int | None] = field(default_factory=list)
+    # the latest engine result's routes: its prompt was this whole trace, so they cover a prefix of
+    # it, each token with the route of its last pass through the engine
+    routes: Routes | None = None
 
     def extend(self, ids: list[int], logprobs: list[float] | None = None, versions: list[int] | None = None) -> None:
         self.token_ids += ids
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
         self.loss_mask += [1 if logprobs is not None else 0] * len(ids)
         self.versions += versions if versions is not None else [None] * len(ids)
+
+    def set_routes(self, routes: Routes | None) -> None:
+        if routes is not None and routes.shape[0] <= len(self.token_ids):
+            self.routes = routes
+
+    def episode_routes(self) -> Routes | None:
+        """Routes over every token of the trace (tokens after the last engine pass have none)."""
+        return None if self.routes is None else self.routes.resized(len(self.token_ids))
 
     def segments(self) -> list[tuple[int, int, int]]:
         """(start, end, version) runs of model tokens written by one policy version."""
@@ -241,6 +256,7 @@ class ChatSession:
             choice = completion.choices[0]
             self.completions.append(completion)
             self.trace.extend(choice.token_ids, choice.token_logprobs, choice.token_versions)
+            self.trace.set_routes(choice.routes)
             message = choice.message
             ended = bool(choice.token_ids) and choice.token_ids[-1] == self.client.tokenizer.eos_token_id
             # length-stopped where the episode budget, not the per-turn max_tokens, was the bound

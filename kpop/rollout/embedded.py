@@ -17,6 +17,9 @@ State decisions:
   learner recomputes. Tokens keep the version that sampled them (`token_versions`).
 * When the cache is full, the most recently admitted request is preempted the same way
   (freed, re-prefilled later), as vLLM's recompute preemption does.
+* Routing replay (MoE policies): every token fed through the model records its experts per MoE
+  layer; a token fed again (re-prefill) keeps the route of its last pass, the one the tokens
+  sampled after it saw. The result's `routes` cover prompt + generated tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from kpop.policy.cache import HybridCache
 from kpop.rollout.engine import EngineError, GenerationRequest, GenerationResult, SamplingParams, ThreadedEngine
 from kpop.rollout.sampling import sample
+from kpop.trajectory import Routes
 from kpop.weight_sync import WeightHandle, WeightSync
 
 
@@ -46,6 +50,7 @@ class _Seq:
     versions: list[int] = field(default_factory=list)
     slot: int | None = None
     cached: int = 0  # tokens of `context` already in the cache
+    routes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first position, ids [n, layers, k]) per pass
 
     @property
     def params(self) -> SamplingParams:
@@ -95,6 +100,7 @@ class EmbeddedEngine(ThreadedEngine):
         self._order = itertools.count()
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []
+        self.num_experts = int(model.config.num_experts or 0)
         self.stats = collections.Counter()  # steps, prefill_tokens, decode_tokens, preemptions, reprefills
 
     def receive_weights(self, sync: WeightSync, handle: WeightHandle) -> None:
@@ -143,11 +149,18 @@ class EmbeddedEngine(ThreadedEngine):
         slots = [s.slot for s, _ in batch]
         lens = [n for _, n in batch]
         ids = torch.tensor([t for s, n in batch for t in s.context[s.cached : s.cached + n]], dtype=torch.long)
-        logits = self.model.forward_step(ids.to(self.cache.device), slots, lens, self.cache)
+        logits, routes = self.model.forward_step(ids.to(self.cache.device), slots, lens, self.cache,
+                                                 return_expert_ids=True)
+        if routes is not None:
+            routes = routes.to("cpu", torch.uint8 if self.num_experts <= 256 else torch.int32)
         self.stats["steps"] += 1
         ready = []
+        offset = 0
         for i, (seq, n) in enumerate(batch):
             self.stats["decode_tokens" if seq.cached and n == 1 else "prefill_tokens"] += n
+            if routes is not None:
+                seq.routes.append((seq.cached, routes[offset : offset + n]))
+            offset += n
             seq.cached += n
             if seq.cached == len(seq.context):
                 ready.append(i)
@@ -229,10 +242,23 @@ class EmbeddedEngine(ThreadedEngine):
         result = GenerationResult(
             request_id=seq.req.request_id, prompt_token_ids=seq.req.prompt_token_ids, token_ids=seq.tokens,
             logprobs=seq.logprobs, token_versions=seq.versions, finish_reason=reason, stop_reason=stop_reason,
-            text=text,
+            text=text, routes=self._routes(seq),
         )
         if not seq.future.done():
             seq.future.set_result(result)
+
+    def _routes(self, seq: _Seq) -> Routes | None:
+        """The experts of every context token from its last pass through the model (later passes
+        overwrite earlier ones); tokens never fed (the last sampled one) have none."""
+        if not seq.routes:
+            return None
+        n = len(seq.context)
+        ids = torch.zeros(n, *seq.routes[0][1].shape[1:], dtype=torch.int32)
+        known = torch.zeros(n, dtype=torch.bool)
+        for start, chunk in seq.routes:
+            ids[start : start + len(chunk)] = chunk.to(torch.int32)
+            known[start : start + len(chunk)] = True
+        return Routes.from_ids(ids, self.num_experts, known)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

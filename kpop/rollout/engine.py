@@ -7,6 +7,8 @@
 A result carries the sampled token ids, the logprob of each sampled token, why generation
 stopped, and the policy version that produced each token (`token_versions`): a request that
 runs across `update_weights` is written by two versions, and training must know which wrote what.
+An MoE policy's engine may also return `routes`: the experts every prompt and sampled token was
+routed to (kpop.trajectory.Routes), which the learner replays.
 
 Logprob convention (all engines): `log_softmax(logits / temperature)` of the sampled token
 (temperature 0 -> the raw logits). top-k / top-p restrict what can be *sampled*, not the
@@ -25,6 +27,8 @@ from typing import Any, Literal, Mapping
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kpop.trajectory import Routes
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -74,6 +78,8 @@ class GenerationResult(BaseModel):
     finish_reason: FinishReason
     stop_reason: str | int | None = None  # the stop string or stop token id that matched
     text: str | None = None  # decoded completion (cut before a matched stop string) if the engine has a tokenizer
+    # experts of prompt_token_ids + token_ids (the last sampled token, never fed back, has none)
+    routes: Routes | None = None
 
     @property
     def policy_version(self) -> int | None:

@@ -115,7 +115,7 @@ async def play_episode(client: ChatClient, env: ChatEnv, task: RolloutTask, *, r
         token_ids=tr.token_ids, logprobs=tr.logprobs, loss_mask=tr.loss_mask,
         segments=[Segment(*s) for s in tr.segments()], reward=ep.reward, reward_detail=ep.reward_detail,
         status=ep.status, error=ep.error, timings={**ep.timings, "episode_s": time.perf_counter() - t0},
-        sandbox=_sandbox_identity(ep.resources), env_kwargs=task.env_kwargs,
+        sandbox=_sandbox_identity(ep.resources), env_kwargs=task.env_kwargs, routes=tr.episode_routes(),
     )
 
 

@@ -1,0 +1,203 @@
+"""The MoE grouped-GEMM kernels (kernels/moe) against the loop oracle, on CPU under TRITON_INTERPRET=1.
+
+Relative errors ||out - ref|| / ||ref|| against a float64 oracle, forward and every gradient (x,
+routing weights, the three expert weights). Shapes are small but ragged: an expert with more rows
+than a tile, experts with none, sizes that are no multiple of any tile. bf16 is checked on the GPU
+(tests/test_kernels_gpu.py): the interpreter's bf16 cast truncates, which doubles its error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+if not torch.cuda.is_available():
+    # must be set before any kernel module is imported: triton.jit reads it at decoration time
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels.moe import moe_ffn, moe_loop, moe_sorted, sort_by_expert  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOPPER_SMEM = 232448
+
+
+@pytest.fixture
+def seed() -> int:
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
+def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err == err, "NaN in output"
+    return err
+
+
+def routed(N: int, E: int, k: int, hot: int | None = 0, cold: int | None = None) -> torch.Tensor:
+    """[N, k] distinct experts per token; `hot` is in every token's set (more rows than a tile),
+    `cold` in none (an expert with no rows)."""
+    rows = []
+    for _ in range(N):
+        pool = [e for e in torch.randperm(E).tolist() if e not in (hot, cold)]
+        rows.append(([hot] if hot is not None else []) + pool[: k - (hot is not None)])
+    return torch.tensor(rows, device=DEV)
+
+
+def problem(N, D, I, E, k, dtype):
+    x = torch.randn(N, D, device=DEV, dtype=dtype)
+    w = torch.rand(N, k, device=DEV) + 0.1
+    wg, wu = (torch.randn(E, I, D, device=DEV, dtype=dtype) * D ** -0.5 for _ in range(2))
+    wd = torch.randn(E, D, I, device=DEV, dtype=dtype) * I ** -0.5
+    return x, w, wg, wu, wd
+
+
+def run(fn, ids, leaves, dout):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(leaves[0], ids, leaves[1], *leaves[2:])
+    (out.to(dout.dtype) * dout).sum().backward()
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_grouped_gemm_fwd_bwd_matches_loop_oracle(monkeypatch, dtype, tol, seed):
+    monkeypatch.setenv("KPOP_KERNELS", "triton")
+    N, D, I, E, k = 70, 48, 40, 6, 3
+    ids = routed(N, E, k, hot=0, cold=5)
+    x, w, wg, wu, wd = problem(N, D, I, E, k, dtype)
+    dout = torch.randn(N, D, device=DEV, dtype=torch.float64)
+    out, grads = run(moe_ffn, ids, (x, w, wg, wu, wd), dout.to(dtype))
+    ref, ref_grads = run(moe_loop, ids, [t.double() for t in (x, w, wg, wu, wd)], dout)
+    assert out.dtype == dtype and out.shape == (N, D)
+    assert relerr(out, ref) < tol, f"out rel err {relerr(out, ref):.2e} (seed {seed})"
+    for name, g, r in zip(("dx", "dweights", "dw_gate", "dw_up", "dw_down"), grads, ref_grads):
+        assert g is not None, f"{name}: no gradient"
+        assert relerr(g, r) < tol, f"{name} rel err {relerr(g, r):.2e} >= {tol} (seed {seed})"
+    assert grads[1].dtype == torch.float32  # routing weights keep their fp32 gradient
+    assert grads[2][5].abs().max() == 0 and grads[4][5].abs().max() == 0  # the cold expert learns nothing
+
+
+def test_grouped_gemm_without_grad_and_with_one_expert_per_token(monkeypatch, seed):
+    monkeypatch.setenv("KPOP_KERNELS", "triton")
+    N, D, I, E, k = 21, 32, 24, 4, 1
+    ids = routed(N, E, k, hot=None)
+    x, w, wg, wu, wd = problem(N, D, I, E, k, torch.float32)
+    with torch.no_grad():
+        out = moe_ffn(x, ids, w, wg, wu, wd)
+    ref = moe_loop(x.double(), ids, w.double(), wg.double(), wu.double(), wd.double())
+    assert relerr(out, ref) < 1e-5
+
+
+def test_sorted_torch_path_equals_loop_and_accepts_per_expert_lists(monkeypatch, seed):
+    monkeypatch.setenv("KPOP_KERNELS", "torch")
+    N, D, I, E, k = 33, 16, 12, 5, 2
+    ids = routed(N, E, k, hot=1, cold=3)
+    x, w, wg, wu, wd = (t.double() for t in problem(N, D, I, E, k, torch.float32))
+    dout = torch.randn(N, D, device=DEV, dtype=torch.float64)
+    out, grads = run(moe_ffn, ids, (x, w, wg, wu, wd), dout)
+    ref, ref_grads = run(moe_loop, ids, (x, w, wg, wu, wd), dout)
+    assert relerr(out, ref) < 1e-12 and all(relerr(g, r) < 1e-12 for g, r in zip(grads, ref_grads))
+    lists = moe_ffn(x, ids, w, list(wg), list(wu), list(wd))  # per-expert matrices, as the block passes them
+    assert relerr(lists, ref) < 1e-12
+
+
+def test_sort_by_expert_groups_rows_in_token_order():
+    ids = torch.tensor([[2, 0], [0, 1], [2, 1]], device=DEV)
+    order, counts = sort_by_expert(ids, 4)
+    assert counts.tolist() == [2, 2, 2, 0] and counts.dtype == torch.int32
+    assert order.tolist() == [1, 2, 3, 5, 0, 4]  # flat rows t*k + j of experts 0, 1, 2
+
+
+def test_bad_arguments_are_named():
+    x, w, wg, wu, wd = problem(4, 8, 6, 3, 2, torch.float32)
+    ids = torch.zeros(4, 2, dtype=torch.long, device=DEV)
+    with pytest.raises(ValueError, match=r"x must be \[N, D\]"):
+        moe_ffn(x[None], ids, w, wg, wu, wd)
+    with pytest.raises(ValueError, match="w_down must be"):
+        moe_ffn(x, ids, w, wg, wu, wd.transpose(1, 2))
+    with pytest.raises(ValueError, match="ids must be an integer"):
+        moe_ffn(x, ids.float(), w, wg, wu, wd)
+    with pytest.raises(ValueError, match="weights must be a float tensor shaped like ids"):
+        moe_ffn(x, ids, w[:, :1], wg, wu, wd)
+    with pytest.raises(ValueError, match="one float dtype"):
+        moe_ffn(x, ids, w, wg.double(), wu, wd)
+    with pytest.raises(ValueError, match="one matrix per expert"):
+        moe_ffn(x, ids, w, wg, wu[:2], wd)
+
+
+SMEM_SCRIPT = textwrap.dedent('''
+    import json, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton._C.libtriton import ir
+    from kernels.moe import grouped as g
+
+    TARGET = GPUTarget("cuda", 90, 32)
+
+    def shared(fn, sig, consts, warps, stages):
+        names = fn.arg_names
+        # pointers 16-byte aligned and sizes multiples of 16, as the runtime specialises them at real
+        # shapes (D 2048, I 512): this is what lets the loads become pipelined async copies
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+                 if n in names and (t.startswith("*") or n in ("D", "I", "ld_left", "ld_right", "P", "Q", "I_SILU"))}
+        src = ASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
+                        constexprs={k: v for k, v in consts.items() if k in names}, attrs=attrs)
+        backend = make_backend(TARGET)
+        options = backend.parse_options(dict(num_warps=warps, num_stages=stages))
+        stages_ = {}
+        backend.add_stages(stages_, options, src.language)
+        ctx = ir.context()
+        ir.load_dialects(ctx)
+        backend.load_dialects(ctx)
+        mod = src.make_ir(TARGET, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
+        meta = {"target": TARGET, **options.__dict__}
+        for ext in ("ttir", "ttgir", "llir"):
+            mod = stages_[ext](mod, meta)
+        return meta["shared"]
+
+    out = {}
+    for dt, t in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        cfg = g.launch_config(dt)
+        base = dict(E=256, EP=256, TOPK=8, UPCAST=False, PREC="ieee" if dt == torch.float32 else "tf32")
+        idx = dict(order="*i32", counts="*i32", offsets="*i32", weights="*fp32", D="i32", I="i32", NB="i32")
+        kernels = {
+            "gate_up_fwd": (g._gate_up_fwd, dict(x=f"*{t}", wg=f"*{t}", wu=f"*{t}", h=f"*{t}", gu=f"*{t}"), dict(SAVE=True)),
+            "down_fwd": (g._down_fwd, dict(h=f"*{t}", wd=f"*{t}", y=f"*{t}"), {}),
+            "down_bwd_dh": (g._down_bwd_dh, dict(dout=f"*{t}", wd=f"*{t}", gu=f"*{t}", dgu=f"*{t}", dw_part="*fp32"), {}),
+            "gate_up_bwd_dx": (g._gate_up_bwd_dx, dict(dgu=f"*{t}", wg=f"*{t}", wu=f"*{t}", dx=f"*{t}"), {}),
+        }
+        for name, (fn, sig, extra) in kernels.items():
+            BM, BN, BK, w, s = cfg[name]
+            out[f"{name} {t}"] = shared(fn, {**idx, **sig}, dict(base, BM=BM, BN=BN, BK=BK, **extra), w, s)
+        BM, BN, BK, w, s = cfg["wgrad"]
+        sig = dict(left=f"*{t}", right=f"*{t}", dw=f"*{t}", ld_left="i32", left_col0="i32", ld_right="i32",
+                   P="i32", Q="i32", I_SILU="i32", **idx)
+        for uses in (dict(LEFT_BY_TOKEN=True, SCALE_LEFT=True, RIGHT_BY_TOKEN=False, RIGHT_SILU=True),
+                     dict(LEFT_BY_TOKEN=False, SCALE_LEFT=False, RIGHT_BY_TOKEN=True, RIGHT_SILU=False)):
+            key = "wgrad down" if uses["RIGHT_SILU"] else "wgrad gate_up"
+            out[f"{key} {t}"] = shared(g._wgrad, sig, dict(base, BM=BM, BN=BN, BK=BK, **uses), w, s)
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_launch_configs_compile_for_sm90_within_shared_memory():
+    """Every MoE kernel, both dtypes' tiles, compiled for sm_90 on the CPU down to LLVM IR (a config
+    over Hopper's shared memory would only fail at launch on the GPU)."""
+    pytest.importorskip("triton.compiler.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    run_ = subprocess.run([sys.executable, "-c", SMEM_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    sizes = json.loads(run_.stdout.strip().splitlines()[-1])
+    assert len(sizes) == 2 * 6, sizes
+    over = {k: v for k, v in sizes.items() if not 0 < v <= HOPPER_SMEM}
+    assert not over, f"shared memory over {HOPPER_SMEM} B (or none reported): {over}; all: {sizes}"
