@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import select
 import sys
 
 import pytest
@@ -76,8 +77,10 @@ def test_a_terminal_gets_a_bar_and_no_log_lines(monkeypatch, caplog):
             for done in range(1, 5):
                 progress.update(done, "reward 0.5")
         tty.flush()
-        os.set_blocking(master, False)
-        drawn = os.read(master, 65536).decode(errors="replace")
+        chunks = []  # a pty hands over what was written in pieces: read until it stays quiet
+        while select.select([master], [], [], 1.0)[0]:
+            chunks.append(os.read(master, 65536))
+        drawn = b"".join(chunks).decode(errors="replace")
     finally:
         tty.close()
         os.close(master)
