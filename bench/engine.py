@@ -69,6 +69,7 @@ def main() -> None:
                     help="torch threads for every engine (on a shared 2-core box, 2 OpenMP threads spin-wait "
                          "and run tiny ops ~40x slower than 1)")
     args = ap.parse_args()
+    args.load_start = results.load()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
@@ -125,7 +126,8 @@ def record(rows: list[dict], summary: dict, args: argparse.Namespace) -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     results.record("engine", when, [
         f"`PYTHONPATH=. python bench/engine.py --json --record` on {when}, {os.cpu_count()} CPUs shared with other "
-        f"jobs, torch threads {torch.get_num_threads()}; tiny policy (8 layers: 6 Lightning + 2 MLA with "
+        f"jobs ({args.load_start} at the start, {results.load()} at the end), torch threads "
+        f"{torch.get_num_threads()}; tiny policy (8 layers: 6 Lightning + 2 MLA with "
         f"kv_lora_rank 512, 8 experts top-2, vocab {VOCAB}, fp32), greedy, prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens per request.", "",
         "| engine | batch | tokens/s |", "|---|---|---|",
