@@ -5,7 +5,7 @@
 Measures, for `python3 -c pass`: create+exec+close (cold), exec in a warm pooled sandbox,
 and acquire+exec+release throughput at concurrency 1/4/16 (a pool of that size, one thread
 per slot). Goals (issue 6): warm exec p50 <= 20 ms (bwrap), <= 100 ms (docker). The same command
-run by a plain `subprocess.run` on the host is measured in the same run, so each warm exec also has a
+(the system python3) run by a plain `subprocess.run` on the host is measured in the same run, so each warm exec also has a
 ratio to it (what the sandbox adds, comparable across runs on a shared machine). With --json
 every measurement is one JSON line; the last line has bwrap_warm_p50_ms and docker_warm_p50_ms.
 --record adds a dated table under "## sandbox" in bench/RESULTS.md.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,10 +44,13 @@ def summary(name: str, backend: str, ms: list[float]) -> dict:
 
 
 def host(n: int) -> dict:
+    # the system python3, as the sandboxes run it: the PATH's python3 may be a pyenv shim (a shell
+    # script) or a virtualenv's, whose site-packages start-up would make the baseline slower
+    cmd = [shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or "python3", *CMD[1:]]
     ms = []
     for _ in range(n):
         t = time.perf_counter()
-        subprocess.run(CMD, check=True)
+        subprocess.run(cmd, check=True)
         ms.append((time.perf_counter() - t) * 1e3)
     return summary("host_subprocess_run", "host", ms)
 
