@@ -106,6 +106,8 @@ def main() -> None:
 
     base = args.out or Path(tempfile.mkdtemp(prefix="kpop-avs-"))
     try:
+        # the RL runs' config (the latency env's id and kwargs) is checked before SFT spends minutes
+        load_config(ROOT / "configs/quickstart.yaml", [*overrides(args, base, "check"), latency_env(args)])
         # SFT once, on the plain environment: oracle demos through the latency wrapper would only add waiting
         train(load_config(ROOT / "configs/quickstart.yaml", [*overrides(args, base, "sft"), "schedule.rl_steps=0"]))
         results = {mode: run_mode(args, base, mode) for mode in ("sync", "async")}
