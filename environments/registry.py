@@ -87,10 +87,13 @@ def constructor_params(env_id: str) -> tuple[dict[str, inspect.Parameter], bool]
     Imports the env's module (a plugin's too); raises KeyError for an unknown id."""
     if not is_registered(env_id):
         raise KeyError(f"unknown environment {env_id!r}; known: {', '.join(list_envs())}")
-    entry = gymnasium.registry[env_id].entry_point
+    entry = gymnasium.registry[env_id.rpartition(":")[2]].entry_point  # "module:id" names the env `id`
     if isinstance(entry, str):
         module, _, name = entry.partition(":")
         entry = getattr(importlib.import_module(module), name)
-    params = inspect.signature(entry).parameters
+    try:
+        params = inspect.signature(entry).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no introspectable signature
+        return {}, True
     named = {n: p for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return named, any(p.kind is p.VAR_KEYWORD for p in params.values())

@@ -226,3 +226,13 @@ def test_sft_environments_default_to_train_and_validate(tmp_path):
     bad = {**MINIMAL, "environments": {**MINIMAL["environments"], "sft": [{"kwargs": {}}]}}
     with pytest.raises(ConfigError, match=r"field 'environments.sft.0.id': Field required"):
         load_config(write(tmp_path, bad))
+
+
+def test_an_env_named_by_module_and_id_loads(tmp_path):
+    """A bench env that registers itself on import is named `module:id`; the config check imports it."""
+    cfg = config_from_dict({**MINIMAL, "environments": {"train": [
+        {"id": "environments.latency:kpop/latency-v0", "kwargs": {"fast_s": 0.01}}]}})
+    assert cfg.environments.train[0].id == "environments.latency:kpop/latency-v0"
+    with pytest.raises(ConfigError, match="has no kwarg 'fats_s'"):
+        config_from_dict({**MINIMAL, "environments": {"train": [
+            {"id": "environments.latency:kpop/latency-v0", "kwargs": {"fats_s": 0.01}}]}})

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
-import inspect
 import logging
 import threading
 import time
@@ -153,20 +151,12 @@ def truncation_stats(results: Iterable[TaskResult | Trajectory], max_episode_tok
 @functools.lru_cache(maxsize=None)
 def _takes_sandbox_pool(env_id: str) -> bool:
     """Whether the env's constructor has a `sandbox_pool` parameter (read from its registration)."""
-    import gymnasium
+    from environments.registry import constructor_params
 
-    from environments.registry import is_registered
-
-    if not is_registered(env_id):
-        return False  # `make` names the problem
-    entry = gymnasium.registry[env_id.rpartition(":")[2]].entry_point
-    if isinstance(entry, str):
-        module, _, name = entry.partition(":")
-        entry = getattr(importlib.import_module(module), name)
     try:
-        return "sandbox_pool" in inspect.signature(entry).parameters
-    except (TypeError, ValueError):  # a builtin or C callable: no introspectable signature
-        return False
+        return "sandbox_pool" in constructor_params(env_id)[0]
+    except KeyError:
+        return False  # `make` names the problem
 
 
 class RolloutWorker:
