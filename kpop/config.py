@@ -145,7 +145,6 @@ class LearnerConfig(_Section):
     expert_bias_update_rate: float = Field(1e-3, ge=0.0)
     checkpoint_every: int = Field(10, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    sync_bucket_mb: float = Field(256.0, gt=0.0)  # weight-sync bucket size (bucketed transports)
     # cold-start SFT on oracle demonstrations before RL
     sft_steps: int = Field(0, ge=0)
     sft_lr: float = Field(1e-3, gt=0.0)
