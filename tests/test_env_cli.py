@@ -17,11 +17,11 @@ from kpop.cli.main import app
 runner = CliRunner()
 
 
-class WrongOracleEnv(ChatEnv):
-    """Its oracle answers wrongly: `check` must say so, not crash."""
+class _YesEnv(ChatEnv):
+    """Answer "yes" for reward 1; subclasses break one promise each."""
 
     def _new_task(self, rng: np.random.Generator, options: dict[str, Any]) -> Task:
-        return Task(task_id=options.get("task_id", f"w/{rng.integers(9)}"), prompt="say yes")
+        return Task(task_id=options.get("task_id", f"yes/{rng.integers(1000)}"), prompt="say yes")
 
     def _toolbox(self, task: Task) -> Toolbox:
         def echo(x: int) -> int:
@@ -34,9 +34,16 @@ class WrongOracleEnv(ChatEnv):
         return float((final or {}).get("content") == "yes"), {}
 
     def oracle_action(self, messages):
+        return assistant("yes")
+
+
+
+
+class WrongOracleEnv(_YesEnv):
+    """Its oracle answers wrongly: `check` must say so, not crash."""
+
+    def oracle_action(self, messages):
         return assistant("no")
-
-
 @pytest.fixture
 def wrong_env():
     register("test/wrong-oracle-v0", WrongOracleEnv)
@@ -86,26 +93,6 @@ def test_check_unknown_id_and_bad_kwarg():
 
 
 # ---- what an env author got wrong, and what `check` must say about it --------------------------------
-
-class _YesEnv(ChatEnv):
-    """Answer "yes" for reward 1; subclasses break one promise each."""
-
-    def _new_task(self, rng: np.random.Generator, options: dict[str, Any]) -> Task:
-        return Task(task_id=options.get("task_id", f"yes/{rng.integers(1000)}"), prompt="say yes")
-
-    def _toolbox(self, task: Task) -> Toolbox:
-        def echo(x: int) -> int:
-            """Echo."""
-            return x
-
-        return Toolbox([echo])
-
-    def _verify(self, final):
-        return float((final or {}).get("content") == "yes"), {}
-
-    def oracle_action(self, messages):
-        return assistant("yes")
-
 
 class PunishingEnv(_YesEnv):
     """Wrong answers give -1."""
