@@ -53,8 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 GOALS = {"moe_fwd_bwd_of_gemm": (">=", 0.5), "learner_mfu": (">=", 0.35), "learner_peak_gb": ("<=", 40.0),
-         "mla_prefill_fwd_vs_sdpa": (">=", 1.0), "mla_prefill_fwd_bwd_vs_sdpa": (">=", 0.8)}
+         "mla_prefill_fwd_vs_sdpa": (">=", 1.0), "mla_prefill_fwd_bwd_vs_sdpa": (">=", 0.8),
+         "engine_b256_tokens_per_s": (">=", 25000.0), "engine_step_over_floor": ("<=", 8.0),
+         "sync_gb_per_s": (">=", 200.0), "sync_ipc_gb_per_s": (">=", 50.0)}
 MOE_TOKENS = 65536
+ENGINE_PROMPT = 512
 TRAJECTORIES, TRAJ_TOKENS, RESPONSE_TOKENS, GROUP = 64, 1024, 768, 4
 
 
@@ -248,6 +251,69 @@ def bench_learner(ceil: dict, out: dict, micro_batch_tokens: int, steps: int, bf
     out["learner_fp32_lm_head_s"] = t_head * 1e-3 * 4 / 3 * tokens / micro_batch_tokens  # + recompute
 
 
+def bench_engine(ceil: dict, out: dict, new_tokens: int, batches: tuple[int, ...] = (256,)) -> None:
+    """The embedded engine on the bench-2b policy (bf16): prompts of ENGINE_PROMPT random tokens,
+    `new_tokens` new ones each, greedy, eos ignored, all requests submitted at once.
+
+    engine_b{B}_tokens_per_s   generated tokens / wall time of the whole generate (prefill included)
+    engine_b{B}_step_ms        one decode step: (wall(new) - wall(1)) / (new - 1), the same requests
+                               run once to their first token and once to `new_tokens`
+    engine_step_over_floor     batch 256's step over the all-weights-read-once time at this run's
+                               copy rate (parameter bytes / copy bytes per second)"""
+    from kpop.policy.checkpoint import build_model
+    from kpop.rollout.embedded import EmbeddedEngine
+    from kpop.rollout.engine import GenerationRequest, SamplingParams
+
+    c = bench_2b_config()
+    model = build_model(c, device="cuda", dtype=torch.bfloat16, seed=0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    floor_ms = weight_bytes / (ceil["copy_tb_s"] * 1e12) * 1e3
+    out.update(engine_weight_gb=weight_bytes / 1e9, engine_floor_ms=floor_ms)
+    g = torch.Generator().manual_seed(0)
+    for B in batches:
+        engine = EmbeddedEngine(model, None, max_seqs=B, max_model_len=ENGINE_PROMPT + new_tokens + 64,
+                                max_batch_tokens=max(8192, B))
+        prompts = [torch.randint(2, c.vocab_size, (ENGINE_PROMPT,), generator=g).tolist() for _ in range(B)]
+
+        def run(new: int) -> float:
+            params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+            reqs = [GenerationRequest(prompt_token_ids=p, params=params) for p in prompts]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            res = engine.generate(reqs)
+            torch.cuda.synchronize()
+            assert all(len(r.token_ids) == new for r in res)
+            return time.perf_counter() - t0
+
+        try:
+            run(4)  # warm-up: kernel compiles, CUDA graph captures
+            t1, tn = run(1), run(new_tokens)
+            step_ms = (tn - t1) / (new_tokens - 1) * 1e3
+            out[f"engine_b{B}_tokens_per_s"] = B * new_tokens / tn
+            out[f"engine_b{B}_step_ms"] = step_ms
+            out[f"engine_b{B}_prefill_s"] = t1
+            if B == 256:
+                out["engine_step_over_floor"] = step_ms / floor_ms
+            out[f"engine_b{B}_stats"] = dict(engine.stats)
+            print(f"engine batch {B}: {B * new_tokens / tn:,.0f} tokens/s, decode step {step_ms:.2f} ms "
+                  f"({step_ms / floor_ms:.1f}x the {floor_ms:.2f} ms weight-read floor), prefill {t1:.2f} s", flush=True)
+        finally:
+            engine.close()
+            del engine
+            torch.cuda.empty_cache()
+
+
+def bench_sync(ceil: dict, out: dict) -> None:
+    """bench/sync.py's two transports (same process; another process through CUDA IPC), 4 GB of bf16."""
+    spec = importlib.util.spec_from_file_location("bench_sync", Path(__file__).with_name("sync.py"))
+    bs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bs)
+    state = bs.make_weights(int(4e9), "cuda")
+    out["sync_gb"] = bs.nbytes(state) / 1e9
+    out["sync_gb_per_s"] = bs.sync_gb_per_s(state, "cuda", 256 << 20)
+    out["sync_ipc_gb_per_s"] = bs.sync_ipc_gb_per_s(state, "cuda", 256 << 20)
+
+
 def bench_mla(ceil: dict, out: dict) -> None:
     """bench/kernels.py's MLA prefill bench (B2 T8192 H64, ours 192/128 vs SDPA 128), its ratios."""
     spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
@@ -261,6 +327,8 @@ BENCHES: dict[str, Callable[[dict, dict, argparse.Namespace], None]] = {
     "moe": lambda ceil, out, a: bench_moe(ceil, out, a.sweep_moe),
     "learner": lambda ceil, out, a: bench_learner(ceil, out, a.micro_batch_tokens, a.steps, a.bf16_lm_head),
     "mla": lambda ceil, out, a: bench_mla(ceil, out),
+    "engine": lambda ceil, out, a: bench_engine(ceil, out, a.engine_new_tokens, tuple(a.engine_batches)),
+    "sync": lambda ceil, out, a: bench_sync(ceil, out),
 }
 
 
@@ -287,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed learner steps (after one warm-up step)")
     ap.add_argument("--bf16-lm-head", action="store_true",
                     help="learner with the LM head in bf16 (Ring-2.6 keeps it fp32): what the fp32 head costs")
+    ap.add_argument("--engine-new-tokens", type=int, default=256, help="new tokens per request in the engine part")
+    ap.add_argument("--engine-batches", type=int, nargs="+", default=[256], help="engine batch sizes (256 sets the goal keys)")
     a = ap.parse_args(argv)
     only = [s for s in a.only.split(",") if s]
     unknown = sorted(set(only) - set(BENCHES))
