@@ -14,7 +14,7 @@ from kpop.policy.checkpoint import build_model
 from kpop.policy.presets import tiny_config
 from kpop.rollout.embedded import EmbeddedEngine
 from kpop.rollout.engine import EngineError, GenerationRequest, SamplingParams
-from kpop.rollout.sampling import sample, truncate
+from kpop.rollout.sampling import SamplingBatch, race_noise, sample, truncate
 
 VOCAB = 256
 
@@ -54,26 +54,61 @@ def test_truncate_keeps_top_k_and_nucleus():
     assert torch.isfinite(out[2]).tolist() == [True, False, False, False]  # always keep the best
 
 
+def batch_of(params, seeds=None, steps=None):
+    return SamplingBatch.of(params, seeds or [0] * len(params), steps or [0] * len(params))
+
+
 def test_sample_matches_distribution_and_reports_processed_logprob():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     p = SamplingParams(temperature=2.0)
-    g = torch.Generator().manual_seed(0)
     counts = torch.zeros(4)
-    for _ in range(4000):
-        tok, lp = sample(logits, [p], [g])
+    for step in range(4000):  # each step index draws fresh noise from the same seed
+        tok, lp = sample(logits, batch_of([p], [7], [step]))
         counts[tok] += 1
     want = torch.softmax(logits[0] / 2.0, -1)
     assert torch.allclose(counts / 4000, want, atol=0.03)
     assert math.isclose(lp.item(), torch.log(want[tok]).item(), rel_tol=1e-5)
 
 
+def test_sample_truncated_distribution_and_batch_invariance():
+    """top-k / top-p sample from the renormalised nucleus; a row's token depends only on its own
+    (seed, step), whatever else is in the batch."""
+    logits = torch.tensor([[3.0, 2.0, 1.5, 0.0, -1.0]])
+    p = SamplingParams(temperature=1.0, top_k=3, top_p=0.9)
+    keep = truncate(torch.log_softmax(logits, -1), torch.tensor([3]), torch.tensor([0.9]))[0]
+    want = torch.softmax(keep, -1)
+    n = 4000
+    toks = sample(logits.expand(n, -1), batch_of([p] * n, [5] * n, list(range(n))))[0]
+    assert torch.allclose(torch.bincount(toks, minlength=5).float() / n, want, atol=0.03)
+    assert want[3:].sum() == 0 and (toks < 3).all()
+    mixed = torch.randn(6, 5)
+    mixed[2] = logits[0]
+    params = [SamplingParams(temperature=t) for t in (0.0, 0.5, 1.0, 1.5, 0.0, 2.0)]
+    params[2] = p
+    batched = sample(mixed, batch_of(params, [1, 2, 5, 4, 5, 6], [9, 8, 123, 6, 5, 4]))[0]
+    assert batched[2] == sample(logits, batch_of([p], [5], [123]))[0][0]
+    assert batched[0] == mixed[0].argmax() and batched[4] == mixed[4].argmax()
+
+
+def test_race_noise_is_exponential_and_keyed():
+    noise = race_noise(torch.tensor([3, 3, 4]), torch.tensor([0, 1, 0]), 20000)
+    assert (noise > 0).all() and torch.isfinite(noise).all()
+    assert abs(noise.mean().item() - 1) < 0.02 and abs(noise.var().item() - 1) < 0.05
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert torch.equal(noise[0], race_noise(torch.tensor([3]), torch.tensor([0]), 20000)[0])
+    big = race_noise(torch.tensor([2**62 + 12345]), torch.tensor([2**31 + 7]), 64)  # full-width seeds and steps
+    assert torch.isfinite(big).all()
+
+
 def test_sample_greedy_and_bad_input():
     logits = torch.randn(3, 50)
-    tok, lp = sample(logits, [SamplingParams(temperature=0)] * 3, [None] * 3)
+    tok, lp = sample(logits, batch_of([SamplingParams(temperature=0)] * 3))
     assert tok.tolist() == logits.argmax(-1).tolist()
     assert torch.allclose(lp, torch.log_softmax(logits, -1).max(-1).values)
-    with pytest.raises(ValueError, match="3 logit rows but 2 params"):
-        sample(logits, [SamplingParams()] * 2, [None] * 3)
+    with pytest.raises(ValueError, match="3 logit rows but settings for 2"):
+        sample(logits, batch_of([SamplingParams()] * 2))
+    with pytest.raises(ValueError, match="2 params, 1 seeds"):
+        SamplingBatch.of([SamplingParams()] * 2, [1], [0, 0])
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
 

@@ -83,6 +83,7 @@ class HybridCache:
         block_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        max_seq_len: int | None = None,
     ) -> None:
         if max_seqs < 1 or num_blocks < 1 or block_size < 1:
             raise ValueError(
@@ -91,17 +92,25 @@ class HybridCache:
         self.shape, self.max_seqs, self.num_blocks, self.block_size = shape, max_seqs, num_blocks, block_size
         self.device = torch.device(device)
         # the latent cache follows the model dtype; Lightning states stay fp32 (long recurrences)
+        # One spare block and one spare slot past the pools (`scratch_block`, `scratch_slot`): rows
+        # that pad a batch up to a captured CUDA-graph size write there, never into a sequence's cache.
         self.kv = [
-            torch.zeros(num_blocks, block_size, shape.latent_dim, dtype=dtype, device=self.device)
+            torch.zeros(num_blocks + 1, block_size, shape.latent_dim, dtype=dtype, device=self.device)
             for _ in range(shape.num_mla_layers)
         ]
         self.state = [
             torch.zeros(
-                max_seqs, shape.linear_heads, shape.linear_head_dim, shape.linear_head_dim,
+                max_seqs + 1, shape.linear_heads, shape.linear_head_dim, shape.linear_head_dim,
                 dtype=torch.float32, device=self.device,
             )
             for _ in range(shape.num_linear_layers)
         ]
+        self.scratch_slot, self.scratch_block = max_seqs, num_blocks
+        # Block tables live on the device, one row per slot, and grow in place (`flush`): a decode
+        # step gathers its rows there instead of copying every table from the host each step.
+        self.max_blocks_per_seq = -(-(max_seq_len or num_blocks * block_size) // block_size)
+        self.tables = torch.full((max_seqs + 1, self.max_blocks_per_seq), num_blocks, dtype=torch.int32, device=self.device)
+        self._pending: list[tuple[int, int, int]] = []  # (slot, index, block) not yet in `tables`
         self._free_slots = list(range(max_seqs - 1, -1, -1))
         self._free_blocks = list(range(num_blocks - 1, -1, -1))
         self._blocks: dict[int, list[int]] = {}
@@ -109,11 +118,12 @@ class HybridCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, max_seqs: int, num_blocks: int, block_size: int = 16,
-                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "HybridCache":
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  max_seq_len: int | None = None) -> "HybridCache":
         """A cache shaped for `model` (a `BailingMoeV2_5ForCausalLM`), on its device and dtype."""
         p = next(model.parameters())
         return cls(model.cache_shape(), max_seqs, num_blocks, block_size,
-                   dtype=dtype or p.dtype, device=device or p.device)
+                   dtype=dtype or p.dtype, device=device or p.device, max_seq_len=max_seq_len)
 
     # -- sequence bookkeeping -------------------------------------------------------------
     @property
@@ -175,27 +185,50 @@ class HybridCache:
             need = sum(self._blocks_needed(s, n) for s, n in zip(slots, query_lens))
             raise CacheFull(f"step needs {need} more blocks of {self.block_size} tokens, {self.num_free_blocks} free")
         for s, n in zip(slots, query_lens):
+            if self._len[s] + n > self.max_blocks_per_seq * self.block_size:
+                raise CacheFull(f"slot {s} would hold {self._len[s] + n} tokens, over max_seq_len "
+                                f"{self.max_blocks_per_seq * self.block_size}")
+        for s, n in zip(slots, query_lens):
             for _ in range(self._blocks_needed(s, n)):
                 self._blocks[s].append(self._free_blocks.pop())
+                self._pending.append((s, len(self._blocks[s]) - 1, self._blocks[s][-1]))
+
+    def flush(self) -> None:
+        """Write the block-table entries added since the last flush into `tables` (one host-to-device
+        copy, no sync); `forward_step` calls it before reading the tables."""
+        if self._pending:
+            upd = torch.tensor(self._pending, dtype=torch.int32).to(self.device, non_blocking=True).long()
+            self.tables[upd[:, 0], upd[:, 1]] = upd[:, 2].int()
+            self._pending = []
 
     def advance(self, slots: list[int], query_lens: list[int]) -> None:
         for s, n in zip(slots, query_lens):
             self._len[s] += n
 
     def block_table(self, slots: list[int]) -> torch.Tensor:
-        """int32 `[len(slots), max_blocks]`, padded with 0 (never read past `seq_lens`)."""
-        rows = [self._blocks[s] for s in slots]
-        width = max(1, max((len(r) for r in rows), default=1))
-        table = torch.zeros(len(rows), width, dtype=torch.int32)
-        for i, r in enumerate(rows):
-            table[i, : len(r)] = torch.tensor(r, dtype=torch.int32)
-        return table.to(self.device)
+        """int32 `[len(slots), max_blocks]`, padded with the scratch block (never read past `seq_lens`)."""
+        self.flush()
+        width = max(1, max((len(self._blocks[s]) for s in slots), default=1))
+        return self.tables[torch.tensor(slots, dtype=torch.long).to(self.device, non_blocking=True), :width]
+
+    def num_blocks_of(self, slot: int) -> int:
+        return len(self._blocks[slot])
 
     def token_locations(self, slots: list[int], query_lens: list[int]) -> torch.Tensor:
         """Flat cache row (`block * block_size + offset`) of every new token, int64 `[N]`."""
+        return self.host_locations(slots, query_lens).to(self.device)
+
+    def host_locations(self, slots: list[int], query_lens: list[int]) -> torch.Tensor:
+        """`token_locations` on the host (the step context packs it with the rest into one copy)."""
+        bs = self.block_size
+        if not self.shape.num_mla_layers:  # nothing is cached by position
+            return torch.zeros(sum(query_lens), dtype=torch.long)
+        if all(n == 1 for n in query_lens):  # a decode step: one row each, no tensor per sequence
+            return torch.tensor([self._blocks[s][self._len[s] // bs] * bs + self._len[s] % bs for s in slots],
+                                dtype=torch.long)
         rows = []
         for s, n in zip(slots, query_lens):
             pos = torch.arange(self._len[s], self._len[s] + n)
-            blocks = torch.tensor(self._blocks[s], dtype=torch.long)[pos // self.block_size]
-            rows.append(blocks * self.block_size + pos % self.block_size)
-        return torch.cat(rows).to(self.device)
+            blocks = torch.tensor(self._blocks[s], dtype=torch.long)[pos // bs]
+            rows.append(blocks * bs + pos % bs)
+        return torch.cat(rows)

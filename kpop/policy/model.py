@@ -152,13 +152,17 @@ class StepContext:
 
     slots: torch.Tensor  # int64 [S]
     query_lens: list[int]
-    cu_seqlens: torch.Tensor  # int32 [S+1] over the new tokens
+    cu_seqlens: torch.Tensor | None  # int32 [S+1] over the new tokens (None in a decode step)
     locations: torch.Tensor  # int64 [N]: flat latent-cache row of each new token
-    fresh_tokens: torch.Tensor  # int64: tokens of sequences that had no cache (plain prefill)
-    fresh_cu_seqlens: torch.Tensor  # int32: cu_seqlens over those tokens
-    cached_tokens: torch.Tensor  # int64: tokens appended to existing cache (absorbed decode rows)
+    fresh_tokens: torch.Tensor | None  # int64: tokens of sequences that had no cache (plain prefill)
+    fresh_cu_seqlens: torch.Tensor | None  # int32: cu_seqlens over those tokens
+    cached_tokens: torch.Tensor | None  # int64: tokens appended to existing cache (absorbed decode rows)
     cached_block_table: torch.Tensor  # int32 [len(cached_tokens), max_blocks]: each row's sequence table
     cached_seq_lens: torch.Tensor  # int32 [len(cached_tokens)]: context seen by each row, incl. itself
+    # a decode step (every sequence cached, one new token each): every token is a cached row in
+    # order, so no index lists are needed; its shapes depend on the batch size alone (CUDA graphs)
+    decode: bool = False
+    last_tokens: torch.Tensor | None = None  # int64 [S]: each sequence's last new token (None: decode)
 
 
 class LightningAttention(nn.Module):
@@ -204,7 +208,7 @@ class LightningAttention(nn.Module):
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext, state: torch.Tensor):
         q, k, v = self._qkv(x, cos, sin)  # [N, H, D]
-        if all(n == 1 for n in ctx.query_lens):
+        if ctx.decode or all(n == 1 for n in ctx.query_lens):
             o = lightning_decode(q, k, v, self.g_gamma, state, state_slots=ctx.slots)
         else:
             o, final = lightning_attn(
@@ -270,6 +274,14 @@ class MultiLatentAttention(nn.Module):
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: StepContext, kv: torch.Tensor):
         q_nope, q_rope, c_kv, k_rope = self._project(x, cos, sin)  # x [N, D]
+        if ctx.decode:  # every location is valid: a plain scatter, no mask (a mask is a host sync)
+            kv.view(-1, kv.shape[-1]).index_copy_(0, ctx.locations, torch.cat([c_kv, k_rope], dim=-1).to(kv.dtype))
+            w = self.kv_b_proj.weight.unflatten(0, (self.num_heads, self.nope + self.v_dim))
+            w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]
+            q = torch.cat([torch.einsum("nhd,hdr->nhr", q_nope, w_uk), q_rope], dim=-1)
+            o_lat = mla_decode(q, kv, ctx.cached_block_table, ctx.cached_seq_lens, self.scale, v_dim=self.rank)
+            out = torch.einsum("nhr,hvr->nhv", o_lat.to(w.dtype), w_uv).to(x.dtype)
+            return self.dense(out.flatten(-2))
         mla_cache_write(kv, torch.cat([c_kv, k_rope], dim=-1), ctx.locations)
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
         if ctx.fresh_tokens.numel():  # sequences without cache: ordinary causal prefill
@@ -367,6 +379,19 @@ class MoEGate(nn.Module):
                              f"got values {expert_ids.min().item()}..{expert_ids.max().item()}")
 
 
+def _stacked_view(ws: list[torch.Tensor]) -> torch.Tensor | None:
+    """`torch.stack(ws)` without the copy when the matrices already lie back to back in one
+    storage (after `SparseMoeBlock.pack_experts`), else None."""
+    w0 = ws[0]
+    if not w0.is_contiguous():
+        return None
+    step, base = w0.numel() * w0.element_size(), w0.data_ptr()
+    for e, w in enumerate(ws):
+        if w.data_ptr() != base + e * step or w.shape != w0.shape or w.dtype != w0.dtype or not w.is_contiguous():
+            return None
+    return w0.detach().as_strided((len(ws), *w0.shape), (w0.numel(), *w0.stride()))
+
+
 class SparseMoeBlock(nn.Module):
     """Routed experts (one grouped kernel, kernels/moe) plus the shared expert.
 
@@ -390,7 +415,25 @@ class SparseMoeBlock(nn.Module):
         keeping them per expert keeps parameter names, optimizer state and weight loading as every
         checkpoint and engine expects."""
         mlps = [e._modules for e in self.experts._modules.values()]  # plain dicts: no Module.__getattr__ per expert
-        return tuple([m[name].weight for m in mlps] for name in ("gate_proj", "up_proj", "down_proj"))
+        per_expert = tuple([m[name].weight for m in mlps] for name in ("gate_proj", "up_proj", "down_proj"))
+        if torch.is_grad_enabled():  # a stacked view would route every expert's gradient to expert 0
+            return per_expert
+        stacked = tuple(_stacked_view(ws) for ws in per_expert)
+        return per_expert if any(w is None for w in stacked) else stacked
+
+    @torch.no_grad()
+    def pack_experts(self) -> None:
+        """Re-lay the experts' weights as slices of one [E, ...] tensor per projection, in place:
+        the per-expert parameters keep their names and objects (checkpoints, weight updates and
+        `load_state_dict` see no change) but become views, so inference hands the grouped kernel
+        the stacks with no copy. A later `.to()` / `.cuda()` undoes it (each moved parameter gets
+        its own storage) and `expert_weights` falls back to the per-expert lists."""
+        mlps = [e._modules for e in self.experts._modules.values()]
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            ws = [m[name].weight for m in mlps]
+            stacked = torch.stack([w.detach() for w in ws])
+            for e, w in enumerate(ws):
+                w.data = stacked[e]
 
     def forward(
         self, x: torch.Tensor, expert_ids: torch.Tensor | None = None, return_expert_ids: bool = False
@@ -698,6 +741,17 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
             raise ValueError(f"query_lens sum to {sum(query_lens)} but {input_ids.numel()} input_ids were given")
         cache.reserve(slots, query_lens)  # validates slots/lengths, raises CacheFull before any write
         ctx, positions = self._step_context(slots, query_lens, cache, input_ids.device)
+        logits, routes = self.step_with_context(input_ids, positions, ctx, cache, all_logits)
+        cache.advance(slots, query_lens)
+        if return_expert_ids:
+            return logits, routes
+        return logits
+
+    def step_with_context(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext, cache: HybridCache,
+                          all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The device part of `forward_step` (no host reads, so a decode step can be captured in a
+        CUDA graph): (fp32 logits, expert ids [N, MoE layers, top_k] or None). The caller has
+        reserved the cache and advances it afterwards."""
         m = self.model
         rope = m.rope(positions)
         h = m.word_embeddings(input_ids)
@@ -710,39 +764,60 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
                 (h, ids), lin_i = layer.step(h, rope, ctx, cache.state[lin_i]), lin_i + 1
             if ids is not None:
                 routes.append(ids)
-        cache.advance(slots, query_lens)
-        if not all_logits:
-            h = h[ctx.cu_seqlens[1:].long() - 1]
-        logits = self.logits(m.norm(h))
-        if return_expert_ids:
-            return logits, torch.stack(routes, 1) if routes else None
-        return logits
+        if not all_logits and ctx.last_tokens is not None:
+            h = h[ctx.last_tokens]
+        return self.logits(m.norm(h)), torch.stack(routes, 1) if routes else None
 
     @staticmethod
     def _step_context(slots: list[int], query_lens: list[int], cache: HybridCache, dev: torch.device):
-        past = torch.tensor([cache.seq_len(s) for s in slots], device=dev)
-        lens = torch.tensor(query_lens, device=dev)
-        token_seq = torch.repeat_interleave(torch.arange(len(slots), device=dev), lens)
-        cu = torch.zeros(len(slots) + 1, dtype=torch.int32, device=dev)
+        """The step's layout, computed on the host (which knows every length) and sent in one copy:
+        reading lengths back from the device would stall the host on every step."""
+        S, N = len(slots), sum(query_lens)
+        past = torch.tensor([cache.seq_len(s) for s in slots], dtype=torch.long)
+        slot_t = torch.tensor(slots, dtype=torch.long)
+        locations = cache.host_locations(slots, query_lens)
+        cache.flush()
+        if N == S and bool((past > 0).all()):  # decode: one cached token per sequence
+            pack = torch.cat([slot_t, past, locations]).to(dev, non_blocking=True)
+            slots_d, positions, locations_d = pack.split([S, S, S])
+            width = max(1, max(cache.num_blocks_of(s) for s in slots))
+            ctx = StepContext(
+                slots=slots_d, query_lens=list(query_lens), cu_seqlens=None, locations=locations_d,
+                fresh_tokens=None, fresh_cu_seqlens=None, cached_tokens=None,
+                cached_block_table=cache.tables[slots_d, :width], cached_seq_lens=(positions + 1).to(torch.int32),
+                decode=True,
+            )
+            return ctx, positions
+        lens = torch.tensor(query_lens, dtype=torch.long)
+        token_seq = torch.repeat_interleave(torch.arange(S), lens)
+        cu = torch.zeros(S + 1, dtype=torch.long)
         cu[1:] = lens.cumsum(0)
-        positions = positions_from_cu_seqlens(cu, int(lens.sum())) + past[token_seq]
+        positions = torch.arange(N) - cu[:-1][token_seq] + past[token_seq]
         fresh_seq = past == 0
         fresh_tok = fresh_seq[token_seq]
-        fresh_cu = torch.zeros(int(fresh_seq.sum()) + 1, dtype=torch.int32, device=dev)
+        fresh_cu = torch.zeros(int(fresh_seq.sum()) + 1, dtype=torch.long)
         fresh_cu[1:] = lens[fresh_seq].cumsum(0)
         cached = (~fresh_tok).nonzero().squeeze(-1)
+        fresh = fresh_tok.nonzero().squeeze(-1)
+        cached_slots = slot_t[token_seq[cached]]
+        parts = [slot_t, cu, positions, locations, fresh, fresh_cu, cached, cached_slots, positions[cached] + 1, cu[1:] - 1]
+        pack = torch.cat(parts).to(dev, non_blocking=True)
+        (slots_d, cu_d, positions_d, locations_d, fresh_d, fresh_cu_d, cached_d, cached_slots_d, cached_lens_d,
+         last_d) = pack.split([len(p) for p in parts])
+        width = max(1, max(cache.num_blocks_of(s) for s in slots))
         ctx = StepContext(
-            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            slots=slots_d,
             query_lens=list(query_lens),
-            cu_seqlens=cu,
-            locations=cache.token_locations(slots, query_lens),
-            fresh_tokens=fresh_tok.nonzero().squeeze(-1),
-            fresh_cu_seqlens=fresh_cu,
-            cached_tokens=cached,
-            cached_block_table=cache.block_table(slots)[token_seq[cached]],
-            cached_seq_lens=(positions[cached] + 1).to(torch.int32),
+            cu_seqlens=cu_d.to(torch.int32),
+            locations=locations_d,
+            fresh_tokens=fresh_d,
+            fresh_cu_seqlens=fresh_cu_d.to(torch.int32),
+            cached_tokens=cached_d,
+            cached_block_table=cache.tables[cached_slots_d, :width],
+            cached_seq_lens=cached_lens_d.to(torch.int32),
+            last_tokens=last_d,
         )
-        return ctx, positions
+        return ctx, positions_d
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs) -> dict:
         # no HF cache: `generate(..., use_cache=False)` re-runs the whole prefix each step

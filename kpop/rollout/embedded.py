@@ -34,7 +34,7 @@ import torch
 
 from kpop.policy.cache import HybridCache
 from kpop.rollout.engine import EngineError, GenerationRequest, GenerationResult, SamplingParams, ThreadedEngine
-from kpop.rollout.sampling import sample
+from kpop.rollout.sampling import SamplingBatch, sample
 from kpop.trajectory import Routes
 from kpop.weight_sync import WeightHandle, WeightSync
 
@@ -44,7 +44,7 @@ class _Seq:
     req: GenerationRequest
     future: concurrent.futures.Future
     order: int  # admission order: preemption evicts the youngest
-    generator: torch.Generator | None
+    seed: int  # sampling noise is a hash of (seed, token index): kpop/rollout/sampling.py
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
@@ -76,6 +76,7 @@ class EmbeddedEngine(ThreadedEngine):
         max_batch_tokens: int = 4096,  # prefill tokens per step (chunked beyond that)
         version: int = 0,
         seed: int = 0,
+        cuda_graphs: bool = True,  # decode steps on a GPU replay captured graphs (kpop/rollout/graphs.py)
     ) -> None:
         if max_batch_tokens < max_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_seqs ({max_seqs})")
@@ -88,9 +89,19 @@ class EmbeddedEngine(ThreadedEngine):
             # only then runs: kernels/mla/decode_hopper.py); on CPU smaller pages waste less memory
             block_size = 64 if next(model.parameters()).is_cuda else 16
         num_blocks = num_blocks or max_seqs * -(-min(max_model_len, 2048) // block_size)
-        self.cache = HybridCache.for_model(model, max_seqs=max_seqs, num_blocks=num_blocks, block_size=block_size)
         if -(-max_model_len // block_size) > num_blocks:
             max_model_len = num_blocks * block_size  # one sequence must always fit alone
+        self.cache = HybridCache.for_model(model, max_seqs=max_seqs, num_blocks=num_blocks, block_size=block_size,
+                                           max_seq_len=max_model_len)
+        self.graphs = None
+        if self.cache.device.type == "cuda":
+            for module in model.modules():  # the grouped MoE kernel then reads the experts in place
+                if hasattr(module, "pack_experts"):
+                    module.pack_experts()
+            if cuda_graphs:
+                from kpop.rollout.graphs import DecodeGraphs
+
+                self.graphs = DecodeGraphs(model, self.cache, max_seqs)
         super().__init__(max_model_len=max_model_len, has_tokenizer=tokenizer is not None, version=version)
         eos = model.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -116,8 +127,10 @@ class EmbeddedEngine(ThreadedEngine):
             raise EngineError(f"request {request.request_id}: prompt token ids {bad[:5]} outside the vocabulary [0, {vocab})")
 
     def _add(self, request: GenerationRequest, future: concurrent.futures.Future) -> None:
-        gen = torch.Generator().manual_seed(request.params.seed) if request.params.seed is not None else None
-        self._waiting.append(_Seq(request, future, next(self._order), gen))
+        seed = request.params.seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
+        self._waiting.append(_Seq(request, future, next(self._order), seed))
 
     def _abort(self, request_id: str) -> None:
         for seq in [s for s in [*self._running, *self._waiting] if s.req.request_id == request_id]:
@@ -148,31 +161,51 @@ class EmbeddedEngine(ThreadedEngine):
             return
         slots = [s.slot for s, _ in batch]
         lens = [n for _, n in batch]
-        ids = torch.tensor([t for s, n in batch for t in s.context[s.cached : s.cached + n]], dtype=torch.long)
-        logits, routes = self.model.forward_step(ids.to(self.cache.device), slots, lens, self.cache,
-                                                 return_expert_ids=True)
-        if routes is not None:
-            routes = routes.to("cpu", torch.uint8 if self.num_experts <= 256 else torch.int32)
+        ids = [t for s, n in batch for t in s.context[s.cached : s.cached + n]]
+        if self.graphs is not None and len(ids) == len(batch) and all(s.cached for s, _ in batch):
+            logits, routes = self._graph_decode(ids, slots)
+        else:
+            logits, routes = self.model.forward_step(torch.tensor(ids).to(self.cache.device, non_blocking=True), slots,
+                                                     lens, self.cache, return_expert_ids=True)
         self.stats["steps"] += 1
-        ready = []
+        ready = [i for i, (seq, n) in enumerate(batch) if seq.cached + n == len(seq.context)]
+        seqs = [batch[i][0] for i in ready]
+        if seqs:
+            sb = SamplingBatch.of([s.params for s in seqs], [s.seed for s in seqs], [len(s.tokens) for s in seqs],
+                                  logits.device)
+            rows = logits if len(ready) == len(batch) else logits[torch.tensor(ready, device=logits.device)]
+            tokens, logprobs = sample(rows, sb)
+        # one read back per step: the sampled tokens, their logprobs and the routes
+        tokens, logprobs, routes = _to_host(tokens if seqs else None, logprobs if seqs else None, routes,
+                                            torch.uint8 if self.num_experts <= 256 else torch.int32)
         offset = 0
-        for i, (seq, n) in enumerate(batch):
+        for seq, n in batch:
             self.stats["decode_tokens" if seq.cached and n == 1 else "prefill_tokens"] += n
             if routes is not None:
                 seq.routes.append((seq.cached, routes[offset : offset + n]))
             offset += n
             seq.cached += n
-            if seq.cached == len(seq.context):
-                ready.append(i)
-        if not ready:
+        if not seqs:
             return
-        seqs = [batch[i][0] for i in ready]
-        tokens, logprobs = sample(logits[ready], [s.params for s in seqs], [s.generator for s in seqs], self._rng)
         for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
             seq.tokens.append(tok)
             seq.logprobs.append(lp)
             seq.versions.append(self._version)
             self._check_stop(seq)
+
+    def _graph_decode(self, ids: list[int], slots: list[int]):
+        try:
+            return self.graphs.decode(ids, slots)
+        except torch.cuda.CudaError:
+            raise
+        except Exception as exc:  # capture refused (an op that syncs): step eagerly from now on
+            import warnings
+
+            warnings.warn(f"CUDA-graph decode off, stepping eagerly: {type(exc).__name__}: {exc}", stacklevel=2)
+            self.stats["graph_failures"] += 1
+            self.graphs = None
+            return self.model.forward_step(torch.tensor(ids).to(self.cache.device), slots, [1] * len(ids), self.cache,
+                                           return_expert_ids=True)
 
     def _admit(self) -> None:
         bs = self.cache.block_size
@@ -262,6 +295,21 @@ class EmbeddedEngine(ThreadedEngine):
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _to_host(tokens: torch.Tensor | None, logprobs: torch.Tensor | None, routes: torch.Tensor | None,
+             route_dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+    """Copy a step's results to the host together: one synchronisation instead of one per tensor."""
+    tensors = [tokens, logprobs, None if routes is None else routes.to(route_dtype)]
+    present = [t for t in tensors if t is not None]
+    if not present or not present[0].is_cuda:
+        return tuple(tensors)
+    host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for h, t in zip(host, tensors):
+        if t is not None:
+            h.copy_(t, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return tuple(host)
 
 
 def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
