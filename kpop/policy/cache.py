@@ -201,6 +201,27 @@ class HybridCache:
             self.tables[upd[:, 0], upd[:, 1]] = upd[:, 2].int()
             self._pending = []
 
+    def fork(self, src: int, dst: int) -> None:
+        """Give the empty sequence `dst` a copy of `src`'s cache (its Lightning states and its MLA
+        rows, block by block): `dst` then continues as if it had been fed `src`'s tokens. A group of
+        samples of one prompt prefills it once and forks (copying 576 values per token per MLA
+        layer is far cheaper than recomputing them)."""
+        self._check(src)
+        self._check(dst)
+        if self._len[dst]:
+            raise ValueError(f"fork: slot {dst} already holds {self._len[dst]} tokens")
+        n = self._len[src]
+        if n:
+            self.reserve([dst], [n])
+        for s in self.state:
+            s[dst] = s[src]
+        if n and self.shape.num_mla_layers:
+            k = len(self._blocks[dst])
+            idx = torch.tensor([self._blocks[src][:k], self._blocks[dst]], dtype=torch.long).to(self.device, non_blocking=True)
+            for kv in self.kv:
+                kv[idx[1]] = kv[idx[0]]
+        self._len[dst] = n
+
     def advance(self, slots: list[int], query_lens: list[int]) -> None:
         for s, n in zip(slots, query_lens):
             self._len[s] += n

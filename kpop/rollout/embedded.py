@@ -17,6 +17,13 @@ State decisions:
   learner recomputes. Tokens keep the version that sampled them (`token_versions`).
 * When the cache is full, the most recently admitted request is preempted the same way
   (freed, re-prefilled later), as vLLM's recompute preemption does.
+* Shared prompts: requests with the same prompt (the G samples of a group) are prefilled once. The
+  first admitted one leads; the others wait, admitted but not fed, and when the leader's prompt is
+  cached they fork its cache (Lightning states and MLA rows copied: `HybridCache.fork`) and sample
+  their first token from the leader's logits with their own seeds. If the leader goes first
+  (abort, preemption), the next follower leads. `stats["prefill_tokens_saved"]` counts the gain.
+* On a GPU, decode steps replay CUDA graphs (kpop/rollout/graphs.py) and sampling runs on the
+  device; a step reads the device back once, for its tokens, logprobs and routes together.
 * Routing replay (MoE policies): every token fed through the model records its experts per MoE
   layer; a token fed again (re-prefill) keeps the route of its last pass, the one the tokens
   sampled after it saw. The result's `routes` cover prompt + generated tokens.
@@ -32,7 +39,7 @@ from typing import Any, Mapping
 
 import torch
 
-from kpop.policy.cache import HybridCache
+from kpop.policy.cache import CacheFull, HybridCache
 from kpop.rollout.engine import EngineError, GenerationRequest, GenerationResult, SamplingParams, ThreadedEngine
 from kpop.rollout.sampling import SamplingBatch, sample
 from kpop.trajectory import Routes
@@ -50,6 +57,9 @@ class _Seq:
     versions: list[int] = field(default_factory=list)
     slot: int | None = None
     cached: int = 0  # tokens of `context` already in the cache
+    leader: "_Seq | None" = None  # a request with the same prompt whose prefill this one waits to fork
+    followers: list["_Seq"] = field(default_factory=list)
+    prefix_key: tuple[int, ...] | None = None  # set while this request leads its prompt's prefill
     routes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first position, ids [n, layers, k]) per pass
 
     @property
@@ -77,6 +87,7 @@ class EmbeddedEngine(ThreadedEngine):
         version: int = 0,
         seed: int = 0,
         cuda_graphs: bool = True,  # decode steps on a GPU replay captured graphs (kpop/rollout/graphs.py)
+        share_prefix: bool = True,  # requests with one prompt prefill it once and fork the cache
     ) -> None:
         if max_batch_tokens < max_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_seqs ({max_seqs})")
@@ -111,8 +122,11 @@ class EmbeddedEngine(ThreadedEngine):
         self._order = itertools.count()
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []
+        self.share_prefix = share_prefix
+        self._leaders: dict[tuple[int, ...], _Seq] = {}  # prompt -> the admitted request prefilling it
         self.num_experts = int(model.config.num_experts or 0)
-        self.stats = collections.Counter()  # steps, prefill_tokens, decode_tokens, preemptions, reprefills
+        # steps, prefill_tokens, decode_tokens, preemptions, reprefills, forks, prefill_tokens_saved
+        self.stats = collections.Counter()
 
     def receive_weights(self, sync: WeightSync, handle: WeightHandle) -> None:
         """Take a published version through its transport: `receive` gives views into the
@@ -170,10 +184,16 @@ class EmbeddedEngine(ThreadedEngine):
         self.stats["steps"] += 1
         ready = [i for i, (seq, n) in enumerate(batch) if seq.cached + n == len(seq.context)]
         seqs = [batch[i][0] for i in ready]
+        for i in list(ready):  # a finished shared prefill: its followers fork it and sample from its logits
+            if batch[i][0].prefix_key is not None:
+                for f in self._fork_followers(batch[i][0]):
+                    seqs.append(f)
+                    ready.append(i)
         if seqs:
             sb = SamplingBatch.of([s.params for s in seqs], [s.seed for s in seqs], [len(s.tokens) for s in seqs],
                                   logits.device)
-            rows = logits if len(ready) == len(batch) else logits[torch.tensor(ready, device=logits.device)]
+            same = ready == list(range(len(batch)))
+            rows = logits if same else logits[torch.tensor(ready, device=logits.device)]
             tokens, logprobs = sample(rows, sb)
         # one read back per step: the sampled tokens, their logprobs and the routes
         tokens, logprobs, routes = _to_host(tokens if seqs else None, logprobs if seqs else None, routes,
@@ -185,6 +205,12 @@ class EmbeddedEngine(ThreadedEngine):
                 seq.routes.append((seq.cached, routes[offset : offset + n]))
             offset += n
             seq.cached += n
+        for seq in seqs:
+            if seq.cached < len(seq.context):  # a follower: the leader's cache and routes are its own now
+                seq.cached = seq.leader.cached
+                seq.routes = list(seq.leader.routes)
+                seq.leader.followers.remove(seq)
+                seq.leader = None
         if not seqs:
             return
         for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
@@ -207,6 +233,25 @@ class EmbeddedEngine(ThreadedEngine):
             return self.model.forward_step(torch.tensor(ids).to(self.cache.device), slots, [1] * len(ids), self.cache,
                                            return_expert_ids=True)
 
+    def _fork_followers(self, leader: _Seq) -> list[_Seq]:
+        """After the step that cached `leader`'s whole prompt (and before it is fed a token), copy
+        that cache to each follower; followers that do not fit any more prefill on their own."""
+        if self._leaders.get(leader.prefix_key) is leader:
+            del self._leaders[leader.prefix_key]
+        leader.prefix_key = None
+        forked = []
+        for f in list(leader.followers):
+            try:
+                self.cache.fork(leader.slot, f.slot)
+            except CacheFull:
+                leader.followers.remove(f)
+                f.leader = None
+                continue
+            forked.append(f)
+            self.stats["forks"] += 1
+            self.stats["prefill_tokens_saved"] += len(f.req.prompt_token_ids)
+        return forked
+
     def _admit(self) -> None:
         bs = self.cache.block_size
         while self._waiting and self.cache.num_free_slots:
@@ -218,6 +263,14 @@ class EmbeddedEngine(ThreadedEngine):
             self._waiting.popleft()
             seq.slot, seq.cached = self.cache.allocate(), 0
             self._running.append(seq)
+            if self.share_prefix and not seq.tokens:  # a fresh request: share its prompt's prefill
+                key = tuple(seq.req.prompt_token_ids)
+                leader = self._leaders.setdefault(key, seq)
+                if leader is seq:
+                    seq.prefix_key = key
+                else:
+                    seq.leader = leader
+                    leader.followers.append(seq)
 
     def _plan(self) -> list[tuple[_Seq, int]]:
         """(sequence, tokens to feed) for this step: decodes first, then prefill chunks within
@@ -226,6 +279,8 @@ class EmbeddedEngine(ThreadedEngine):
             budget = self.max_batch_tokens
             batch = []
             for seq in sorted(self._running, key=lambda s: (len(s.context) - s.cached > 1, s.order)):
+                if seq.leader is not None:  # waits for its leader's prefill
+                    continue
                 n = min(len(seq.context) - seq.cached, budget)
                 if n > 0:
                     batch.append((seq, n))
@@ -246,6 +301,20 @@ class EmbeddedEngine(ThreadedEngine):
         if seq.slot is not None:
             self.cache.free(seq.slot)
         seq.slot, seq.cached = None, 0
+        if seq.leader is not None:
+            seq.leader.followers.remove(seq)
+            seq.leader = None
+        if seq.prefix_key is not None:
+            if self._leaders.get(seq.prefix_key) is seq:
+                del self._leaders[seq.prefix_key]
+            if seq.followers:  # the first follower prefills the prompt for the others now
+                heir, rest = seq.followers[0], seq.followers[1:]
+                heir.leader, heir.prefix_key, heir.followers = None, seq.prefix_key, rest
+                for f in rest:
+                    f.leader = heir
+                self._leaders[seq.prefix_key] = heir
+            seq.prefix_key = None
+        seq.followers = []
 
     def _check_stop(self, seq: _Seq) -> None:
         p, tok = seq.params, seq.tokens[-1]
