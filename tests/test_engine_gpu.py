@@ -111,3 +111,20 @@ def test_race_noise_same_on_gpu_and_cpu():
     seeds, steps = torch.tensor([0, 7, 2**62 + 3]), torch.tensor([0, 5, 2**40])
     torch.testing.assert_close(race_noise(seeds.cuda(), steps.cuda(), 4096).cpu(), race_noise(seeds, steps, 4096),
                                atol=0, rtol=1e-6)
+
+
+def test_shared_prefix_group_equals_unshared(model):
+    group = prompts(1, seed=3)[0]
+    reqs = [GenerationRequest(prompt_token_ids=p, params=SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+            for p in [group] * 4 + prompts(2, seed=4)]
+    shared = EmbeddedEngine(copy.deepcopy(model), max_seqs=8, max_model_len=256)
+    plain = EmbeddedEngine(copy.deepcopy(model), max_seqs=8, max_model_len=256, share_prefix=False)
+    try:
+        a, b = shared.generate(reqs), plain.generate(reqs)
+    finally:
+        shared.close()
+        plain.close()
+    assert shared.stats["prefill_tokens_saved"] == 3 * len(group)
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids
+        torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=2e-2, rtol=0)
