@@ -70,6 +70,17 @@ class _Seq:
     def context(self) -> list[int]:
         return self.req.prompt_token_ids + self.tokens
 
+    @property
+    def length(self) -> int:  # len(context) without building it (the scheduler asks every step)
+        return len(self.req.prompt_token_ids) + len(self.tokens)
+
+    def feed(self, n: int) -> list[int]:
+        """The next `n` uncached tokens of `context`."""
+        p = len(self.req.prompt_token_ids)
+        if self.cached >= p:
+            return self.tokens[self.cached - p : self.cached - p + n]
+        return self.context[self.cached : self.cached + n]
+
 
 class EmbeddedEngine(ThreadedEngine):
     thread_name = "kpop-embedded-engine"
@@ -175,14 +186,14 @@ class EmbeddedEngine(ThreadedEngine):
             return
         slots = [s.slot for s, _ in batch]
         lens = [n for _, n in batch]
-        ids = [t for s, n in batch for t in s.context[s.cached : s.cached + n]]
+        ids = [t for s, n in batch for t in s.feed(n)]
         if self.graphs is not None and len(ids) == len(batch) and all(s.cached for s, _ in batch):
             logits, routes = self._graph_decode(ids, slots)
         else:
             logits, routes = self.model.forward_step(torch.tensor(ids).to(self.cache.device, non_blocking=True), slots,
                                                      lens, self.cache, return_expert_ids=True)
         self.stats["steps"] += 1
-        ready = [i for i, (seq, n) in enumerate(batch) if seq.cached + n == len(seq.context)]
+        ready = [i for i, (seq, n) in enumerate(batch) if seq.cached + n == seq.length]
         seqs = [batch[i][0] for i in ready]
         for i in list(ready):  # a finished shared prefill: its followers fork it and sample from its logits
             if batch[i][0].prefix_key is not None:
@@ -206,7 +217,7 @@ class EmbeddedEngine(ThreadedEngine):
             offset += n
             seq.cached += n
         for seq in seqs:
-            if seq.cached < len(seq.context):  # a follower: the leader's cache and routes are its own now
+            if seq.cached < seq.length:  # a follower: the leader's cache and routes are its own now
                 seq.cached = seq.leader.cached
                 seq.routes = list(seq.leader.routes)
                 seq.leader.followers.remove(seq)
@@ -257,7 +268,7 @@ class EmbeddedEngine(ThreadedEngine):
         while self._waiting and self.cache.num_free_slots:
             seq = self._waiting[0]
             # leave a block of headroom per running sequence, or the newcomer is preempted at once
-            need = -(-len(seq.context) // bs) + len(self._running)
+            need = -(-seq.length // bs) + len(self._running)
             if self._running and need > self.cache.num_free_blocks:
                 return
             self._waiting.popleft()
@@ -278,10 +289,10 @@ class EmbeddedEngine(ThreadedEngine):
         while True:
             budget = self.max_batch_tokens
             batch = []
-            for seq in sorted(self._running, key=lambda s: (len(s.context) - s.cached > 1, s.order)):
+            for seq in sorted(self._running, key=lambda s: (s.length - s.cached > 1, s.order)):
                 if seq.leader is not None:  # waits for its leader's prefill
                     continue
-                n = min(len(seq.context) - seq.cached, budget)
+                n = min(seq.length - seq.cached, budget)
                 if n > 0:
                     batch.append((seq, n))
                     budget -= n
@@ -327,7 +338,7 @@ class EmbeddedEngine(ThreadedEngine):
             for s in p.stop:
                 if s in text:
                     return self._finish(seq, "stop", s)
-        if len(seq.tokens) >= p.max_tokens or len(seq.context) >= self.max_model_len:
+        if len(seq.tokens) >= p.max_tokens or seq.length >= self.max_model_len:
             return self._finish(seq, "length")
 
     def _finish(self, seq: _Seq, reason: str, stop_reason: str | int | None = None) -> None:

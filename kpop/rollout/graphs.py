@@ -11,9 +11,9 @@ sequence's state. Everything a step varies (token ids, slots, positions, cache r
 one small host-to-device copy into the graph's input buffer; block tables are gathered inside the
 graph from the cache's device tables, which the cache updates in place.
 
-Graphs are captured lazily (the first decode step at each bucket) and hold the model's parameters
-and the cache by address, so in-place weight updates (`load_into`) need no recapture. On CPU, or if
-capture fails, the engine steps eagerly.
+Graphs are captured at the first decode step (every bucket, largest first) and hold the
+model's parameters and the cache by address, so in-place weight updates (`load_into`) need no
+recapture. On CPU, or if capture fails, the engine steps eagerly.
 """
 
 from __future__ import annotations
@@ -77,6 +77,14 @@ class DecodeGraphs:
         self.pool = graph.pool()
         self.graphs[B], self.outputs[B] = graph, out
 
+    def capture_all(self) -> None:
+        """Capture every bucket, largest first (the smaller graphs reuse its memory pool). Done at
+        the first decode step: capturing mid-rollout, as a batch drains through the buckets, would
+        stall it a few hundred milliseconds per bucket."""
+        for B in reversed(self.buckets):
+            if B not in self.graphs:
+                self._capture(B)
+
     def bucket(self, n: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, n)]
 
@@ -92,8 +100,8 @@ class DecodeGraphs:
         locations = cache.host_locations(slots, [1] * n)
         cache.flush()
         B = self.bucket(n)
-        if B not in self.graphs:
-            self._capture(B)
+        if not self.graphs:
+            self.capture_all()
         host = self.pad[:, None].repeat(1, B)
         host[:, :n] = torch.stack([torch.tensor(token_ids), torch.tensor(slots), torch.tensor(positions), locations])
         self.inputs[:, :B].copy_(host.pin_memory(), non_blocking=True)
