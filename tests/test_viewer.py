@@ -65,9 +65,14 @@ def test_api(served):
     text = "".join(x["text"] for x in t["tokens"])  # the prompt as the rollout renders it: tools, then the task
     assert text.startswith("<|im_start|>system\n# Tools") and t["messages"][0]["content"] in text
     model = [x for x in t["tokens"] if x["mask"]]
-    assert model and all(x["kpop_keep"] in (True, False) and x["version"] is not None for x in model)
-    assert all(x["kpop_keep"] is None for x in t["tokens"] if not x["mask"])
-    assert any(x["kpop_keep"] is False for x in model)  # the demo's large mismatches are masked (phi 0.5)
+    # the demo archive has no learner decisions: the viewer recomputes them (KPop, phi 0.5)
+    assert t["decided_by"].startswith("recomputed by the viewer (kpop, kpop_phi 0.5")
+    assert t["decisions"]["1"]["name"] == "MASK_KL"
+    assert model and all(x["decision"] in (0, 1) and x["version"] is not None for x in model)
+    assert all(x["decision"] == 4 and x["dlogp"] is None for x in t["tokens"] if not x["mask"])
+    assert any(x["decision"] == 1 for x in model)  # the demo's large mismatches are masked
+    assert all(x["dlogp"] == pytest.approx(abs(x["train_logprob"] - x["logprob"])) for x in model)
+    assert all(x["route_flips"] is None for x in t["tokens"])  # not recorded
 
     status, plots = get(base + "/api/runs/demo/plots")
     assert status == 200 and [p["metric"] for p in plots] == ["reward_mean", "staleness_mean", "mask_rate",
@@ -191,6 +196,9 @@ def test_page_in_headless_chromium(served):
         # tokens coloured by loss mask ...
         tokens = driver.find_elements(By.CSS_SELECTOR, "#tokens .tok")
         assert len(tokens) == oracle.num_tokens
+        assert driver.find_element(By.ID, "token-mode").get_attribute("value") == "mismatch"  # has train logprobs
+        Select(driver.find_element(By.ID, "token-mode")).select_by_value("loss")
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#tokens.loss")))
         bg = lambda css: driver.execute_script(  # noqa: E731
             "return getComputedStyle(document.querySelector(arguments[0])).backgroundColor", css)
         assert bg("#tokens .tok.m1") == "rgb(201, 239, 213)"
@@ -201,8 +209,8 @@ def test_page_in_headless_chromium(served):
         assert driver.find_elements(By.CSS_SELECTOR, "#tokens .tok.drop")
         assert bg("#tokens .tok.drop") == "rgb(246, 185, 182)" and bg("#tokens .tok.keep") == "rgb(207, 224, 251)"
         assert "masked by KPop" in driver.find_element(By.ID, "legend").text
-        tip = driver.find_element(By.CSS_SELECTOR, "#tokens .tok.m1").get_attribute("title")
-        assert "rollout logprob" in tip and "policy version" in tip
+        tip = driver.find_element(By.CSS_SELECTOR, "#tokens .tok.drop").get_attribute("title")
+        assert "rollout logprob" in tip and "policy version" in tip and "decision MASK_KL: masked by KPop" in tip
 
         driver.find_element(By.ID, "back").click()
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "a.traj-link")))
