@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -16,11 +14,8 @@ from kpop.archive import TrajectoryArchive
 from kpop.viewer.plots import line_plot
 from kpop.viewer.server import make_server
 from demo_run import write_demo_run
+from viewer_browser import chromium
 
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000")
 
 
 @pytest.fixture(scope="module")
@@ -145,25 +140,14 @@ def test_line_plot_escapes_and_scales():
         line_plot([], title="x")
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="needs Debian chromium + chromium-driver (apt-get install chromium chromium-driver)")
 def test_page_in_headless_chromium(served):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     run, base = served
-    opts = webdriver.ChromeOptions()
-    for flag in FLAGS:
-        opts.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="kpop-chromium-")
-    opts.add_argument(f"--user-data-dir={profile}")
-    opts.binary_location = CHROMIUM
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    wait = WebDriverWait(driver, 30)
-    try:
+    with chromium() as driver:
+        wait = WebDriverWait(driver, 30)
         driver.get(base + "/")
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "a.traj-link")))
         assert "#/run/demo" in driver.current_url
@@ -214,6 +198,3 @@ def test_page_in_headless_chromium(served):
 
         driver.find_element(By.ID, "back").click()
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "a.traj-link")))
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)

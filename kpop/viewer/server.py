@@ -187,7 +187,12 @@ class RunsView:
 
 def _bits(mask: int) -> list[int]:
     """The set bits of a route-flip bitmask: the MoE layers (0-based, main stack order) that flipped."""
-    return [layer for layer in range(mask.bit_length()) if mask >> layer & 1]
+    bits = bin(mask)[:1:-1]  # least significant first; str.find visits only the set bits
+    out, layer = [], bits.find("1")
+    while layer >= 0:
+        out.append(layer)
+        layer = bits.find("1", layer + 1)
+    return out
 
 
 def _decision_names() -> dict[int, dict[str, str]]:

@@ -175,14 +175,16 @@ function renderTokens(t, mode) {
   return box;
 }
 
-// legend entries: [colour, label, how the swatch shows it: "fill" (default), "under" or "over" bar]
+// legend entries: [colour, label, how the swatch shows it: "fill" (default), "under" or "over" bar];
+// a null colour is a heading
 const MARK_LEGEND = [...Object.entries(MASK_MARKS).map(([name, c]) => [c, `masked: ${name}`, "under"]),
   [FLIP_MARK, "MoE route flipped (≥ 1 layer)", "over"]];
 const LEGENDS = {
   loss: [["#c9efd5", "model token (loss mask 1)"], ["#fff", "prompt / env token (mask 0)"]],
   kpop: [["#cfe0fb", "kept by the learner"], ["#f6b9b6", "masked by KPop / IcePop / staleness"],
     ["#fff", "not trained"], ...MARK_LEGEND],
-  mismatch: [...DLOGP_BINS.map(([, c, label]) => [c || "#fff", `|Δ logprob| ${label}`]), ...MARK_LEGEND],
+  mismatch: [[null, "|Δ logprob| = |train − rollout logprob| (nats):"], ...DLOGP_BINS.map(([, c, label]) => [c || "#fff", label]),
+    [null, "bars:"], ...MARK_LEGEND],
   version: PALETTE.slice(0, 3).map((c, i) => [c, `version ≡ ${i} (mod ${PALETTE.length})`]),
 };
 
@@ -223,7 +225,7 @@ async function renderTrajectory(run, id, gen) {
   const legend = el("div", {class: "legend", id: "legend"});
   const tokenBox = el("div");
   const draw = () => {
-    legend.replaceChildren(...LEGENDS[modeSel.value].map(([c, l, how]) => el("span", {},
+    legend.replaceChildren(...LEGENDS[modeSel.value].map(([c, l, how]) => c === null ? el("b", {}, l) : el("span", {},
       el("i", {style: how === "under" ? `box-shadow: inset 0 -4px 0 ${c}` : how === "over" ? `box-shadow: inset 0 3px 0 ${c}`
         : `background:${c}`}), l)));
     tokenBox.replaceChildren(renderTokens(t, modeSel.value));
