@@ -23,7 +23,7 @@ from kpop.algo.losses import TokenDecision as D
 from kpop.archive import TrajectoryArchive
 from kpop.trajectory import Segment, Trajectory
 from kpop.viewer.plots import SERIES_COLOURS
-from kpop.viewer.server import make_server
+from kpop.viewer.server import RunsView, make_server
 from viewer_browser import chromium
 
 # per token: (loss mask, rollout logprob, learner logprob, decision, route-flip bitmask)
@@ -128,6 +128,23 @@ def test_api_carries_decisions_flips_and_non_finite_numbers(served):
     assert [x["route_flips"] for x in tokens] == [[], [], [], [], [], [0, 2], [], [], [70], []]
     assert tokens[4]["dlogp"] == 2.0 and tokens[0]["dlogp"] is None  # the prompt has no rollout logprob
     assert tokens[9]["train_logprob"] == "NaN" and tokens[9]["dlogp"] == "NaN"
+
+
+def test_an_archive_without_decisions_gets_them_recomputed_with_the_runs_correction(tmp_path):
+    run = tmp_path / "old"
+    n = len(TOKENS) - 1  # without the NaN token
+    traj = Trajectory(run_id="old", task_id="t0", env_id="kpop/tooluse-v0", token_ids=list(range(n)),
+                      logprobs=[t[1] for t in TOKENS[:n]], loss_mask=[t[0] for t in TOKENS[:n]])
+    with TrajectoryArchive(run) as archive:  # as the learner archived before it recorded decisions
+        archive.write([traj], status="consumed", train_logprobs=[[t[2] for t in TOKENS[:n]]])
+    # a key of another KPop version beside the window: the window must still be read
+    (run / "config.yaml").write_text("algorithm:\n  correction: icepop\n  icepop_alpha: 0.8\n"
+                                     "  icepop_beta: 1.2\n  knob_of_the_future: 3\n")
+    t = RunsView(tmp_path).trajectory("old", traj.trajectory_id)
+    assert t["decided_by"].startswith("recomputed by the viewer (icepop, window [0.8, 1.2]")
+    # ratio exp(train - rollout) outside [0.8, 1.2]: tokens 4 (|d| 2), 5 (0.3), 8 (0.7); 7 (0.1) is inside
+    assert [x["decision"] for x in t["tokens"]] == [4, 4, 4, 0, 2, 2, 0, 0, 2]
+    assert all(x["route_flips"] is None for x in t["tokens"])
 
 
 def test_tokens_are_coloured_by_mismatch_and_masks_are_marked(served):

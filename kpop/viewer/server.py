@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from kpop.archive import ARCHIVE_DIR, TrajectoryArchive
+from kpop.archive import ARCHIVE_DIR, ArchivedTrajectory, TrajectoryArchive
 from kpop.config import AlgorithmConfig, check_run_name
 from kpop.viewer.plots import series_plot
 
@@ -153,7 +153,7 @@ class RunsView:
                 out.append({"metric": panel, "title": title, "svg": series_plot(series, title=title)})
         return out
 
-    def _tokens(self, run_dir: Path, rec: Any) -> tuple[list[dict[str, Any]], str | None]:
+    def _tokens(self, run_dir: Path, rec: ArchivedTrajectory) -> tuple[list[dict[str, Any]], str | None]:
         """Per token: text, ids, both logprobs, |delta logprob|, the learner's decision and the MoE
         layers whose route flipped; and where the decisions came from (None: nowhere)."""
         t = rec.trajectory
@@ -164,15 +164,15 @@ class RunsView:
         version = [None] * n
         for s in t.segments:
             version[s.start:s.end] = [s.version] * (s.end - s.start)
-        train = getattr(rec, "train_logprobs", None)
-        decisions = getattr(rec, "decisions", None)
-        flips = getattr(rec, "route_flips", None)
+        train, decisions, flips = rec.train_logprobs, rec.decisions, rec.route_flips
         decided_by = "the learner" if decisions is not None else None
         if decisions is None and train is not None:  # archived before the learner recorded its decisions
             algo = _algorithm(run_dir)
             decisions = _recompute_decisions(train, t.logprobs, t.loss_mask, algo)
-            decided_by = (f"recomputed by the viewer ({algo.correction}, kpop_phi {algo.kpop_phi}, icepop window "
-                          f"[{algo.icepop_alpha}, {algo.icepop_beta}]): the archive has no learner decisions")
+            setting = {"kpop": f", kpop_phi {algo.kpop_phi}",
+                       "icepop": f", window [{algo.icepop_alpha}, {algo.icepop_beta}]"}.get(algo.correction, "")
+            decided_by = (f"recomputed by the viewer ({algo.correction}{setting}, from the run's config.yaml): "
+                          "the archive has no learner decisions")
         out = []
         for i in range(n):
             lp, tr, m = t.logprobs[i], (train[i] if train is not None else None), t.loss_mask[i]
@@ -201,7 +201,8 @@ def _decision_names() -> dict[int, dict[str, str]]:
     return {int(d): {"name": d.name, "reason": d.reason} for d in TokenDecision}
 
 
-def _recompute_decisions(train: list[float], rollout: list[float], loss_mask: list[int], algo: Any) -> list[int]:
+def _recompute_decisions(train: list[float], rollout: list[float], loss_mask: list[int],
+                         algo: AlgorithmConfig) -> list[int]:
     import torch
 
     from kpop.algo.losses import LossSpec, token_decisions
@@ -235,14 +236,16 @@ def _metrics(run_dir: Path, phase: str | None) -> list[dict[str, Any]]:
 
 
 def _algorithm(run_dir: Path) -> AlgorithmConfig:
-    """The run's `algorithm` section (config.yaml), or the defaults where it cannot be read."""
+    """The run's `algorithm` section (config.yaml), or the defaults where it cannot be read. Keys
+    this version does not know are left out: a run of another version still shows its own phi."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         return AlgorithmConfig()
     import yaml
 
     try:
-        return AlgorithmConfig.model_validate((yaml.safe_load(path.read_text()) or {}).get("algorithm") or {})
+        algo = (yaml.safe_load(path.read_text()) or {}).get("algorithm") or {}
+        return AlgorithmConfig.model_validate({k: v for k, v in algo.items() if k in AlgorithmConfig.model_fields})
     except (yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:  # pydantic's errors are ValueErrors
         log.warning("%s: cannot read the algorithm section (%s); using the defaults", path, exc)
         return AlgorithmConfig()
