@@ -174,7 +174,9 @@ def test_tokens_are_coloured_by_mismatch_and_masks_are_marked(served):
         assert _close(shot.dominant(r["left"] + 2, r["top"] + 2, r["right"] - 2, r["bottom"] - 2), _rgb(WHITE))
 
         # the hover text, after the page's JavaScript wrote it
-        tip = lambda i: driver.find_element(By.CSS_SELECTOR, f"#tokens .tok[data-i='{i}']").get_attribute("title")  # noqa: E731
+        def tip(i: int) -> str:
+            return driver.find_element(By.CSS_SELECTOR, f"#tokens .tok[data-i='{i}']").get_attribute("title")
+
         assert tip(4).splitlines()[1:] == [
             "rollout logprob -0.5", "train logprob -2.5", "|Δ logprob| 2",
             f"decision MASK_KL: {D.MASK_KL.reason}", "route flips: none"]
@@ -185,8 +187,8 @@ def test_tokens_are_coloured_by_mismatch_and_masks_are_marked(served):
         assert "|Δ logprob| –" in tip(0) and "decision NOT_TRAINED" in tip(0)
 
         legend = driver.find_element(By.ID, "legend").text
-        for words in ("|Δ logprob| = |train − rollout logprob| (nats):", "< 0.01", "0.2–0.5", "≥ 1", "masked: MASK_KL",
-                      "masked: MASK_RATIO",
+        for words in ("|Δ logprob| = |train − rollout logprob| (nats):", "< 0.01", "0.2–0.5", "≥ 1",
+                      "masked: MASK_KL", "masked: MASK_RATIO",
                       "masked: MASK_STALE", "MoE route flipped"):
             assert words in legend, words
         info = driver.find_element(By.ID, "info").text

@@ -183,7 +183,8 @@ const LEGENDS = {
   loss: [["#c9efd5", "model token (loss mask 1)"], ["#fff", "prompt / env token (mask 0)"]],
   kpop: [["#cfe0fb", "kept by the learner"], ["#f6b9b6", "masked by KPop / IcePop / staleness"],
     ["#fff", "not trained"], ...MARK_LEGEND],
-  mismatch: [[null, "|Δ logprob| = |train − rollout logprob| (nats):"], ...DLOGP_BINS.map(([, c, label]) => [c || "#fff", label]),
+  mismatch: [[null, "|Δ logprob| = |train − rollout logprob| (nats):"],
+    ...DLOGP_BINS.map(([, c, label]) => [c || "#fff", label]),
     [null, "bars:"], ...MARK_LEGEND],
   version: PALETTE.slice(0, 3).map((c, i) => [c, `version ≡ ${i} (mod ${PALETTE.length})`]),
 };
@@ -211,7 +212,8 @@ async function renderTrajectory(run, id, gen) {
     ["learner mask", masked + kept ? `${masked} of ${masked + kept} trained tokens masked` +
       (masked ? ` (${Object.entries(byReason).map(([k, v]) => `${k} ${v}`).join(", ")})` : "") +
       ` — decided by ${t.decided_by}` : "no learner logprobs recorded"],
-    ["|Δ logprob|", dl.length ? `mean ${fmt(dl.reduce((a, b) => a + b, 0) / dl.length, 4)}, max ${fmt(dl.reduce((a, b) => Math.max(a, b)), 4)}` : null],
+    ["|Δ logprob|", dl.length ? `mean ${fmt(dl.reduce((a, b) => a + b, 0) / dl.length, 4)}, ` +
+      `max ${fmt(dl.reduce((a, b) => Math.max(a, b)), 4)}` : null],
     ["route flips", recorded ? `${flipped} of ${t.tokens.length} tokens flipped in ≥ 1 MoE layer` : "not recorded"],
     ["timings", Object.entries(t.timings).map(([k, v]) => `${k} ${fmt(v)}`).join("  ")]]) {
     if (v === null || v === undefined) continue;
@@ -226,8 +228,8 @@ async function renderTrajectory(run, id, gen) {
   const tokenBox = el("div");
   const draw = () => {
     legend.replaceChildren(...LEGENDS[modeSel.value].map(([c, l, how]) => c === null ? el("b", {}, l) : el("span", {},
-      el("i", {style: how === "under" ? `box-shadow: inset 0 -4px 0 ${c}` : how === "over" ? `box-shadow: inset 0 3px 0 ${c}`
-        : `background:${c}`}), l)));
+      el("i", {style: how === "under" ? `box-shadow: inset 0 -4px 0 ${c}`
+        : how === "over" ? `box-shadow: inset 0 3px 0 ${c}` : `background:${c}`}), l)));
     tokenBox.replaceChildren(renderTokens(t, modeSel.value));
   };
   modeSel.addEventListener("change", draw);
