@@ -61,7 +61,7 @@ def test_api(served):
     assert text.startswith("<|im_start|>system\n# Tools") and t["messages"][0]["content"] in text
     model = [x for x in t["tokens"] if x["mask"]]
     # the demo archive has no learner decisions: the viewer recomputes them (KPop, phi 0.5)
-    assert t["decided_by"].startswith("recomputed by the viewer (kpop, kpop_phi 0.5")
+    assert t["decided_by"].startswith("the viewer (kpop, kpop_phi 0.5")
     assert t["decisions"]["1"]["name"] == "MASK_KL"
     assert model and all(x["decision"] in (0, 1) and x["version"] is not None for x in model)
     assert all(x["decision"] == 4 and x["dlogp"] is None for x in t["tokens"] if not x["mask"])

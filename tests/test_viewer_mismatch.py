@@ -141,7 +141,7 @@ def test_an_archive_without_decisions_gets_them_recomputed_with_the_runs_correct
     (run / "config.yaml").write_text("algorithm:\n  correction: icepop\n  icepop_alpha: 0.8\n"
                                      "  icepop_beta: 1.2\n  knob_of_the_future: 3\n")
     t = RunsView(tmp_path).trajectory("old", traj.trajectory_id)
-    assert t["decided_by"].startswith("recomputed by the viewer (icepop, window [0.8, 1.2]")
+    assert t["decided_by"].startswith("the viewer (icepop, window [0.8, 1.2]")
     # ratio exp(train - rollout) outside [0.8, 1.2]: tokens 4 (|d| 2), 5 (0.3), 8 (0.7); 7 (0.1) is inside
     assert [x["decision"] for x in t["tokens"]] == [4, 4, 4, 0, 2, 2, 0, 0, 2]
     assert all(x["route_flips"] is None for x in t["tokens"])

@@ -171,8 +171,8 @@ class RunsView:
             decisions = _recompute_decisions(train, t.logprobs, t.loss_mask, algo)
             setting = {"kpop": f", kpop_phi {algo.kpop_phi}",
                        "icepop": f", window [{algo.icepop_alpha}, {algo.icepop_beta}]"}.get(algo.correction, "")
-            decided_by = (f"recomputed by the viewer ({algo.correction}{setting}, from the run's config.yaml): "
-                          "the archive has no learner decisions")
+            source = "the run's config.yaml" if (run_dir / "config.yaml").is_file() else "the defaults: no config.yaml"
+            decided_by = f"the viewer ({algo.correction}{setting}, from {source}): the archive has no learner decisions"
         out = []
         for i in range(n):
             lp, tr, m = t.logprobs[i], (train[i] if train is not None else None), t.loss_mask[i]
