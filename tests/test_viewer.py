@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from kpop.archive import TrajectoryArchive
-from kpop.viewer.plots import line_plot
+from kpop.viewer.plots import SERIES_COLOURS, line_plot, series_plot
 from kpop.viewer.server import make_server
 from demo_run import write_demo_run
 from viewer_browser import chromium
@@ -138,6 +138,18 @@ def test_line_plot_escapes_and_scales():
     assert svg.count("<circle") == 3
     with pytest.raises(ValueError):
         line_plot([], title="x")
+
+
+def test_series_plot_shares_axes_and_names_its_series():
+    svg = series_plot({"all": [(0, 0.2), (1, 0.6)], "<i>MLA</i>": [(0, 0.1), (1, 0.3)], "none": []}, title="flips")
+    assert svg.count('class="series"') == 2 and 'data-series="none"' not in svg  # an empty series is left out
+    assert f'stroke="{SERIES_COLOURS[0]}"' in svg and f'stroke="{SERIES_COLOURS[1]}"' in svg
+    assert ">all</text>" in svg and "&lt;i&gt;MLA&lt;/i&gt;" in svg and "<i>" not in svg  # the legend, escaped
+    assert ">all</text>" not in line_plot([(0, 1.0)], title="x")  # one series: no legend
+    with pytest.raises(ValueError, match="at least one point"):
+        series_plot({"a": [], "b": []}, title="x")
+    with pytest.raises(ValueError, match="at most 4 series"):
+        series_plot({str(i): [(0, i)] for i in range(5)}, title="x")
 
 
 def test_page_in_headless_chromium(served):

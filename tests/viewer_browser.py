@@ -9,14 +9,14 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--force-device-scale-factor=1")
 
 
 @contextlib.contextmanager
-def chromium(width: int = 1280, height: int = 1000) -> Iterator["object"]:
+def chromium(width: int = 1280, height: int = 1000) -> Iterator[Any]:
     """A selenium driver of a fresh headless Chromium profile, quit and removed afterwards."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
