@@ -165,6 +165,7 @@ def test_vllm_records_the_routes_a_full_forward_chooses(setup):
         assert (got[:-1] >= 0).all() and (got[-1] == -1).all()
         # the order inside a token's top-k is the kernel's: compare sets
         assert torch.equal(got[:-1].sort(-1).values, full_routes(model, ids)[:-1].sort(-1).values)
+    assert not engine._recorder._passes  # finished requests' passes are not kept
 
 
 def test_learner_replaying_vllm_routes_reproduces_its_logprobs_when_its_router_differs(setup, monkeypatch):

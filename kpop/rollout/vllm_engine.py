@@ -106,6 +106,9 @@ class VLLMEngine(ThreadedEngine):
     def __init__(self, checkpoint: str | Path, *, max_model_len: int = 4096, max_seqs: int = 32,
                  version: int = 0, enforce_eager: bool = True, seed: int = 0, **llm_kwargs: Any) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # routing replay records through the V1 model runner (see RouteRecorder); on CPU it is
+        # the only one anyway (Model Runner V2 needs Triton)
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # vLLM logs to stdout by default; stdout belongs to the caller (`kpop eval --json`)
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -214,6 +217,8 @@ class VLLMEngine(ThreadedEngine):
                  seed=None if p.seed is None else p.seed + r.piece, logprobs=0,
                  detokenize=self.has_tokenizer)
         r.internal_id = self._engine.add_request(r.vllm_id, {"prompt_token_ids": r.req.prompt_token_ids + r.tokens}, vp)
+        if self._recorder is not None:
+            self._recorder.expect(r.internal_id)  # before the step that first feeds it
         r.live = ((), ())
         self._reqs[r.vllm_id] = r
 

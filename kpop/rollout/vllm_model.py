@@ -186,13 +186,20 @@ class RouteRecorder:
     CPU MLA path cannot do), so it is unusable here. This uses the hook that path is built on
     (`bind_routed_experts_capturer`: each router calls `capture(layer_id, topk_ids)` with the
     logical expert ids of the step's tokens) and maps rows to requests from the model runner's
-    own batch layout after each forward. It needs the runner in this process, i.e. vLLM's V1
-    multiprocessing off, as `VLLMEngine` runs it anyway."""
+    own batch layout after each forward. It needs the runner in this process (vLLM's V1
+    multiprocessing off, as `VLLMEngine` runs it anyway) and the V1 model runner (Model Runner V2
+    has no `_model_forward` to wrap; `VLLMEngine` asks for V1).
+
+    Only requests announced with `expect` are kept, until `take`: a step scheduled ahead (async
+    scheduling) may still feed a request the engine has already collected."""
 
     def __init__(self, runner: Any) -> None:
         from vllm.model_executor.layers.fused_moe.layer import MoERunner
         from vllm.model_executor.layers.fused_moe.routed_experts_capturer import bind_routed_experts_capturer
 
+        if not callable(getattr(runner, "_model_forward", None)) or not hasattr(runner, "input_batch"):
+            raise NotImplementedError(f"RouteRecorder needs vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0), "
+                                      f"this engine runs {type(runner).__module__}.{type(runner).__name__}")
         model = runner.get_model()
         layer_ids = sorted({m.layer_id for m in model.modules() if isinstance(m, MoERunner)})
         if not layer_ids:
@@ -240,11 +247,16 @@ class RouteRecorder:
         # the first position each request fed this step (the runner's positions are computed from it)
         starts = runner.input_batch.num_computed_tokens_cpu[:num_reqs].tolist()
         for rid, start, a, b in zip(runner.input_batch.req_ids[:num_reqs], starts, qsl[:-1], qsl[1:]):
-            if b > a:
-                self._passes.setdefault(rid, []).append((int(start), rows[a:b]))
+            passes = self._passes.get(rid)
+            if passes is not None and b > a:
+                passes.append((int(start), rows[a:b]))
+
+    def expect(self, request_id: str) -> None:
+        """Record the passes of this vLLM (internal) request id from now on."""
+        self._passes[request_id] = []
 
     def take(self, request_id: str) -> list[tuple[int, torch.Tensor]]:
-        """The passes recorded for a vLLM (internal) request id, oldest first; forgets them."""
+        """The passes recorded for `request_id`, oldest first; stops recording it."""
         return self._passes.pop(request_id, [])
 
     def clear(self) -> None:
