@@ -201,10 +201,12 @@ class RouteRecorder:
             raise NotImplementedError(f"RouteRecorder needs vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0), "
                                       f"this engine runs {type(runner).__module__}.{type(runner).__name__}")
         model = runner.get_model()
-        layer_ids = sorted({m.layer_id for m in model.modules() if isinstance(m, MoERunner)})
+        cfg = runner.model_config.hf_text_config
+        # the main stack's MoE layers, as the learner replays them (an MTP layer's route is not kept)
+        layer_ids = sorted({m.layer_id for m in model.modules()
+                            if isinstance(m, MoERunner) and m.layer_id < cfg.num_hidden_layers})
         if not layer_ids:
             raise ValueError("RouteRecorder: the served model has no MoE layers")
-        cfg = runner.model_config.hf_text_config
         self.num_experts = int(cfg.num_experts)
         self.top_k = int(cfg.num_experts_per_tok)
         self._layer = {lid: i for i, lid in enumerate(layer_ids)}  # decoder layer -> MoE layer ordinal
@@ -233,7 +235,9 @@ class RouteRecorder:
         if n > self._buf.shape[0]:
             raise RuntimeError(f"RouteRecorder: a step routed {n} tokens, more than the {self._buf.shape[0]} "
                                f"the runner schedules (max_num_batched_tokens)")
-        self._buf[:n, self._layer[layer_id]] = topk_ids
+        layer = self._layer.get(layer_id)
+        if layer is not None:
+            self._buf[:n, layer] = topk_ids
 
     def _record(self, runner: Any, n: int) -> None:
         num_reqs = runner.input_batch.num_reqs
