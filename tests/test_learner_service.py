@@ -104,3 +104,10 @@ def test_the_archive_keeps_what_the_learner_saw_per_token(service):
     stale, t = recs["s-2"], recs["s-2"].trajectory
     assert stale.status == "dropped_stale"
     assert stale.decisions == [TokenDecision.MASK_STALE if m else TokenDecision.NOT_TRAINED for m in t.loss_mask]
+    # offline, at the run's own phi, `kpop replay --rescore` finds exactly the tokens the learner masked
+    from kpop.replay import rescore_path
+
+    report = rescore_path(cfg.out_dir, [cfg.algorithm.kpop_phi])
+    assert report.trajectories == 8 and report.without_train_logprobs == 8  # 4 failed / small group, 4 stale
+    assert report.settings[0].masked == report.archived.get("MASK_KL", 0)
+    assert sum(report.archived.values()) == report.tokens
