@@ -276,6 +276,11 @@ class Learner:
         ckpt = learner_cfg.activation_checkpointing
         self.checkpointed_layers = checkpoint_layers(model) if (on_gpu if ckpt is None else ckpt) else 0
         self._gates = expert_gates(model)
+        # route flips: each MoE gate hands its router's own choice to `_own_routes` while a step
+        # collects them; hooked before DeepSpeed's own hooks, so under ZeRO-3 the weight is still gathered
+        self._own_routes: list[torch.Tensor] | None = None
+        for i in model.moe_layers() if hasattr(model, "moe_layers") else []:
+            model.model.layers[i].mlp.gate.register_forward_hook(self._router_choice)
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -307,10 +312,6 @@ class Learner:
             raise ValueError("algorithm.routing_replay is on but the policy has no MoE layer to replay")
         self.routing_replay = bool(moe) and replay is not False
         self._route_shape = (len(moe), model.config.num_experts_per_tok, model.config.num_experts) if moe else None
-        # route flips: each MoE gate hands its router's own choice to `_own_routes` while a step collects them
-        self._own_routes: list[torch.Tensor] | None = None
-        for i in moe:
-            model.model.layers[i].mlp.gate.register_forward_hook(self._router_choice)
         kinds = model.config.mixer_types() if moe else []
         self._moe_mla = torch.tensor([kinds[i] == "attention" for i in moe], dtype=torch.bool)
         self.last_tokens: list[TokenRecord] = []  # per trajectory of the last train_step
