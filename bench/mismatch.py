@@ -76,7 +76,7 @@ def score(learner: Learner, results_: list, replay: bool, phis: list[float],
         n = len(r.prompt_token_ids)
         train.append(lp[n - 1 :].float())  # lp[t-1] = log p(x_t | x_<t)
         infer.append(torch.tensor(r.logprobs))
-    train, infer = torch.cat(train), torch.cat(infer)
+    train, infer = torch.cat(train).double(), torch.cat(infer).double()  # fp64: no rounding in the KL test itself
     d = (train - infer).abs()
     rates = {f"kpop {phi:g}": float(1 - kpop_keep(train, infer, phi).float().mean()) for phi in phis}
     rates.update({f"icepop {a:g},{b:g}": float(1 - icepop_keep(train, infer, a, b).float().mean()) for a, b in windows})
