@@ -129,7 +129,9 @@ def run_mode(mode: str, base, prompts, args, cuda: bool) -> dict:
                     gate.expert_bias.add_((torch.rand(gate.expert_bias.shape, generator=g) - 0.5) * 2 * args.bias_noise)
     res = rollouts(rollout_model.eval(), prompts, args.new_tokens)
     del rollout_model
-    lcfg = LearnerConfig(zero_stage=0, micro_batch_tokens=max(len(r.prompt_token_ids) + len(r.token_ids) for r in res) * 4,
+    # on a GPU the configuration the GPU learner tests run (bf16 under ZeRO-2)
+    lcfg = LearnerConfig(zero_stage=2 if cuda else 0,
+                         micro_batch_tokens=max(len(r.prompt_token_ids) + len(r.token_ids) for r in res) * 4,
                          num_gpus=1 if cuda else 0, dtype="bfloat16" if cuda else "float32")
     algo = AlgorithmConfig(routing_replay=True)
     learner = Learner(lcfg, algo, learner_model)
