@@ -61,7 +61,7 @@ def run_dir(tmp_path):
 def _cli(*args: str):
     app = typer.Typer()
     app.command()(replay_cmd)
-    return CliRunner().invoke(app, list(args))
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "400", "NO_COLOR": "1"})
 
 
 def test_counts_match_the_formulas(run_dir):
@@ -94,6 +94,7 @@ def test_cli_text_and_json(run_dir):
     (["--rescore", "--kpop-phi", "-1"], "a KPop phi must be a finite number > 0"),
     (["--rescore", "--kpop-phi", "nan"], "a KPop phi must be a finite number > 0"),
     (["--kpop-phi", "0.1"], "settings of --rescore"),
+    (["--rescore", "--kpop-phi", "0.1", "--regrade-only"], "belong to a replay, not to --rescore"),
 ])
 def test_bad_settings_are_named(run_dir, args, message):
     res = _cli(str(run_dir), *args)
@@ -103,6 +104,8 @@ def test_bad_settings_are_named(run_dir, args, message):
 def test_nothing_to_rescore(run_dir):
     res = _cli(str(run_dir), "--rescore", "--kpop-phi", "0.1", "--status", "dropped_stale")
     assert res.exit_code == 2 and "has the learner's logprobs to rescore" in res.stderr
+    res = _cli(str(run_dir / "missing"), "--rescore", "--kpop-phi", "0.1")
+    assert res.exit_code == 2 and "not a run directory" in res.stderr
 
 
 HOSTILE = [

@@ -85,6 +85,8 @@ def replay_cmd(
 
     filters = _archive_filters(env, status, episode_status)
     if rescore:
+        if regrade_only or trust_archive:
+            raise typer.BadParameter("--regrade-only and --trust-archive belong to a replay, not to --rescore")
         _rescore(path, json_out, kpop_phi or [], icepop or [], filters)
         return
     if kpop_phi or icepop:
