@@ -211,7 +211,8 @@ def record(out: dict, args) -> None:
     fmt = lambda x: "n/a" if x is None else f"{x:.3g}"  # noqa: E731
     body = [f"`PYTHONPATH=. python bench/mismatch.py --json --record` on {when}, {out['device']}, preset "
             f"{out['preset']}, {out['prompts']} prompts x {out['new_tokens']} sampled tokens (temperature 1), learner "
-            f"{out['learner_dtype']}; router mode: expert_bias noise +-{args.bias_noise}; kpop_phi {out['kpop_phi']}.", "",
+            f"{out['learner_dtype']}; router mode: expert_bias noise +-{args.bias_noise}; "
+            f"kpop_phi {out['kpop_phi']}.", "",
             "| mode | mean abs dlogp without | with replay | ratio | max without | max with | mask rate without "
             "| with | ratio | route flips (Lightning / MLA) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
@@ -222,13 +223,14 @@ def record(out: dict, args) -> None:
                     f"{fmt(m['mean_abs_dlogp_ratio'])} | {w['max_abs_dlogp']:.3e} | {r['max_abs_dlogp']:.3e} | "
                     f"{w['mask_rate']:.4f} | {r['mask_rate']:.4f} | {fmt(m['mask_rate_ratio'])} | "
                     f"{m['route_flip_rate']:.3f} ({split}) |")
+    names = list(next(iter(out["modes"].values()))["mask_rate_ratio_by_setting"])
     body += ["", "Mask rates under other settings (without -> with replay, ratio):", "",
-             "| mode | " + " | ".join(k for k in next(iter(out["modes"].values()))["mask_rate_ratio_by_setting"]) + " |",
-             "|---|" + "---|" * len(next(iter(out["modes"].values()))["mask_rate_ratio_by_setting"])]
+             "| mode | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for m in out["modes"].values():
         w, r = m["without_replay"]["mask_rates"], m["with_replay"]["mask_rates"]
-        body.append(f"| {m['mode']} | " + " | ".join(f"{w[k]:.4f} -> {r[k]:.4f} ({fmt(v)})"
-                                                     for k, v in m["mask_rate_ratio_by_setting"].items()) + " |")
+        body.append(f"| {m['mode']} | " + " | ".join(
+            f"{w[k]:.4f} -> {r[k]:.4f} ({'unbounded' if v is None and w[k] > 0 else fmt(v)})"
+            for k, v in m["mask_rate_ratio_by_setting"].items()) + " |")
     if any(m["mask_rate_ratio"] is None for m in out["modes"].values()):
         body += ["", f"mask_rate_ratio n/a: no token crossed KPop's binary-KL threshold (kpop_phi={out['kpop_phi']}) "
                  "with or without replay in those modes."]

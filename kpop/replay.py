@@ -318,7 +318,8 @@ def rescore_path(path: str | Path, kpop_phis: Iterable[float] = (), icepop_windo
             unscored += 1
             continue
         where = f"{rec.part}: trajectory {t.trajectory_id!r}"
-        bad = _bad_logprobs(rec.train_logprobs, t.loss_mask, "train_logprobs") or _bad_logprobs(t.logprobs, t.loss_mask, "logprobs")
+        bad = (_bad_logprobs(rec.train_logprobs, t.loss_mask, "train_logprobs")
+               or _bad_logprobs(t.logprobs, t.loss_mask, "logprobs"))
         if bad:
             skipped.append(f"{where}: {bad}")
             continue
@@ -333,14 +334,14 @@ def rescore_path(path: str | Path, kpop_phis: Iterable[float] = (), icepop_windo
             archived[name] = archived.get(name, 0) + 1
     p, q = torch.tensor(train, dtype=torch.float64), torch.tensor(behav, dtype=torch.float64)
     n = len(train)
-    settings = []
-    for phi in kpop_phis:
-        masked = int((~kpop_keep(p, q, phi)).sum())
-        settings.append(RescoreSetting(correction="kpop", kpop_phi=phi, masked=masked, mask_rate=masked / n if n else 0.0))
-    for alpha, beta in icepop_windows:
-        masked = int((~icepop_keep(p, q, alpha, beta)).sum())
-        settings.append(RescoreSetting(correction="icepop", icepop_alpha=alpha, icepop_beta=beta, masked=masked,
-                                       mask_rate=masked / n if n else 0.0))
+
+    def setting(keep: torch.Tensor, **what: Any) -> RescoreSetting:
+        masked = int((~keep).sum())
+        return RescoreSetting(**what, masked=masked, mask_rate=masked / n if n else 0.0)
+
+    settings = [setting(kpop_keep(p, q, phi), correction="kpop", kpop_phi=phi) for phi in kpop_phis]
+    settings += [setting(icepop_keep(p, q, a, b), correction="icepop", icepop_alpha=a, icepop_beta=b)
+                 for a, b in icepop_windows]
     return RescoreReport(trajectories=scored, tokens=n, without_train_logprobs=unscored, archived=archived,
                          settings=settings, skipped=skipped, skipped_parts=dict(archive.skipped))
 

@@ -89,7 +89,8 @@ def test_a_perturbed_router_flips_what_its_own_forward_chooses(model):
     m_off = off.train_step(trajs)
     got = [torch.tensor([bits(f, L) for f in r.route_flips], dtype=torch.bool) for r in off.last_tokens]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
-    n_flips, n_pairs = sum(int(w.sum()) for w in want), sum(int((t.routes.ids()[:, 0, 0] >= 0).sum()) * L for t in trajs)
+    n_flips = sum(int(w.sum()) for w in want)
+    n_pairs = sum(int((t.routes.ids()[:, 0, 0] >= 0).sum()) * L for t in trajs)
     assert n_flips > 0 and m_off["route_flip_rate"] == pytest.approx(n_flips / n_pairs)
 
     on = learner(model, routing_replay=True)
