@@ -145,7 +145,7 @@ class LearnerService:
         self.unacked += [e for e, _ in batch]
         settled[ArchiveStatus.CONSUMED.value] += len(batch)
         self.archive.write(trajs, status=ArchiveStatus.CONSUMED.value, step=self.learner.rl_steps,
-                           policy_version=version)
+                           policy_version=version, **self.learner.last_token_columns())
         # the learner's reward_mean is the shaped reward its advantages used (length reward
         # included); the environments' own reward is reported beside it, not over it
         metrics.update(
@@ -156,12 +156,16 @@ class LearnerService:
         return StepReport(metrics, dict(settled))
 
     def _drop(self, dropped: list) -> collections.Counter[str]:
+        from kpop.algo.losses import dropped_decisions  # torch: imported where the learner runs
+
         counts: collections.Counter[str] = collections.Counter()
         for disposition in ArchiveStatus:
             group = [t for _, t, d in dropped if d == disposition]
             if group:
+                stale = disposition == ArchiveStatus.DROPPED_STALE
                 self.archive.write(group, status=disposition.value, step=self.learner.rl_steps,
-                                   policy_version=self.version)
+                                   policy_version=self.version,
+                                   decisions=[dropped_decisions(t.loss_mask, stale) for t in group])
                 counts[disposition.value] += len(group)
         self.unacked += [e for e, _, _ in dropped]
         return counts

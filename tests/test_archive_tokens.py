@@ -64,8 +64,9 @@ def _hostile_part(tmp_path, edits: list[dict]) -> TrajectoryArchive:
     """One good row, then one row per `edits` entry with those columns overwritten (as anyone who
     can write a parquet file could), written straight to a part."""
     with TrajectoryArchive(tmp_path) as a:
-        a.write([_traj(i) for i in range(len(edits) + 1)], status="consumed", train_logprobs=[[-0.5] * N] * (len(edits) + 1),
-                decisions=[[0] * N] * (len(edits) + 1), route_flips=[[1] * N] * (len(edits) + 1))
+        n = len(edits) + 1
+        a.write([_traj(i) for i in range(n)], status="consumed", train_logprobs=[[-0.5] * N] * n,
+                decisions=[[0] * N] * n, route_flips=[[1] * N] * n)
     part = a.parts()[0]
     rows = pq.read_table(part).to_pylist()
     for row, edit in zip(rows[1:], edits):

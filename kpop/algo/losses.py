@@ -91,6 +91,13 @@ def token_decisions(prox: torch.Tensor, behav: torch.Tensor, mask: torch.Tensor,
     return out.masked_fill(mask & masked, int(why))
 
 
+def dropped_decisions(loss_mask: Sequence[int], stale: bool) -> list[int]:
+    """Decisions for a trajectory the learner dropped before the loss: MASK_STALE on its loss tokens
+    when it was dropped for staleness, NOT_TRAINED everywhere otherwise."""
+    masked = int(TokenDecision.MASK_STALE if stale else TokenDecision.NOT_TRAINED)
+    return [masked if m else int(TokenDecision.NOT_TRAINED) for m in loss_mask]
+
+
 def unit_mean(x: torch.Tensor, units: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token, the mean of x over the masked tokens of its unit, and that unit's masked size."""
     _, dense = torch.unique(units, return_inverse=True)
