@@ -31,6 +31,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.learner_actor import start_learner
+from actors.placement import rollout_options, shares_gpu, weight_transport
 from actors.rollout_pool import RolloutPool
 from kpop.config import RunConfig, dump_config
 from kpop.metrics import MetricsWriter, Progress, add_once, read_metrics, rl_info, summarize_rl
@@ -77,13 +78,15 @@ class Controller:
             self.stream_spec, self.redis = open_stream(cfg.stream, self.run_dir)
             self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
             worker_kwargs = dict(policy=cfg.policy, rollout=cfg.rollout, run_id=cfg.name, seed=cfg.seed,
-                                 step_timeout_s=cfg.environments.step_timeout_s, sandbox=cfg.sandbox)
+                                 step_timeout_s=cfg.environments.step_timeout_s, sandbox=cfg.sandbox,
+                                 weight_sync=weight_transport(cfg), share_gpu=shares_gpu(cfg.rollout.num_gpus))
             per_worker = cfg.rollout.max_concurrent_episodes
+            placed = rollout_options(cfg)
             self.pool = RolloutPool(cfg.rollout.num_workers, {**worker_kwargs, "stream": self.stream_spec},
-                                    max_inflight_per_worker=per_worker)
+                                    max_inflight_per_worker=per_worker, actor_options=placed)
             greedy = cfg.rollout.model_copy(update={"temperature": 0.0})
             self.eval_pool = RolloutPool(1, {**worker_kwargs, "rollout": greedy, "stream": None},
-                                         max_inflight_per_worker=per_worker)
+                                         max_inflight_per_worker=per_worker, actor_options=placed)
         except BaseException:
             self.close()
             raise
@@ -118,7 +121,7 @@ class Controller:
         timeout = self.cfg.schedule.weight_sync_timeout_s
         for pool in (self.pool, self.eval_pool):
             try:
-                pool.update_weights(handle.payload, handle.version, timeout_s=timeout)
+                pool.update_weights(handle, timeout_s=timeout)
             except TimeoutError as exc:
                 raise WeightSyncTimeout(f"weight sync of version {handle.version} hung: {exc}") from None
         self.version = handle.version

@@ -121,7 +121,9 @@ def test_pool_replaces_dead_worker_and_reissues_its_tasks(redis_url):
         assert set(trajs) == {t.task_id for t in tasks}
         # weights broadcast reaches the replacement too
         model, _ = load_policy(PolicyConfig(), seed=0)
-        pool.update_weights({"lm_head.weight": model.lm_head.weight.detach() * 1.01}, 1)
+        from kpop.weight_sync import ObjectStoreSync
+
+        pool.update_weights(ObjectStoreSync().publish({"lm_head.weight": model.lm_head.weight.detach() * 1.01}, 1))
         assert [ray.get(w.ping.remote())["version"] for w in pool.workers] == [1, 1]
     finally:
         pool.shutdown()

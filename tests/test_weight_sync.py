@@ -5,6 +5,7 @@ forward, checksums catch corruption, buckets respect their size. Real processes:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import socket
@@ -224,13 +225,14 @@ def test_embedded_engine_receives_weights_through_a_sync():
     engine = EmbeddedEngine(model, max_seqs=2, block_size=4, num_blocks=16)
     try:
         sync = CopySync(bucket_bytes=4096)
-        engine.receive_weights(sync, sync.publish(new.state_dict(), 1))
+        engine.weight_sync = sync
+        engine.receive_weights(sync.publish(new.state_dict(), 1))
         assert engine.version == 1
         assert_identical(dict(model.state_dict()), dict(new.state_dict()))
         h = sync.publish(new.state_dict(), 2)
         sync.buffers[0][0] ^= 1
         with pytest.raises(WeightSyncError, match="version 2: bucket 0"):
-            engine.receive_weights(sync, h)
+            engine.receive_weights(h)
         assert engine.version == 1  # nothing loaded
     finally:
         engine.close()
@@ -246,11 +248,11 @@ def test_an_ipc_payload_cannot_point_the_consumer_at_other_files_or_functions(tm
         victim = tmp_path / "victim"
         victim.write_bytes(b"keep me")
         for path in (str(victim), "/dev/shm/../tmp/kpop-wsync-1-abc", "/dev/shm/other"):
-            bad = WeightHandle(1, IpcPayload(h.payload.manifest, files=(path,) + h.payload.files[1:]))
+            bad = WeightHandle(1, dataclasses.replace(h.payload, files=(path,) + h.payload.files[1:]))
             with pytest.raises(WeightSyncError, match="not a weight-sync bucket"):
                 IpcSync().receive(bad)
         assert victim.read_bytes() == b"keep me"
-        bad = WeightHandle(1, IpcPayload(h.payload.manifest, cuda=((os.remove, (str(victim),)),)))
+        bad = WeightHandle(1, dataclasses.replace(h.payload, files=(), cuda=((os.remove, (str(victim),)),)))
         with pytest.raises(WeightSyncError, match="not a CUDA IPC handle"):
             IpcSync().receive(bad)
         assert victim.exists()
