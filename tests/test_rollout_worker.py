@@ -102,7 +102,7 @@ def test_pool_replaces_dead_worker_and_reissues_its_tasks(redis_url):
              runtime_env={"env_vars": {"PYTHONPATH": ":".join(sys.path)}})
     spec = StreamSpec(url=redis_url, key="kpop:test-pool")
     pool = RolloutPool(2, dict(policy=PolicyConfig().model_dump(), rollout=ROLLOUT.model_dump(), stream=spec,
-                               run_id="run-p"), max_inflight_per_worker=3)
+                               run_id="run-p", weight_sync="object_store"), max_inflight_per_worker=3)
     try:
         tasks = [RolloutTask(env_id=ENV, seed=s, group_id=f"g{s // 2}", env_kwargs={"difficulty": 0}) for s in range(8)]
         pool.submit(tasks)
