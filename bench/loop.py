@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import tempfile
@@ -208,7 +207,6 @@ def bench_loop(preset: str = "bench-2b", steps: int = 4, warmup: int = 1, prompt
     if preset == "bench-2b" and not cuda:
         raise SystemExit("bench/loop.py: bench-2b needs a CUDA GPU; use --cpu-smoke (tiny policy) on CPU")
     _register()
-    random.seed(0)
     with tempfile.TemporaryDirectory(prefix="kpop-loop-") as tmp:
         cfg = loop_config(Path(tmp), preset, prompt_tokens, response_tokens, batch, group, concurrent, cuda, staleness)
         loop = ColocatedLoop(cfg)

@@ -1,0 +1,60 @@
+"""The colocated layout on a Ray cluster: fractional GPUs for the learner and the rollout actors,
+resolved from the config, and the weight transport that goes with them. No GPU needed: Ray is
+told the node has one, and places real actors by the resolved options."""
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+from actors.placement import learner_options, rollout_options, shares_gpu, weight_transport
+from kpop.config import ConfigError, RunConfig, load_config
+
+COLOCATED = {"learner": {"num_gpus": 0.5, "dtype": "bfloat16"}, "rollout": {"num_gpus": 0.5},
+             "schedule": {"rl_steps": 0}}
+
+
+def test_fractional_gpus_resolve_to_actor_options():
+    cfg = RunConfig.model_validate(COLOCATED)
+    assert learner_options(cfg) == {"num_cpus": 0, "num_gpus": 0.5, "max_restarts": 0}
+    assert rollout_options(cfg) == {"num_cpus": 0, "num_gpus": 0.5}
+    assert shares_gpu(cfg.learner.num_gpus) and shares_gpu(cfg.rollout.num_gpus)
+    assert weight_transport(cfg) == "ipc"  # both ends on the GPU: CUDA IPC, no host copy
+    cpu = RunConfig.model_validate({"schedule": {"rl_steps": 0}})
+    assert learner_options(cpu)["num_gpus"] == 0 and rollout_options(cpu)["num_gpus"] == 0
+    assert weight_transport(cpu) == "object_store" and not shares_gpu(0.0) and not shares_gpu(1.0)
+    pinned = RunConfig.model_validate({**COLOCATED, "learner": {**COLOCATED["learner"], "weight_sync": "object_store"}})
+    assert weight_transport(pinned) == "object_store"
+
+
+def test_gpu_counts_are_shares_or_whole(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout: {num_gpus: 1.5}\nschedule: {rl_steps: 0}\n")
+    with pytest.raises(ConfigError, match="rollout.num_gpus must be a share of one GPU .* got 1.5"):
+        load_config(path)
+    assert load_config(path, ["rollout.num_gpus=2", "learner.num_gpus=0.25"]).learner.num_gpus == 0.25
+
+
+@pytest.mark.slow
+def test_ray_puts_learner_and_rollout_on_the_same_gpu():
+    import ray
+
+    cfg = RunConfig.model_validate(COLOCATED)
+    tmp = tempfile.mkdtemp(prefix="kray", dir="/tmp")  # AF_UNIX paths must stay < 108 bytes
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, _temp_dir=tmp, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": ":".join(sys.path)}})
+    try:
+        @ray.remote
+        class Probe:
+            def gpus(self) -> list:
+                return [str(g) for g in ray.get_gpu_ids()]
+
+        learner = Probe.options(**learner_options(cfg)).remote()
+        rollout = Probe.options(**rollout_options(cfg)).remote()
+        assert ray.get(learner.gpus.remote()) == ray.get(rollout.gpus.remote()) == ["0"]
+        assert ray.available_resources().get("GPU", 0.0) == 0.0  # the two halves fill the one GPU
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
