@@ -76,3 +76,47 @@ def test_cli_offers_colocate():
 
     out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "--colocate" in out.output and "without Ray" in out.output
+
+
+def test_rerunning_resumes_from_the_newest_checkpoint(run):
+    from kpop.colocate import ColocatedLoop
+
+    run_dir, first, *_ = run
+    loop = ColocatedLoop(small_config(run_dir.parent, "colo", f"schedule.rl_steps={STEPS + 1}",
+                                      "schedule.max_staleness=1", "learner.sync_bucket_mb=1"))
+    try:
+        summary = loop.run()
+    finally:
+        loop.close()
+    rows = read_metrics(run_dir, phase="rl")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 2))  # SFT and steps 1-3 were not redone
+    assert summary["rl_steps"] == STEPS + 1 and summary["eval_reward_before_rl"] == first["eval_reward_before_rl"]
+    assert len([r for r in read_metrics(run_dir, phase="sft")]) == 2
+    assert_each_trained_once(run_dir, STEPS + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_colocated_on_one_gpu(tmp_path):
+    """Engine and learner on the GPU: weights move GPU to GPU (the buckets live there) and arrive
+    bit-identical; reward and staleness are logged for every step."""
+    from kpop.colocate import ColocatedLoop
+
+    cfg = small_config(tmp_path, "gpu", "schedule.rl_steps=3", "learner.sft_steps=0", "schedule.eval_before_rl=false",
+                       "policy.dtype=bfloat16", "learner.dtype=bfloat16", "learner.num_gpus=1", "rollout.num_gpus=1",
+                       "rollout.gpu_memory_fraction=0.3", "learner.sync_bucket_mb=1")
+    loop = ColocatedLoop(cfg)
+    try:
+        summary = loop.run()
+        assert all(b.is_cuda for b in loop.sync.buffers)
+        with loop.learner.learner.weights() as learned:
+            engine = dict(loop.workers[0].engine.model.state_dict())
+            assert next(iter(learned.values())).is_cuda
+            for name, want in learned.items():
+                assert torch.equal(engine[name].to(want.dtype), want), name
+        assert loop.workers[0].engine.version == loop.learner.version == 3
+    finally:
+        loop.close()
+    rows = read_metrics(tmp_path / "gpu", phase="rl")
+    assert len(rows) == 3 and all("task_reward_mean" in r and r["staleness_mean"] >= 0 for r in rows)
+    assert summary["trajectories_consumed"] == 3 * BATCH
