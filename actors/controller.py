@@ -31,7 +31,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.learner_actor import start_learner
-from actors.placement import rollout_options, shares_gpu, weight_transport
+from actors.placement import check_gpus, rollout_options, shares_gpu, weight_transport
 from actors.rollout_pool import RolloutPool
 from kpop.config import RunConfig, dump_config
 from kpop.metrics import MetricsWriter, Progress, add_once, read_metrics, rl_info, summarize_rl
@@ -72,6 +72,7 @@ class Controller:
         # Ray first: a cluster that refuses us must leave no half-made run directory behind
         self.ray = init_ray(cfg.ray, self.run_dir)
         try:
+            check_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             self.t0 = time.time()

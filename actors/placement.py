@@ -39,3 +39,13 @@ def weight_transport(cfg: RunConfig) -> str:
     if cfg.learner.weight_sync != "auto":
         return cfg.learner.weight_sync
     return "ipc" if cfg.learner.num_gpus > 0 and cfg.rollout.num_gpus > 0 else "object_store"
+
+
+def check_gpus(cfg: RunConfig, cluster_gpus: float) -> None:
+    """Refuse at once a run whose GPU shares the cluster cannot hold (Ray would wait for them
+    forever): the learner, every rollout worker and the eval worker."""
+    want = cfg.learner.num_gpus + (cfg.rollout.num_workers + 1) * cfg.rollout.num_gpus
+    if want > cluster_gpus + 1e-9:
+        raise ValueError(f"the run asks for {want:g} GPUs (learner.num_gpus {cfg.learner.num_gpus:g} + "
+                         f"{cfg.rollout.num_workers} rollout workers and 1 eval worker x rollout.num_gpus "
+                         f"{cfg.rollout.num_gpus:g}) but the Ray cluster has {cluster_gpus:g}")

@@ -10,7 +10,7 @@ import torch
 
 from kpop.archive import TrajectoryArchive
 from kpop.metrics import read_metrics
-from train_helpers import BATCH, assert_each_episode_settled_once, assert_each_trained_once, small_config
+from train_helpers import BATCH, ROOT, assert_each_episode_settled_once, assert_each_trained_once, small_config
 
 pytestmark = pytest.mark.slow
 STEPS = 3
@@ -76,6 +76,8 @@ def test_cli_offers_colocate():
 
     out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "--colocate" in out.output and "without Ray" in out.output
+    both = CliRunner().invoke(app, ["train", str(ROOT / "configs/quickstart.yaml"), "--colocate", "--ray-address", "auto"])
+    assert both.exit_code == 2 and "--colocate runs without Ray" in both.output
 
 
 def test_rerunning_resumes_from_the_newest_checkpoint(run):

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from actors.placement import learner_options, rollout_options, shares_gpu, weight_transport
+from actors.placement import check_gpus, learner_options, rollout_options, shares_gpu, weight_transport
 from kpop.config import ConfigError, RunConfig, load_config
 
 COLOCATED = {"learner": {"num_gpus": 0.5, "dtype": "bfloat16"}, "rollout": {"num_gpus": 0.5},
@@ -27,6 +27,15 @@ def test_fractional_gpus_resolve_to_actor_options():
     assert weight_transport(cpu) == "object_store" and not shares_gpu(0.0) and not shares_gpu(1.0)
     pinned = RunConfig.model_validate({**COLOCATED, "learner": {**COLOCATED["learner"], "weight_sync": "object_store"}})
     assert weight_transport(pinned) == "object_store"
+
+
+def test_a_run_the_cluster_cannot_place_is_refused_by_numbers():
+    cfg = RunConfig.model_validate(COLOCATED)  # learner 0.5 + (1 rollout + 1 eval) x 0.5
+    check_gpus(cfg, 2.0)
+    with pytest.raises(ValueError, match=r"asks for 1.5 GPUs .* the Ray cluster has 1"):
+        check_gpus(cfg, 1.0)
+    check_gpus(RunConfig.model_validate({**COLOCATED, "rollout": {"num_gpus": 0.25}}), 1.0)
+    check_gpus(RunConfig.model_validate({"schedule": {"rl_steps": 0}}), 0.0)
 
 
 def test_gpu_counts_are_shares_or_whole(tmp_path):
