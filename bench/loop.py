@@ -1,4 +1,4 @@
-"""The whole RL loop on one device (kpop/colocate.py): rollout, stream, learner and weight sync
+"""The whole RL loop on one device (actors/colocate.py): rollout, stream, learner and weight sync
 together, for a fixed number of learner steps after warm-up steps (a benchmark, not a test).
 
     PYTHONPATH=. python bench/loop.py [--preset bench-2b] [--steps 4] [--json]   # needs CUDA for bench-2b
@@ -200,7 +200,7 @@ def bench_loop(preset: str = "bench-2b", steps: int = 4, warmup: int = 1, prompt
                response_tokens: int = 256, batch: int = 64, group: int = 4, concurrent: int = 128,
                staleness: int = 1, cpu: bool = False) -> dict[str, Any]:
     """Run the colocated loop `warmup` + `steps` learner steps; the keys above, for the timed steps."""
-    from kpop.colocate import ColocatedLoop
+    from actors.colocate import ColocatedLoop
     from kpop.metrics import read_metrics
 
     cuda = torch.cuda.is_available() and not cpu

@@ -1,4 +1,4 @@
-"""The colocated loop (kpop/colocate.py) end to end on CPU: rollout workers, the learner service, the
+"""The colocated loop (actors/colocate.py) end to end on CPU: rollout workers, the learner service, the
 embedded Redis stream and the same-process weight sync in one process, no Ray, on the tiny policy."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from kpop.colocate import ColocatedLoop
+    from actors.colocate import ColocatedLoop
 
     base = tmp_path_factory.mktemp("runs")
     # max_staleness 1: the learner must drop what is older, and versions move every step
@@ -69,6 +69,15 @@ def test_engine_versions_advance_and_weights_are_bit_identical(run):
             assert torch.equal(engine[name].to(want.dtype), want), name
 
 
+def test_the_colocated_loop_imports_no_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, actors.colocate, kpop.cli.train; assert 'ray' not in sys.modules, 'ray imported'"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_cli_offers_colocate():
     from typer.testing import CliRunner
 
@@ -81,7 +90,7 @@ def test_cli_offers_colocate():
 
 
 def test_rerunning_resumes_from_the_newest_checkpoint(run):
-    from kpop.colocate import ColocatedLoop
+    from actors.colocate import ColocatedLoop
 
     run_dir, first, *_ = run
     loop = ColocatedLoop(small_config(run_dir.parent, "colo", f"schedule.rl_steps={STEPS + 1}",
@@ -102,7 +111,7 @@ def test_rerunning_resumes_from_the_newest_checkpoint(run):
 def test_colocated_on_one_gpu(tmp_path):
     """Engine and learner on the GPU: weights move GPU to GPU (the buckets live there) and arrive
     bit-identical; reward and staleness are logged for every step."""
-    from kpop.colocate import ColocatedLoop
+    from actors.colocate import ColocatedLoop
 
     cfg = small_config(tmp_path, "gpu", "schedule.rl_steps=3", "learner.sft_steps=0", "schedule.eval_before_rl=false",
                        "policy.dtype=bfloat16", "learner.dtype=bfloat16", "learner.num_gpus=1", "rollout.num_gpus=1",

@@ -57,7 +57,7 @@ def train(
     # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C so Ray, Redis and the run dir close cleanly
     signal.signal(signal.SIGTERM, _interrupt)
     if colocate:
-        from kpop.colocate import train_colocated as run  # imported here: `kpop --help` stays fast
+        from actors.colocate import train_colocated as run  # imported here: `kpop --help` stays fast
     else:
         from actors.controller import train as run
 

@@ -1,5 +1,6 @@
-"""The whole loop in one process on one device, composed from the plain classes (no Ray: a
-one-GPU machine may not have it).
+"""The whole loop in one process on one device, composed from the plain classes: the in-process
+twin of `actors.controller`. It lives beside the controller because it wires `kpop/` and
+`learner/` together, and imports no Ray (a one-GPU machine may not have it).
 
     summary = train_colocated(cfg)                 # `kpop train CONFIG --colocate`
     loop = ColocatedLoop(cfg); loop.rl(); loop.close()
