@@ -200,8 +200,8 @@ class ColocatedLoop:
                 self.state.task_counter = source.counter
                 sync_s = self.sync_weights()
                 now = time.perf_counter()
-                row = add_once(report.metrics, wall_tokens_per_s=report.metrics.get("tokens", 0.0) / max(now - t_step, 1e-9),
-                               step_wall_s=now - t_step, sync_s=sync_s, engine_version=float(self.version))
+                trained = report.metrics.get("tokens", 0.0)  # absent: the learner skipped the step
+                row = add_once(report.metrics, wall_tokens_per_s=trained / max(now - t_step, 1e-9), step_wall_s=now - t_step, sync_s=sync_s, engine_version=float(self.version))
                 t_step = now
                 loud = self.state.rl_step in (1, stop)
                 cut = truncation_stats(finished, cfg.rollout.max_episode_tokens, warn_above=0.5 if loud else 1.0)

@@ -14,10 +14,10 @@ prompt's words the answer repeats. Keys:
   loop_generated_tokens_per_s  tokens the engines sampled per wall second
   loop_gpu_busy             share of wall time the GPU was busy; `loop_gpu_busy_method` says how:
                             "nvml" (NVML utilization sampled every 50 ms: the share of time a
-                            kernel ran), else "cuda_event_spans" (union of the engine-step and
-                            learner-step spans on the GPU's timeline, from CUDA events: an upper
-                            bound, as a span counts the GPU's waits for the host inside a step);
-                            on CPU "host_clock_spans" (the same union on the host clock)
+                            kernel ran), else "cuda_event_spans" (the union of the engine-step,
+                            learner-step and weight-sync spans on the GPU's timeline, from CUDA
+                            events: an upper bound, as a span counts the GPU's waits for the host
+                            inside a step); on CPU "host_clock_spans" (the same union, host clock)
   loop_gpu_span_share       the span union, whatever the method above
   loop_staleness_mean       mean version lag of the trained samples
   loop_sync_s_per_step      wall seconds of one weight sync (publish + every engine's pull)
@@ -95,7 +95,8 @@ def prompt_words(tokenizer: Any, prompt_tokens: int) -> int:
         messages, _ = FixedLengthEnv(n).reset(seed=seed)
         got = len(client.encode(client.render(messages)))
         if got != prompt_tokens:
-            raise ValueError(f"{n} words render to {got} tokens, not {prompt_tokens}: the tokenizer splits or merges them")
+            raise ValueError(f"{n} words render to {got} tokens, not {prompt_tokens}: the tokenizer splits or "
+                             "merges them")
     return n
 
 
@@ -109,8 +110,9 @@ def loop_config(out_dir: Path, preset: str, prompt_tokens: int, response_tokens:
     return RunConfig.model_validate({
         "name": "loop", "run_dir": str(out_dir), "resume": False,
         "policy": {"preset": preset, "dtype": "bfloat16" if cuda else "float32"},
+        # max_episode_tokens + 1: a reply ends at max_new_tokens, not as an episode cut at its budget
         "rollout": {"max_concurrent_episodes": concurrent, "group_size": group, "max_new_tokens": response_tokens,
-                    "max_episode_tokens": prompt_tokens + response_tokens + 1, "max_turns": 1,  # +1: a reply ends by max_new_tokens, not as a cut episode
+                    "max_episode_tokens": prompt_tokens + response_tokens + 1, "max_turns": 1,
                     **({"num_gpus": 1.0, "gpu_memory_fraction": 0.35} if cuda else {})},
         "environments": {"train": [{"id": ENV_ID, "kwargs": {"words": words}}]},
         "learner": {"lr": 1e-6, "zero_stage": 2 if cuda else 1, "dtype": "bfloat16" if cuda else "float32",
@@ -215,6 +217,7 @@ def bench_loop(preset: str = "bench-2b", steps: int = 4, warmup: int = 1, prompt
             for w in loop.workers:
                 w.engine._step = spans.wrap(w.engine._step)  # the engine thread's one step
             loop.learner.learner.train_step = spans.wrap(loop.learner.learner.train_step)
+            loop.sync_weights = spans.wrap(loop.sync_weights)  # device copies and checksums
             loop.sync_weights()
             loop.rl(steps=warmup)
             generated0 = sum(w.engine.stats["decode_tokens"] for w in loop.workers)

@@ -85,7 +85,8 @@ def test_cli_offers_colocate():
 
     out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
     assert out.exit_code == 0 and "--colocate" in out.output and "without Ray" in out.output
-    both = CliRunner().invoke(app, ["train", str(ROOT / "configs/quickstart.yaml"), "--colocate", "--ray-address", "auto"])
+    config = str(ROOT / "configs/quickstart.yaml")
+    both = CliRunner().invoke(app, ["train", config, "--colocate", "--ray-address", "auto"])
     assert both.exit_code == 2 and "--colocate runs without Ray" in both.output
 
 

@@ -67,3 +67,22 @@ def test_ray_puts_learner_and_rollout_on_the_same_gpu():
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_engine_cache_is_sized_to_its_memory_share():
+    """`rollout.gpu_memory_fraction` sizes the engine's cache on a shared GPU: what fits after the
+    weights and recurrent states, at most what every episode at full length needs; too little
+    memory is an error with the numbers."""
+    from kpop.config import RolloutConfig
+    from kpop.policy.checkpoint import build_model
+    from kpop.policy.presets import tiny_config
+    from kpop.rollout.worker import cache_blocks
+
+    model = build_model(tiny_config(vocab_size=64), seed=0)
+    r = RolloutConfig(max_concurrent_episodes=4, max_new_tokens=16, max_episode_tokens=63)
+    assert cache_blocks(model, r, 1 << 30, 16) == 4 * 4  # roomy: 4 episodes x 4 pages of 16 tokens
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tight = cache_blocks(model, r, weights + (4 << 20), 16)
+    assert 4 <= tight <= 16
+    with pytest.raises(ValueError, match=r"rollout.gpu_memory_fraction leaves the engine .* one 63-token episode needs 4"):
+        cache_blocks(model, r, weights, 16)

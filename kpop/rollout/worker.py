@@ -91,14 +91,16 @@ def cache_blocks(model: Any, rollout: RolloutConfig, budget_bytes: int, block_si
     shape = model.cache_shape()
     dtype_bytes = next(model.parameters()).element_size()
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    states = rollout.max_concurrent_episodes * shape.num_linear_layers * shape.linear_heads * shape.linear_head_dim ** 2 * 4
+    states = (rollout.max_concurrent_episodes * shape.num_linear_layers * shape.linear_heads
+              * shape.linear_head_dim ** 2 * 4)  # fp32 Lightning states
     per_block = max(1, shape.num_mla_layers * block_size * shape.latent_dim * dtype_bytes)
     per_episode = -(-(rollout.max_episode_tokens + 1) // block_size)
     fit = (budget_bytes - weights - states) // per_block
     if fit < per_episode:
         raise ValueError(f"rollout.gpu_memory_fraction leaves the engine {budget_bytes / 2**30:.2f} GiB: weights "
-                         f"{weights / 2**30:.2f} GiB + recurrent states {states / 2**30:.2f} GiB leave room for {max(fit, 0)} "
-                         f"cache pages, and one {rollout.max_episode_tokens}-token episode needs {per_episode}")
+                         f"{weights / 2**30:.2f} GiB + recurrent states {states / 2**30:.2f} GiB leave room for "
+                         f"{max(fit, 0)} cache pages, and one {rollout.max_episode_tokens}-token episode needs "
+                         f"{per_episode}")
     return int(min(fit, rollout.max_concurrent_episodes * per_episode))
 
 
@@ -218,7 +220,8 @@ class RolloutWorker:
         device = rollout_device(self.cfg)
         budget = None
         if share_gpu and device == "cuda":
-            budget = int(self.cfg.gpu_memory_fraction * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            budget = int(self.cfg.gpu_memory_fraction * total)
         model, self.tokenizer = load_policy(self.policy_cfg, device=device, seed=seed)
         self.engine = build_engine(self.cfg, model, self.tokenizer, memory_bytes=budget)
         self.engine.weight_sync = make_sync(weight_sync) if isinstance(weight_sync, str) else weight_sync
