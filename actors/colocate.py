@@ -46,14 +46,19 @@ log = logging.getLogger("kpop.train")
 
 
 @dataclass
-class LoopState:
-    """What a resumed run must remember (saved inside learner checkpoints, as a Ray run's)."""
+class ControllerState:
+    """What a resumed run must remember, saved inside learner checkpoints (both loops: a run may
+    resume in either layout)."""
 
     sft_done: bool = False
     rl_step: int = 0
     task_counter: int = 0
     eval_before: float | None = None  # greedy
     eval_before_sampled: float | None = None
+
+    @classmethod
+    def from_extra(cls, extra: dict | None) -> "ControllerState":
+        return cls(**(extra or {}).get("controller", {}))
 
 
 class ColocatedLoop:
@@ -85,7 +90,7 @@ class ColocatedLoop:
         except BaseException:
             self.close()
             raise
-        self.state = LoopState()
+        self.state = ControllerState()
         self.admission = Admission(cfg.schedule.batch_size, StalenessBound(cfg.schedule.max_staleness))
         self.version = 0  # the engines' weights
         self.sync_s: list[float] = []  # each weight sync's wall time
@@ -98,7 +103,7 @@ class ColocatedLoop:
     def restore(self) -> None:
         extra = self.learner.restore() if self.cfg.resume else None
         if extra is not None:
-            self.state = LoopState(**extra.get("controller", {}))
+            self.state = ControllerState.from_extra(extra)
             self.admission.load_totals(extra.get("admission", {}))
             log.info("resumed %s at RL step %d", self.run_dir, self.state.rl_step)
 

@@ -23,13 +23,14 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from actors.colocate import ControllerState
 from actors.learner_actor import start_learner
 from actors.placement import check_gpus, rollout_options, shares_gpu, weight_transport
 from actors.rollout_pool import RolloutPool
@@ -47,21 +48,6 @@ _ACTOR_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 class WeightSyncTimeout(RuntimeError):
     """A weight broadcast did not finish within schedule.weight_sync_timeout_s."""
-
-
-@dataclass
-class ControllerState:
-    """What the controller must remember across a resume (saved inside learner checkpoints)."""
-
-    sft_done: bool = False
-    rl_step: int = 0
-    task_counter: int = 0
-    eval_before: float | None = None  # greedy
-    eval_before_sampled: float | None = None
-
-    @classmethod
-    def from_extra(cls, extra: dict | None) -> "ControllerState":
-        return cls(**(extra or {}).get("controller", {}))
 
 
 class Controller:
