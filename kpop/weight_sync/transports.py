@@ -188,6 +188,11 @@ class IpcSync:
             t = self._mapped[path] = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         return t
 
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """Producer: the current buckets."""
+        return self._buckets.buffers
+
     def close(self) -> None:
         """Producer: remove the shared-memory files (consumers' existing mappings stay valid)."""
         self._finalizer()
