@@ -203,7 +203,8 @@ class ColocatedLoop:
                     continue
                 self.state.rl_step += 1
                 self.state.task_counter = source.counter
-                sync_s = self.sync_weights()
+                # a skipped step (dynamic filtering left nothing) moved no weight: nothing to evict for
+                sync_s = self.sync_weights() if self.learner.version != self.version else 0.0
                 now = time.perf_counter()
                 trained = report.metrics.get("tokens", 0.0)  # absent: the learner skipped the step
                 row = add_once(report.metrics, wall_tokens_per_s=trained / max(now - t_step, 1e-9), step_wall_s=now - t_step, sync_s=sync_s, engine_version=float(self.version))
