@@ -2,7 +2,8 @@
 
     learner = Learner(cfg.learner, cfg.algorithm, model, total_steps=cfg.schedule.rl_steps)
     metrics = learner.train_step(trajectories)       # one optimiser step, version += 1
-    state, version = learner.export_weights()
+    with learner.weights() as state:                 # on the learner's device, for a weight sync
+        handle = sync.publish(state, learner.version)
     learner.save(run_dir / "ckpt", extra={"acked": ids})
     extra = Learner(...).load(run_dir / "ckpt")      # continues bit-identically
 
@@ -41,7 +42,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from inspect import signature
@@ -616,15 +617,21 @@ class Learner:
         self.engine.train()
         return [lp for _, lp in sorted(out, key=lambda x: x[0])]
 
-    def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
-        """A full CPU copy of the model's state dict (gathered under ZeRO-3) and its version."""
+    @contextmanager
+    def weights(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The model's state dict as it is on the learner's device (gathered under ZeRO-3), no copy:
+        valid inside the block only (the next step changes it; ZeRO-3 frees the gathered tensors).
+        A weight sync copies it once into its own buckets there."""
         module = self.engine.module
-        if self.cfg.zero_stage == 3:
-            with self._ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        else:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        return state, self.version
+        gather = (self._ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                  if self.cfg.zero_stage == 3 else nullcontext())
+        with gather, torch.no_grad():
+            yield {k: v.detach() for k, v in module.state_dict().items()}
+
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        """A full CPU copy of the model's state dict and its version (checkpoints, tests)."""
+        with self.weights() as state:
+            return {k: v.to("cpu", copy=True) for k, v in state.items()}, self.version
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Checkpoint model, optimizer, lr-schedule position, version and the caller's opaque

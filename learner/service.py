@@ -85,8 +85,10 @@ class LearnerService:
         return self.learner.version
 
     def publish_weights(self) -> WeightHandle:
-        state, version = self.learner.export_weights()
-        return self.weight_sync.publish(state, version)
+        """The current weights through this service's transport, straight from the learner's device
+        (a GPU-to-GPU transport never stages them in host memory)."""
+        with self.learner.weights() as state:
+            return self.weight_sync.publish(state, self.learner.version)
 
     def save_policy(self, out: str | Path) -> str:
         """The current weights as an HF checkpoint (config.json + safetensors + tokenizer) in

@@ -36,7 +36,6 @@ from kpop.policy.cache import HybridCache
 from kpop.rollout.engine import EngineError, GenerationRequest, GenerationResult, SamplingParams, ThreadedEngine
 from kpop.rollout.sampling import sample
 from kpop.trajectory import Routes
-from kpop.weight_sync import WeightHandle, WeightSync
 
 
 @dataclass
@@ -102,11 +101,6 @@ class EmbeddedEngine(ThreadedEngine):
         self._running: list[_Seq] = []
         self.num_experts = int(model.config.num_experts or 0)
         self.stats = collections.Counter()  # steps, prefill_tokens, decode_tokens, preemptions, reprefills
-
-    def receive_weights(self, sync: WeightSync, handle: WeightHandle) -> None:
-        """Take a published version through its transport: `receive` gives views into the
-        transport's buckets (on the GPU when both ends are), which `update_weights` copies in."""
-        self.update_weights(sync.receive(handle), handle.version)
 
     # -- ThreadedEngine hooks -------------------------------------------------------------------
     def _check(self, request: GenerationRequest) -> None:
