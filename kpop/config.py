@@ -37,6 +37,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
+def _gpu_count(name: str, v: float) -> float:
+    """A share of one GPU (0 < v < 1) or a whole number of GPUs."""
+    if v > 1 and v != int(v):
+        raise ValueError(f"{name} must be a share of one GPU (below 1) or a whole number of GPUs, got {v}")
+    return v
+
+
 class PolicyConfig(_Section):
     """The Ring-2.6 policy: an HF checkpoint directory, or an architecture built from scratch."""
 
@@ -59,6 +66,17 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(128, ge=1)  # per model turn
     max_episode_tokens: int = Field(1024, ge=1)  # prompt + all turns
     max_turns: int = Field(8, ge=1)
+    # GPUs per rollout worker: 0 = the engine runs on CPU; a fraction shares one GPU with other
+    # actors (e.g. 0.5 beside a learner with learner.num_gpus 0.5: the colocated layout)
+    num_gpus: float = Field(0.0, ge=0.0)
+    # the engine's share of its GPU's memory (weights + cache) when it shares the GPU with the learner
+    # (`kpop train --colocate`, or fractional num_gpus); the learner keeps the rest
+    gpu_memory_fraction: float = Field(0.4, gt=0.0, lt=1.0)
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_or_share(cls, v: float) -> float:
+        return _gpu_count("rollout.num_gpus", v)
 
 
 class EnvSpec(_Section):
@@ -138,7 +156,11 @@ class LearnerConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 1
     micro_batch_tokens: int = Field(4096, ge=1)  # token budget of one packed micro-batch
     dtype: Literal["float32", "bfloat16"] = "float32"
-    num_gpus: int = Field(0, ge=0)  # 0 = CPU (gloo)
+    num_gpus: float = Field(0.0, ge=0.0)  # 0 = CPU (gloo); a fraction < 1 shares one GPU with rollout workers
+    # how new weights reach the rollout workers of a Ray run: auto = CUDA IPC when learner and
+    # engines are on GPUs (one node), else Ray's object store (`kpop train --colocate`: same-process copy)
+    weight_sync: Literal["auto", "object_store", "ipc"] = "auto"
+    sync_bucket_mb: int = Field(256, ge=1)  # weights move in buckets of this size
     # recompute each decoder layer's activations in the backward; None = on with GPUs, off on CPU
     activation_checkpointing: bool | None = None
     # aux-loss-free MoE balancing: each step moves every expert_bias by this much toward even load (0 = off)
@@ -149,6 +171,11 @@ class LearnerConfig(_Section):
     sft_steps: int = Field(0, ge=0)
     sft_lr: float = Field(1e-3, gt=0.0)
     sft_batch_size: int = Field(16, ge=1)
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_or_share(cls, v: float) -> float:
+        return _gpu_count("learner.num_gpus", v)
 
     @field_validator("betas")
     @classmethod

@@ -10,11 +10,18 @@ The replayed conversation is then compared message by message with the recorded 
 difference names the step (0 = the reset observation, k = the env's answer to the k-th assistant
 turn). A trajectory matches when every observation and the reward agree.
 
+`rescore_path` (`kpop replay RUN --rescore --kpop-phi 0.01 --icepop 0.5,2.0`) runs no environment:
+it re-applies KPop's binary-KL mask or IcePop's ratio window, under settings other than the run's,
+to the archived logprobs (the rollout's and the learner's own, `train_logprobs`) of every loss
+token, and counts the tokens each setting would mask; no model is needed.
+
 `regrade_only=True` skips the observation comparison and only checks the reward. The env API has
 no verifier-only entry point and some verifiers read state that tools built (the workflow
 database), so the final state is rebuilt by replaying the actions, then the verifier runs.
 
-An archive is untrusted input: anyone who can write a parquet file can write any `env_kwargs`.
+An archive is untrusted input: anyone who can write a parquet file can write any `env_kwargs`,
+and any logprob. Rescoring skips (and names) a row whose per-token fields do not fit its tokens or
+hold values that are not log probabilities; the other rows are still scored.
 Replay passes on only the archived kwargs that `safe_env_kwargs` allows: ones the env's
 constructor declares, with a plain scalar value, that neither configure the sandbox (`image`,
 `limits`, `network`, `mounts`, ...) nor name a host path (`*_dir`, `*_path`, `*_file`). The rest are
@@ -231,4 +238,125 @@ def format_report(report: ReplayReport) -> str:
         if not r.match and r.error:
             line += f"; {r.error}"
         lines.append(line)
+    return "\n".join(lines)
+
+
+# -- rescoring the archived mismatch under other correction settings ----------------------------
+
+LOGPROB_SLACK = 1e-3  # fp rounding can leave a logprob a hair above 0; more is not a log probability
+
+
+class RescoreSetting(BaseModel):
+    correction: str  # "kpop" | "icepop"
+    kpop_phi: float | None = None
+    icepop_alpha: float | None = None
+    icepop_beta: float | None = None
+    masked: int  # loss tokens this setting would mask
+    mask_rate: float  # masked / the report's loss tokens
+
+    @property
+    def label(self) -> str:
+        if self.correction == "kpop":
+            return f"kpop phi={self.kpop_phi:g}"
+        return f"icepop [{self.icepop_alpha:g}, {self.icepop_beta:g}]"
+
+
+class RescoreReport(BaseModel):
+    trajectories: int  # rows scored: those with the learner's logprobs and at least one loss token
+    tokens: int  # their loss tokens
+    without_train_logprobs: int  # matching rows the learner never scored (dropped, failed, older archives)
+    archived: dict[str, int] = Field(default_factory=dict)  # TokenDecision name -> loss tokens, as the run decided
+    settings: list[RescoreSetting]
+    skipped: list[str] = Field(default_factory=list)  # malformed rows: where and why
+    skipped_parts: dict[str, str] = Field(default_factory=dict)  # unreadable archive part -> why
+
+
+def parse_icepop(text: str) -> tuple[float, float]:
+    """'ALPHA,BETA' -> (alpha, beta), 0 <= alpha < beta, both finite."""
+    try:
+        alpha, beta = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"an IcePop window is ALPHA,BETA (e.g. 0.5,2.0), got {text!r}") from None
+    if not (math.isfinite(alpha) and math.isfinite(beta) and 0 <= alpha < beta):
+        raise ValueError(f"an IcePop window needs finite 0 <= ALPHA < BETA, got {text!r}")
+    return alpha, beta
+
+
+def _bad_logprobs(values: list, mask: list[int], name: str) -> str | None:
+    for t, (v, m) in enumerate(zip(values, mask)):
+        if m and (v is None or not math.isfinite(v) or v > LOGPROB_SLACK):
+            return f"{name}[{t}] = {v!r} is not a log probability"
+    return None
+
+
+def rescore_path(path: str | Path, kpop_phis: Iterable[float] = (), icepop_windows: Iterable[tuple[float, float]] = (),
+                 **filters: Any) -> RescoreReport:
+    """How many loss tokens of the archive (a run directory or its trajectories/) each setting would
+    mask; `filters` as in `TrajectoryArchive.index`."""
+    import torch
+
+    from kpop.algo.losses import TokenDecision, icepop_keep, kpop_keep
+
+    kpop_phis, icepop_windows = list(kpop_phis), list(icepop_windows)
+    if not kpop_phis and not icepop_windows:
+        raise ValueError("rescoring needs at least one setting: a KPop phi or an IcePop window")
+    for phi in kpop_phis:
+        if not (math.isfinite(phi) and phi > 0):
+            raise ValueError(f"a KPop phi must be a finite number > 0, got {phi!r}")
+    for alpha, beta in icepop_windows:
+        if not (math.isfinite(alpha) and math.isfinite(beta) and 0 <= alpha < beta):
+            raise ValueError(f"an IcePop window needs finite 0 <= alpha < beta, got ({alpha!r}, {beta!r})")
+    archive = TrajectoryArchive(archive_dir(path))
+    skipped: list[str] = []
+    records = archive.records(errors=skipped, **filters)
+    train, behav = [], []
+    archived: dict[str, int] = {}
+    scored = unscored = 0
+    for rec in records:
+        t = rec.trajectory
+        if rec.train_logprobs is None:
+            unscored += 1
+            continue
+        where = f"{rec.part}: trajectory {t.trajectory_id!r}"
+        bad = (_bad_logprobs(rec.train_logprobs, t.loss_mask, "train_logprobs")
+               or _bad_logprobs(t.logprobs, t.loss_mask, "logprobs"))
+        if bad:
+            skipped.append(f"{where}: {bad}")
+            continue
+        idx = [i for i, m in enumerate(t.loss_mask) if m]
+        if not idx:
+            continue
+        scored += 1
+        train += [rec.train_logprobs[i] for i in idx]
+        behav += [t.logprobs[i] for i in idx]
+        for i in idx if rec.decisions is not None else ():
+            name = TokenDecision(rec.decisions[i]).name
+            archived[name] = archived.get(name, 0) + 1
+    p, q = torch.tensor(train, dtype=torch.float64), torch.tensor(behav, dtype=torch.float64)
+    n = len(train)
+
+    def setting(keep: torch.Tensor, **what: Any) -> RescoreSetting:
+        masked = int((~keep).sum())
+        return RescoreSetting(**what, masked=masked, mask_rate=masked / n if n else 0.0)
+
+    settings = [setting(kpop_keep(p, q, phi), correction="kpop", kpop_phi=phi) for phi in kpop_phis]
+    settings += [setting(icepop_keep(p, q, a, b), correction="icepop", icepop_alpha=a, icepop_beta=b)
+                 for a, b in icepop_windows]
+    return RescoreReport(trajectories=scored, tokens=n, without_train_logprobs=unscored, archived=archived,
+                         settings=settings, skipped=skipped, skipped_parts=dict(archive.skipped))
+
+
+def format_rescore(report: RescoreReport) -> str:
+    lines = [f"rescored {report.tokens} loss tokens of {report.trajectories} trajectories "
+             f"({report.without_train_logprobs} more have no learner logprobs)"]
+    if report.archived:
+        masked = sum(v for k, v in report.archived.items() if k.startswith("MASK"))
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(report.archived.items()))
+        lines.append(f"as the run decided: {masked} masked ({detail})")
+    for s in report.settings:
+        lines.append(f"{s.label:>28}: would mask {s.masked} ({s.mask_rate:.4%})")
+    for part, why in report.skipped_parts.items():
+        lines.append(f"skipped unreadable archive part {part}: {why}")
+    for why in report.skipped:
+        lines.append(f"skipped malformed row: {why}")
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
     learner = Learner(cfg.learner, cfg.algorithm, model, total_steps=cfg.schedule.rl_steps)
     metrics = learner.train_step(trajectories)       # one optimiser step, version += 1
-    state, version = learner.export_weights()
+    with learner.weights() as state:                 # on the learner's device, for a weight sync
+        handle = sync.publish(state, learner.version)
     learner.save(run_dir / "ckpt", extra={"acked": ids})
     extra = Learner(...).load(run_dir / "ckpt")      # continues bit-identically
 
@@ -25,6 +26,12 @@ Routing replay (`algorithm.routing_replay`, on by default for MoE policies): a t
 forward, so each token goes through the experts it was sampled with, weighted by this router's
 scores (the router still gets a gradient). Tokens without a route (older records, tokens the
 engine never processed) are routed by the learner's router.
+
+The mismatch, per token (`last_tokens`, archived with the trajectory): the learner's own logprob,
+the loss's `TokenDecision`, and per MoE layer whether the learner's router would pick another
+top-k set than the rollout recorded (a route flip; measured with replay on too, against the
+router's own choice, which replay overrides). Per step: `route_flip_rate` over (token, MoE layer)
+pairs with a recorded route, split by the attention of the layer's block (`_lightning`, `_mla`).
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from inspect import signature
 from pathlib import Path
 from typing import Any
@@ -45,7 +53,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kpop.algo.advantages import group_index, grpo_advantages, length_rewards, rloo_advantages, varied_groups
-from kpop.algo.losses import LossSpec, linguistic_units, policy_loss, summarize
+from kpop.algo.losses import LossSpec, TokenDecision, linguistic_units, policy_loss, summarize, token_decisions
 from learner.packing import Packed, chunked_token_logprobs, flat, flat_rows, pack, plan_micro_batches, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -207,6 +215,35 @@ def route_ids(routes, n: int, moe_layers: int, top_k: int, num_experts: int, wha
     return ids
 
 
+@dataclass
+class TokenRecord:
+    """What the learner's last step saw per token of one trajectory, aligned with its token_ids."""
+
+    train_logprobs: list[float] | None  # None: not forwarded (failed, filtered out)
+    decisions: list[int]  # TokenDecision values
+    route_flips: list[int] | None  # per token, bit l: MoE layer l's route flipped; None: no recorded routes
+
+    @classmethod
+    def untrained(cls, n: int) -> "TokenRecord":
+        return cls(None, [int(TokenDecision.NOT_TRAINED)] * n, None)
+
+
+def route_flips(own: torch.Tensor, recorded: torch.Tensor) -> torch.Tensor:
+    """bool [T, layers]: the router's own top-k set (`own` [T, layers, k]) differs from the recorded
+    one (-1 rows: no recorded route, never a flip). Sets, not orders: the engine's batched kernels
+    may order a token's top-k differently."""
+    differ = (own.sort(-1).values != recorded.sort(-1).values).any(-1)
+    return differ & (recorded[..., 0] >= 0)
+
+
+def pack_flips(flips: torch.Tensor) -> list[int]:
+    """bool [T, layers] -> one int per token, bit l = layer l (Python ints: more than 64 layers fit)."""
+    import numpy as np
+
+    rows = np.packbits(flips.cpu().numpy(), axis=1, bitorder="little")
+    return [int.from_bytes(r.tobytes(), "little") for r in rows]
+
+
 def _min_version(traj) -> int | None:
     return min((s[2] for s in traj.segments), default=None)  # Segment = (start, end, version)
 
@@ -240,6 +277,11 @@ class Learner:
         ckpt = learner_cfg.activation_checkpointing
         self.checkpointed_layers = checkpoint_layers(model) if (on_gpu if ckpt is None else ckpt) else 0
         self._gates = expert_gates(model)
+        # route flips: each MoE gate hands its router's own choice to `_own_routes` while a step
+        # collects them; hooked before DeepSpeed's own hooks, so under ZeRO-3 the weight is still gathered
+        self._own_routes: list[torch.Tensor] | None = None
+        for i in model.moe_layers() if hasattr(model, "moe_layers") else []:
+            model.model.layers[i].mlp.gate.register_forward_hook(self._router_choice)
         ds_config: dict[str, Any] = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
@@ -271,6 +313,9 @@ class Learner:
             raise ValueError("algorithm.routing_replay is on but the policy has no MoE layer to replay")
         self.routing_replay = bool(moe) and replay is not False
         self._route_shape = (len(moe), model.config.num_experts_per_tok, model.config.num_experts) if moe else None
+        kinds = model.config.mixer_types() if moe else []
+        self._moe_mla = torch.tensor([kinds[i] == "attention" for i in moe], dtype=torch.bool)
+        self.last_tokens: list[TokenRecord] = []  # per trajectory of the last train_step
         self.version = 0  # optimiser steps taken (RL + SFT): the exported weights' version
         self.rl_steps = 0  # drives the lr schedule
         self.sft_steps = 0
@@ -278,6 +323,20 @@ class Learner:
     @property
     def device(self) -> torch.device:
         return self.engine.device
+
+    def _router_choice(self, gate: torch.nn.Module, args: tuple, out: tuple) -> None:
+        """Forward hook of each MoE gate: the experts its router picks for these rows, even when
+        replay forced others. Skipped outside a collecting step and in the backward's recompute of a
+        checkpointed layer (the gate's `count_load` is off there; the rows are the same)."""
+        if self._own_routes is None or not gate.count_load:
+            return
+        forced = args[1] if len(args) > 1 else None
+        if forced is None:
+            own = out[0]
+        else:
+            with torch.no_grad():
+                own = gate.select(torch.sigmoid(torch.nn.functional.linear(args[0].float(), gate.weight.float())))
+        self._own_routes.append(own.detach())
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -308,16 +367,30 @@ class Learner:
         for name, (values, dtype) in per_token.items():
             out[name] = flat(values, packed.index, dtype).to(dev, non_blocking=nb)
         if routes is not None:
-            out["expert_ids"] = flat_rows(routes, packed.index).to(dev, non_blocking=nb)
+            out["routes"] = flat_rows(routes, packed.index).to(dev, non_blocking=nb)
+        return out
+
+    def _recorded(self, routes: Sequence, lengths: list[int], names: Sequence[str]) -> list[torch.Tensor] | None:
+        """Per sequence, its recorded routes (`Routes` or None) as `expert_ids` (-1 rows: none), or
+        None for a dense policy or no routes at all. With replay on a route that does not fit the
+        policy is an error; with it off the routes only measure flips, so such a sequence counts as
+        having none."""
+        if self._route_shape is None or all(r is None for r in routes):
+            return None
+        layers, k, experts = self._route_shape
+        out = []
+        for r, n, name in zip(routes, lengths, names):
+            try:
+                out.append(route_ids(r, n, layers, k, experts, name))
+            except ValueError:
+                if self.routing_replay:
+                    raise
+                out.append(route_ids(None, n, layers, k, experts, name))
         return out
 
     def _replayed(self, routes: Sequence, lengths: list[int], names: Sequence[str]) -> list[torch.Tensor] | None:
-        """Per sequence, its recorded routes (`Routes` or None) as `expert_ids`, or None with replay
-        off or no routes at all; sequences without routes (older records) get -1 rows: the router."""
-        if not self.routing_replay or all(r is None for r in routes):
-            return None
-        layers, k, experts = self._route_shape
-        return [route_ids(r, n, layers, k, experts, name) for r, n, name in zip(routes, lengths, names)]
+        """`_recorded`, or None with replay off."""
+        return self._recorded(routes, lengths, names) if self.routing_replay else None
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -364,8 +437,10 @@ class Learner:
         if not trajectories:
             raise ValueError("train_step needs at least one trajectory")
         n_in = len(trajectories)
+        self.last_tokens = [TokenRecord.untrained(len(t.token_ids)) for t in trajectories]
         # an infrastructure failure says nothing about the policy: learn nothing from it
-        trajectories = [t for t in trajectories if getattr(t, "status", "ok") != "failed"]
+        kept = [j for j, t in enumerate(trajectories) if getattr(t, "status", "ok") != "failed"]
+        trajectories = [trajectories[j] for j in kept]
         if not trajectories:
             return {"trajectories": float(n_in), "failed": float(n_in), "used": 0.0, "skipped": 1.0,
                     "version": float(self.version), "step_s": time.perf_counter() - t0}
@@ -393,30 +468,35 @@ class Learner:
         self.engine.train()
         per_token = {"behav": (behav, torch.float32), "adv": (adv_tok, torch.float32), "mask": (masks, torch.bool),
                      "units": (units, torch.long)}
-        routes = self._replayed([getattr(t, "routes", None) for t in trajectories], [len(i) for i in ids],
+        routes = self._recorded([getattr(t, "routes", None) for t in trajectories], [len(i) for i in ids],
                                 [f"trajectory {getattr(t, 'trajectory_id', k)}" for k, t in enumerate(trajectories)])
         if self.routing_replay:  # share of the trained tokens whose experts were replayed
             routed = sum(int((routes[k][:, 0, 0] >= 0).sum()) for k in use) if routes is not None else 0
             metrics["routing_replay_share"] = routed / max(sum(len(ids[k]) for k in use), 1)
-        staged = [self._stage(pack(ids, index), per_token, routes) for index in plan]
+        packs = [pack(ids, index) for index in plan]
+        staged = [self._stage(p, per_token, routes) for p in packs]
         loss_total = torch.zeros((), device=self.device)
         entropy_sum = torch.zeros((), device=self.device)
-        stats = []
+        stats, seen = [], []  # seen: per micro-batch (logp, decisions, flips or None), kept on the device
         for mb in staged:
-            logp, entropy = self._logprobs(mb["ids"], mb["cu"], entropy=True, expert_ids=mb.get("expert_ids"))
-            loss, s = policy_loss(
-                logp,
-                logp.detach(),  # proximal policy: this step's weights, before it updates them
-                mb["behav"], mb["adv"], mb["mask"], mb["units"],
-                self.spec,
-                norm=norm,
-            )
+            self._own_routes = own = [] if "routes" in mb else None
+            try:
+                logp, entropy = self._logprobs(mb["ids"], mb["cu"], entropy=True,
+                                               expert_ids=mb.get("routes") if self.routing_replay else None)
+            finally:
+                self._own_routes = None
+            prox = logp.detach()  # proximal policy: this step's weights, before it updates them
+            decisions = token_decisions(prox, mb["behav"], mb["mask"], self.spec)
+            loss, s = policy_loss(logp, prox, mb["behav"], mb["adv"], mb["mask"], mb["units"], self.spec,
+                                  norm=norm, decisions=decisions)
             self.engine.backward(loss, scale_wrt_gas=False)
             loss_total += loss.detach()
             entropy_sum += (entropy * mb["mask"]).sum()
             stats.append(s)
+            seen.append((prox, decisions, route_flips(torch.stack(own, 1), mb["routes"]) if own else None))
         grad_norm = self._step(lr)
         self.rl_steps += 1
+        metrics.update(self._record_tokens(packs, seen, kept, routes))
         metrics.update(balance_experts(self._gates, self.cfg.expert_bias_update_rate))
         loss_tokens = sum(sum(masks[k]) for k in use)
         dt = time.perf_counter() - t0
@@ -435,6 +515,43 @@ class Learner:
             "step_s": dt,
             "skipped": 0.0,
         }
+
+    def _record_tokens(self, packs: list[Packed], seen: list[tuple], kept: list[int],
+                       routes: list[torch.Tensor] | None) -> dict[str, float]:
+        """Fill `last_tokens` for the trained sequences (sequence k is input trajectory kept[k]) from
+        the step's device tensors (one host copy per micro-batch, after the optimiser step) and
+        return the route-flip rates."""
+        flipped = torch.zeros(2, dtype=torch.long)  # Lightning, MLA
+        pairs = torch.zeros(2, dtype=torch.long)
+        mla = self._moe_mla
+        for packed, (logp, decisions, flips) in zip(packs, seen):
+            cu = packed.cu_seqlens.tolist()
+            logp, decisions = logp.float().cpu(), decisions.cpu()
+            if flips is not None:
+                flips = flips.cpu()
+                known = torch.cat([routes[k][:, 0, 0] >= 0 for k in packed.index])  # tokens with a recorded route
+                flipped += torch.stack([flips[:, ~mla].sum(), flips[:, mla].sum()])
+                pairs += known.sum() * torch.stack([(~mla).sum(), mla.sum()])
+            for j, k in enumerate(packed.index):
+                a, b = cu[j], cu[j + 1]
+                lp = logp[a:b].tolist()
+                lp[0] = 0.0  # nothing predicts a sequence's first token (its slot holds the previous sequence's)
+                recorded = flips is not None and bool((routes[k][:, 0, 0] >= 0).any())
+                self.last_tokens[kept[k]] = TokenRecord(
+                    lp, decisions[a:b].tolist(), pack_flips(flips[a:b]) if recorded else None)
+        if not int(pairs.sum()):
+            return {}
+        out = {"route_flip_rate": int(flipped.sum()) / int(pairs.sum())}
+        for kind, f, n in zip(("lightning", "mla"), flipped.tolist(), pairs.tolist()):
+            if n:  # a policy without MoE layers after this kind of attention has no such rate
+                out[f"route_flip_rate_{kind}"] = f / n
+        return out
+
+    def last_token_columns(self) -> dict[str, list]:
+        """`last_tokens` as the per-token keyword arguments of `TrajectoryArchive.write`."""
+        return {"train_logprobs": [r.train_logprobs for r in self.last_tokens],
+                "decisions": [r.decisions for r in self.last_tokens],
+                "route_flips": [r.route_flips for r in self.last_tokens]}
 
     def _plan(self, use: list[int], ids: list[list[int]]) -> list[list[int]]:
         """Micro-batches (lists of indices into ids) of the sequences in `use`."""
@@ -494,21 +611,27 @@ class Learner:
         for index in plan_micro_batches([len(s) for s in token_ids], self.cfg.micro_batch_tokens):
             packed = pack(token_ids, index)
             mb = self._stage(packed, {}, replay)
-            lp = self._logprobs(mb["ids"], mb["cu"], expert_ids=mb.get("expert_ids"))[0].cpu()
+            lp = self._logprobs(mb["ids"], mb["cu"], expert_ids=mb.get("routes"))[0].cpu()
             cu = packed.cu_seqlens.tolist()
             out.extend((i, lp[cu[j] + 1 : cu[j + 1]]) for j, i in enumerate(index))
         self.engine.train()
         return [lp for _, lp in sorted(out, key=lambda x: x[0])]
 
-    def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
-        """A full CPU copy of the model's state dict (gathered under ZeRO-3) and its version."""
+    @contextmanager
+    def weights(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The model's state dict as it is on the learner's device (gathered under ZeRO-3), no copy:
+        valid inside the block only (the next step changes it; ZeRO-3 frees the gathered tensors).
+        A weight sync copies it once into its own buckets there."""
         module = self.engine.module
-        if self.cfg.zero_stage == 3:
-            with self._ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        else:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-        return state, self.version
+        gather = (self._ds.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                  if self.cfg.zero_stage == 3 else nullcontext())
+        with gather, torch.no_grad():
+            yield {k: v.detach() for k, v in module.state_dict().items()}
+
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        """A full CPU copy of the model's state dict and its version (checkpoints, tests)."""
+        with self.weights() as state:
+            return {k: v.to("cpu", copy=True) for k, v in state.items()}, self.version
 
     def save(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Checkpoint model, optimizer, lr-schedule position, version and the caller's opaque

@@ -85,8 +85,10 @@ class LearnerService:
         return self.learner.version
 
     def publish_weights(self) -> WeightHandle:
-        state, version = self.learner.export_weights()
-        return self.weight_sync.publish(state, version)
+        """The current weights through this service's transport, straight from the learner's device
+        (a GPU-to-GPU transport never stages them in host memory)."""
+        with self.learner.weights() as state:
+            return self.weight_sync.publish(state, self.learner.version)
 
     def save_policy(self, out: str | Path) -> str:
         """The current weights as an HF checkpoint (config.json + safetensors + tokenizer) in
@@ -145,7 +147,7 @@ class LearnerService:
         self.unacked += [e for e, _ in batch]
         settled[ArchiveStatus.CONSUMED.value] += len(batch)
         self.archive.write(trajs, status=ArchiveStatus.CONSUMED.value, step=self.learner.rl_steps,
-                           policy_version=version)
+                           policy_version=version, **self.learner.last_token_columns())
         # the learner's reward_mean is the shaped reward its advantages used (length reward
         # included); the environments' own reward is reported beside it, not over it
         metrics.update(
@@ -156,12 +158,16 @@ class LearnerService:
         return StepReport(metrics, dict(settled))
 
     def _drop(self, dropped: list) -> collections.Counter[str]:
+        from kpop.algo.losses import dropped_decisions  # torch: imported where the learner runs
+
         counts: collections.Counter[str] = collections.Counter()
         for disposition in ArchiveStatus:
             group = [t for _, t, d in dropped if d == disposition]
             if group:
+                stale = disposition == ArchiveStatus.DROPPED_STALE
                 self.archive.write(group, status=disposition.value, step=self.learner.rl_steps,
-                                   policy_version=self.version)
+                                   policy_version=self.version,
+                                   decisions=[dropped_decisions(t.loss_mask, stale) for t in group])
                 counts[disposition.value] += len(group)
         self.unacked += [e for e, _, _ in dropped]
         return counts

@@ -139,3 +139,27 @@ def test_linguistic_units_split_on_pause_punctuation_and_turns():
     assert linguistic_units(["a", "b"]) == [0, 0]
     with pytest.raises(ValueError, match="loss_mask"):
         linguistic_units(["a"], [1, 0])
+
+
+@pytest.mark.parametrize("correction, why", [("kpop", 1), ("icepop", 2), ("none", None)])
+def test_token_decisions_are_the_mask_the_loss_uses(correction, why):
+    from kpop.algo.losses import TokenDecision, token_decisions
+
+    logp, prox, behav, adv, mask, seq, _ = _batch(seed=3)
+    spec = LossSpec(correction=correction, kpop_phi=0.05, icepop_alpha=0.7, icepop_beta=1.5)
+    d = token_decisions(prox, behav, mask, spec)
+    assert d.dtype == torch.int8 and d.shape == mask.shape
+    for t in range(len(mask)):
+        if not mask[t]:
+            assert d[t] == TokenDecision.NOT_TRAINED
+        else:
+            assert d[t] == (TokenDecision.KEEP if _keep(spec, float(prox[t]), float(behav[t])) else why)
+    if why is not None:
+        assert 0 < int((d == why).sum()) < int(mask.sum())  # the batch exercises both verdicts
+    # the loss with these decisions passed in is the loss it computes itself; a different mask changes it
+    own, stats = policy_loss(logp, prox, behav, adv, mask, seq, spec)
+    given, _ = policy_loss(logp, prox, behav, adv, mask, seq, spec, decisions=d)
+    assert torch.equal(own, given) and int(stats["masked"]) == int(((d != 0) & mask).sum())
+    flipped = d.masked_fill(mask, int(TokenDecision.KEEP))
+    if why is not None:
+        assert not torch.equal(policy_loss(logp, prox, behav, adv, mask, seq, spec, decisions=flipped)[0], own)

@@ -136,3 +136,25 @@ def test_sync_mode_trains_only_fresh_samples(tmp_path):
     assert_each_trained_once(tmp_path / "sync", steps=3)
     assert_each_episode_settled_once(tmp_path / "sync", summary)
     assert all(r["episodes_submitted"] == r["episodes_in_flight"] + r["episodes_buffered"] + _settled(r) for r in rows)
+
+
+def test_the_archive_keeps_the_per_token_mismatch(resumed):
+    """A real run (embedded engine recording routes, replay on) leaves per token the learner's own
+    logprob, the loss's decision and the route flips in the archive, the flip rates in metrics.jsonl,
+    and `kpop replay --rescore` reads it."""
+    from typer.testing import CliRunner
+
+    from kpop.cli.main import app
+
+    run = resumed[0]
+    rows = read_metrics(run, phase="rl")
+    assert all(0.0 <= r["route_flip_rate"] <= 1.0 and "route_flip_rate_lightning" in r and "route_flip_rate_mla" in r
+               for r in rows)
+    consumed = TrajectoryArchive(run).records(status="consumed")
+    assert consumed
+    for rec in consumed:
+        n = rec.trajectory.num_tokens
+        assert len(rec.train_logprobs) == len(rec.decisions) == len(rec.route_flips) == n
+        assert all(d == 4 for d, m in zip(rec.decisions, rec.trajectory.loss_mask) if not m)
+    res = CliRunner().invoke(app, ["replay", str(run), "--rescore", "--kpop-phi", "0.5", "--icepop", "0.5,5"])
+    assert res.exit_code == 0 and f"of {len(consumed)} trajectories" in res.stdout, res.output

@@ -116,12 +116,12 @@ def test_redis_restart_mid_run_loses_nothing(tmp_path):
 
 def test_hung_weight_sync_fails_loudly(tmp_path):
     """A weight sync that never returns cannot be produced for real on demand (it takes a wedged
-    NCCL group or a deadlocked engine), so one worker's update_weights is replaced by a coroutine
+    NCCL group or a deadlocked engine), so one worker's receive_weights is replaced by a coroutine
     that never finishes; everything else (learner, pool, broadcast, watchdog) is the real code."""
     from kpop.rollout.worker import RolloutWorker
 
     class HungWorker(RolloutWorker):  # local class: Ray ships it to the actor by value
-        async def update_weights(self, state_dict, version):
+        async def receive_weights(self, handle):
             await asyncio.Event().wait()
 
     timeout = 3.0

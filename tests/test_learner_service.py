@@ -79,3 +79,35 @@ def test_weights_leave_through_the_weight_sync_and_the_final_policy_is_the_learn
     saved = load_checkpoint(out).state_dict()
     assert [k for k in current if not torch.equal(saved[k], current[k])] == []
     assert (tmp_path / "policy" / "tokenizer.json").is_file()
+
+
+def test_the_archive_keeps_what_the_learner_saw_per_token(service):
+    from kpop.algo.losses import TokenDecision, kpop_keep
+
+    svc, producer, cfg = service
+    producer.put_many(_group("a", ["ok"] * 4) + _group("b", ["ok"] * 4) + _group("c", ["failed"] * 3 + ["ok"]))
+    assert svc.rl_step(timeout_s=60).metrics is not None
+    # written under version 0, arriving at version 1 with max_staleness=0: dropped as stale
+    producer.put_many(_group("s", ["ok"] * 4))
+    assert svc.rl_step(timeout_s=2).settled == {"dropped_stale": 4}
+    svc.checkpoint({"controller": {}})
+    recs = {r.trajectory.task_id: r for r in TrajectoryArchive(cfg.out_dir).records()}
+    for name in ("a-0", "a-3", "b-1"):
+        r, t = recs[name], recs[name].trajectory
+        assert r.status == "consumed" and len(r.train_logprobs) == len(r.decisions) == t.num_tokens
+        keep = kpop_keep(torch.tensor(r.train_logprobs), torch.tensor(t.logprobs), cfg.algorithm.kpop_phi).tolist()
+        assert r.decisions == [(TokenDecision.KEEP if k else TokenDecision.MASK_KL) if m else TokenDecision.NOT_TRAINED
+                               for k, m in zip(keep, t.loss_mask)]
+        assert r.route_flips is None  # these records carry no routes
+    for name in ("c-0", "c-3"):  # failed; its group then too small
+        assert recs[name].train_logprobs is None and set(recs[name].decisions) == {TokenDecision.NOT_TRAINED}
+    stale, t = recs["s-2"], recs["s-2"].trajectory
+    assert stale.status == "dropped_stale"
+    assert stale.decisions == [TokenDecision.MASK_STALE if m else TokenDecision.NOT_TRAINED for m in t.loss_mask]
+    # offline, at the run's own phi, `kpop replay --rescore` finds exactly the tokens the learner masked
+    from kpop.replay import rescore_path
+
+    report = rescore_path(cfg.out_dir, [cfg.algorithm.kpop_phi])
+    assert report.trajectories == 8 and report.without_train_logprobs == 8  # 4 failed / small group, 4 stale
+    assert report.settings[0].masked == report.archived.get("MASK_KL", 0)
+    assert sum(report.archived.values()) == report.tokens

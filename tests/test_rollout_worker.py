@@ -102,7 +102,7 @@ def test_pool_replaces_dead_worker_and_reissues_its_tasks(redis_url):
              runtime_env={"env_vars": {"PYTHONPATH": ":".join(sys.path)}})
     spec = StreamSpec(url=redis_url, key="kpop:test-pool")
     pool = RolloutPool(2, dict(policy=PolicyConfig().model_dump(), rollout=ROLLOUT.model_dump(), stream=spec,
-                               run_id="run-p"), max_inflight_per_worker=3)
+                               run_id="run-p", weight_sync="object_store"), max_inflight_per_worker=3)
     try:
         tasks = [RolloutTask(env_id=ENV, seed=s, group_id=f"g{s // 2}", env_kwargs={"difficulty": 0}) for s in range(8)]
         pool.submit(tasks)
@@ -121,7 +121,9 @@ def test_pool_replaces_dead_worker_and_reissues_its_tasks(redis_url):
         assert set(trajs) == {t.task_id for t in tasks}
         # weights broadcast reaches the replacement too
         model, _ = load_policy(PolicyConfig(), seed=0)
-        pool.update_weights({"lm_head.weight": model.lm_head.weight.detach() * 1.01}, 1)
+        from kpop.weight_sync import ObjectStoreSync
+
+        pool.update_weights(ObjectStoreSync().publish({"lm_head.weight": model.lm_head.weight.detach() * 1.01}, 1))
         assert [ray.get(w.ping.remote())["version"] for w in pool.workers] == [1, 1]
     finally:
         pool.shutdown()

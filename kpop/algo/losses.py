@@ -15,10 +15,14 @@ the staleness). It drives both corrections:
   IcePop:  weight k if alpha <= k <= beta, else the token is dropped (M(k) of Ring-1T).
   KPop:    drop the token unless binary KL(p||q) <= phi and KL(q||p) <= phi, p = pi_prox, q = pi_behav.
 Dropped tokens still count in the normaliser (1 / sum|y|), as in IcePop.
+
+`token_decisions` says per token what the loss does with it (`TokenDecision`); the learner passes
+those decisions to `policy_loss`, so what it archives per token is exactly the mask the loss used.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +31,31 @@ from typing import Literal
 import torch
 
 PROB_EPS = 1e-6
+
+
+class TokenDecision(enum.IntEnum):
+    """What the learner did with one token; archived per token (`decisions`) for the viewer and
+    `kpop replay --rescore`. Values are stored: never renumber a member, only add new ones."""
+
+    KEEP = 0  # a loss token the loss trained on
+    MASK_KL = 1  # KPop: binary KL between learner and rollout token probability above kpop_phi
+    MASK_RATIO = 2  # IcePop: learner / rollout probability ratio outside [icepop_alpha, icepop_beta]
+    MASK_STALE = 3  # its trajectory was older than the staleness bound allows (dropped)
+    NOT_TRAINED = 4  # not a loss token, or its trajectory was not trained on (failed, filtered)
+
+    @property
+    def reason(self) -> str:
+        """One line for people (the viewer's hover, reports)."""
+        return _REASONS[self]
+
+
+_REASONS = {
+    TokenDecision.KEEP: "trained on",
+    TokenDecision.MASK_KL: "masked by KPop: binary KL between learner and rollout probability above kpop_phi",
+    TokenDecision.MASK_RATIO: "masked by IcePop: learner/rollout probability ratio outside the window",
+    TokenDecision.MASK_STALE: "masked: the trajectory was staler than the staleness bound allows",
+    TokenDecision.NOT_TRAINED: "not trained: not a model token, or the trajectory was not used",
+}
 
 
 def kpop_keep(train_logp: torch.Tensor, infer_logp: torch.Tensor, phi: float) -> torch.Tensor:
@@ -44,6 +73,29 @@ def icepop_keep(train_logp: torch.Tensor, infer_logp: torch.Tensor, alpha: float
     """bool: alpha <= pi_train / pi_infer <= beta."""
     k = (train_logp - infer_logp).exp()
     return (k >= alpha) & (k <= beta)
+
+
+def token_decisions(prox: torch.Tensor, behav: torch.Tensor, mask: torch.Tensor, spec: "LossSpec") -> torch.Tensor:
+    """int8 [T] of `TokenDecision`: the correction's verdict on each loss token (`mask`), NOT_TRAINED
+    elsewhere. `prox` / `behav` as in `policy_loss` (learner / rollout logprobs)."""
+    mask = mask.bool()
+    out = torch.where(mask, int(TokenDecision.KEEP), int(TokenDecision.NOT_TRAINED)).to(torch.int8)
+    if spec.correction == "kpop":
+        masked, why = ~kpop_keep(prox, behav, spec.kpop_phi), TokenDecision.MASK_KL
+    elif spec.correction == "icepop":
+        masked, why = ~icepop_keep(prox, behav, spec.icepop_alpha, spec.icepop_beta), TokenDecision.MASK_RATIO
+    elif spec.correction == "none":
+        return out
+    else:
+        raise ValueError(f"unknown correction {spec.correction!r}: expected none, icepop or kpop")
+    return out.masked_fill(mask & masked, int(why))
+
+
+def dropped_decisions(loss_mask: Sequence[int], stale: bool) -> list[int]:
+    """Decisions for a trajectory the learner dropped before the loss: MASK_STALE on its loss tokens
+    when it was dropped for staleness, NOT_TRAINED everywhere otherwise."""
+    masked = int(TokenDecision.MASK_STALE if stale else TokenDecision.NOT_TRAINED)
+    return [masked if m else int(TokenDecision.NOT_TRAINED) for m in loss_mask]
 
 
 def unit_mean(x: torch.Tensor, units: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,23 +136,23 @@ def policy_loss(
     units: torch.Tensor,
     spec: LossSpec,
     norm: float | None = None,
+    decisions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss to minimise and additive statistics (0-dim tensors; see `summarize`). `norm` is the normaliser of the
     whole optimiser step when the batch is split into micro-batches: loss tokens (PPO, LPO) or
-    sequences (GSPO); None = this batch's own."""
+    sequences (GSPO); None = this batch's own. `decisions` (`token_decisions` of these tokens, for
+    a caller that records them) is the mask used; None = computed here."""
     if not (logp.shape == prox.shape == behav.shape == adv.shape == mask.shape == units.shape) or logp.dim() != 1:
         shapes = [tuple(t.shape) for t in (logp, prox, behav, adv, mask, units)]
         raise ValueError(f"logp, prox, behav, adv, mask, units must all be flat [T], got {shapes}")
     mask = mask.bool()
     prox, behav = prox.detach(), behav.detach()
     log_k = prox - behav
-    keep = mask.clone()
-    if spec.correction == "kpop":
-        keep &= kpop_keep(prox, behav, spec.kpop_phi)
-    elif spec.correction == "icepop":
-        keep &= icepop_keep(prox, behav, spec.icepop_alpha, spec.icepop_beta)
-    elif spec.correction != "none":
-        raise ValueError(f"unknown correction {spec.correction!r}: expected none, icepop or kpop")
+    if decisions is None:
+        decisions = token_decisions(prox, behav, mask, spec)
+    elif decisions.shape != mask.shape:
+        raise ValueError(f"decisions must be flat [T] like mask, got {tuple(decisions.shape)}")
+    keep = mask & (decisions == int(TokenDecision.KEEP))
     weighted = spec.off_policy or spec.correction == "icepop"
     old = prox if spec.off_policy else behav
 

@@ -63,16 +63,34 @@ def replay_cmd(
         False, "--trust-archive",
         help="use every archived env kwarg (sandbox image, limits, host paths ...) and the recorded docker "
              "image; only for archives you wrote yourself"),
+    rescore: bool = typer.Option(
+        False, "--rescore",
+        help="run no environment: count the loss tokens each --kpop-phi / --icepop setting would mask, "
+             "from the archived rollout and learner logprobs"),
+    kpop_phi: Optional[list[float]] = typer.Option(None, "--kpop-phi", help="with --rescore: a KPop binary-KL "
+                                                   "threshold; repeatable"),
+    icepop: Optional[list[str]] = typer.Option(None, "--icepop", help="with --rescore: an IcePop window ALPHA,BETA "
+                                               "(e.g. 0.5,2.0); repeatable"),
 ) -> None:
     """Re-execute recorded actions against fresh environments and re-grade. Exit 1 unless all match,
     2 if nothing matches the filters.
 
     The archive is untrusted input: archived env kwargs that would configure the sandbox or name a
-    host path are not used (the report lists them) unless --trust-archive is given."""
+    host path are not used (the report lists them) unless --trust-archive is given.
+
+    --rescore instead re-applies the training-inference mask under other settings (exit 1 if a
+    malformed row was skipped, 2 if no row has the learner's logprobs)."""
     from kpop.archive import ArchiveError
     from kpop.replay import format_report, replay_path
 
     filters = _archive_filters(env, status, episode_status)
+    if rescore:
+        if regrade_only or trust_archive:
+            raise typer.BadParameter("--regrade-only and --trust-archive belong to a replay, not to --rescore")
+        _rescore(path, json_out, kpop_phi or [], icepop or [], filters)
+        return
+    if kpop_phi or icepop:
+        raise typer.BadParameter("--kpop-phi and --icepop are settings of --rescore")
     try:
         report = replay_path(path, regrade_only=regrade_only, trust_archive=trust_archive, **filters)
     except ArchiveError as exc:
@@ -83,6 +101,25 @@ def replay_cmd(
         _fail("replay", f"no trajectories to replay in {path} ({what}{skipped})")
     typer.echo(report.model_dump_json() if json_out else format_report(report))
     if report.matched != report.total:
+        raise typer.Exit(1)
+
+
+def _rescore(path: Path, json_out: bool, phis: list[float], windows: list[str], filters: dict) -> None:
+    from kpop.archive import ArchiveError
+    from kpop.replay import format_rescore, parse_icepop, rescore_path
+
+    if not phis and not windows:
+        raise typer.BadParameter("--rescore needs at least one --kpop-phi PHI or --icepop ALPHA,BETA")
+    try:
+        parsed = [parse_icepop(w) for w in windows]
+        report = rescore_path(path, phis, parsed, **filters)
+    except (ArchiveError, ValueError) as exc:
+        _fail("replay", str(exc))
+    typer.echo(report.model_dump_json() if json_out else format_rescore(report))
+    if report.trajectories == 0:
+        what = ", ".join(f"{k}={v}" for k, v in filters.items()) or "no filters"
+        _fail("replay", f"no trajectory in {path} ({what}) has the learner's logprobs to rescore")
+    if report.skipped:
         raise typer.Exit(1)
 
 

@@ -25,6 +25,11 @@ def train(
         help="attach to an existing Ray cluster (host:port or 'auto'); a cluster with token authentication "
              "needs its token here, found as Ray finds it: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"),
     fresh: bool = typer.Option(False, "--fresh", help="ignore checkpoints in the run directory and start over"),
+    colocate: bool = typer.Option(
+        False, "--colocate",
+        help="the whole loop in this process, without Ray: rollout engines and learner on one device (one GPU "
+             "when rollout.num_gpus / learner.num_gpus > 0, each engine within rollout.gpu_memory_fraction of "
+             "its memory; else CPU), weights copied on the device"),
 ) -> None:
     """Run CONFIG: cold-start SFT on oracle demonstrations, then asynchronous RL, into runs/<name>/.
 
@@ -32,6 +37,9 @@ def train(
     runs/<name>/metrics.jsonl and runs/<name>/tensorboard; the result to runs/<name>/summary.json.
     """
     cfg = load_config(config, overrides or [])
+    if colocate and ray_address:
+        typer.echo("kpop train: --colocate runs without Ray; it cannot attach to --ray-address", err=True)
+        raise typer.Exit(2)
     if ray_address:
         cfg.ray.address = ray_address
     if fresh:
@@ -48,7 +56,10 @@ def train(
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C so Ray, Redis and the run dir close cleanly
     signal.signal(signal.SIGTERM, _interrupt)
-    from actors.controller import train as run  # imported here: `kpop --help` stays fast
+    if colocate:
+        from actors.colocate import train_colocated as run  # imported here: `kpop --help` stays fast
+    else:
+        from actors.controller import train as run
 
     summary = run(cfg)
     typer.echo(json.dumps(summary, indent=2))

@@ -159,8 +159,8 @@ def plan_run_config(cfg) -> PolicyPlan:
             fields["vocab_size"] = vocab
         arch = config_from_arch(fields)
     gpus = [8, 16, 32, 64, 128, 256]
-    if cfg.learner.num_gpus:
-        gpus.append(cfg.learner.num_gpus)
+    if cfg.learner.num_gpus >= 1:  # a share of one GPU plans as one
+        gpus.append(int(cfg.learner.num_gpus))
     return plan_policy(
         arch,
         gpus=gpus,

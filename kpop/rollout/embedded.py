@@ -43,7 +43,6 @@ from kpop.policy.cache import CacheFull, HybridCache
 from kpop.rollout.engine import EngineError, GenerationRequest, GenerationResult, SamplingParams, ThreadedEngine
 from kpop.rollout.sampling import SamplingBatch, sample
 from kpop.trajectory import Routes
-from kpop.weight_sync import WeightHandle, WeightSync
 
 
 @dataclass
@@ -138,11 +137,6 @@ class EmbeddedEngine(ThreadedEngine):
         self.num_experts = int(model.config.num_experts or 0)
         # steps, prefill_tokens, decode_tokens, preemptions, reprefills, forks, prefill_tokens_saved
         self.stats = collections.Counter()
-
-    def receive_weights(self, sync: WeightSync, handle: WeightHandle) -> None:
-        """Take a published version through its transport: `receive` gives views into the
-        transport's buckets (on the GPU when both ends are), which `update_weights` copies in."""
-        self.update_weights(sync.receive(handle), handle.version)
 
     # -- ThreadedEngine hooks -------------------------------------------------------------------
     def _check(self, request: GenerationRequest) -> None:

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kpop.trajectory import Routes
+from kpop.weight_sync import WeightHandle, WeightSync
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -133,6 +134,10 @@ class Engine(ABC):
         """Load new weights (HF names, full or partial state) between steps; tokens sampled after
         this call are tagged `version`."""
 
+    @abstractmethod
+    def receive_weights(self, handle: WeightHandle, sync: WeightSync | None = None) -> None:
+        """Take a published version through its transport and load it as `update_weights` does."""
+
     def close(self) -> None:
         """Release engine resources (threads, subprocesses)."""
 
@@ -166,6 +171,7 @@ class ThreadedEngine(Engine):
         self._paused = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.weight_sync: WeightSync | None = None  # the transport `receive_weights` pulls through
 
     # -- Engine API -----------------------------------------------------------------------------
     @property
@@ -198,6 +204,20 @@ class ThreadedEngine(Engine):
         with self._lock:
             self._paused = False
         self._notify()
+
+    def receive_weights(self, handle: WeightHandle, sync: WeightSync | None = None) -> None:
+        """Pull version `handle.version` through `sync` (default: `self.weight_sync`, which the
+        process wiring sets) and load it. The transport hands out views into its buckets (on the GPU
+        when both ends are) after verifying version and checksums, so a bad delivery raises
+        `WeightSyncError` before anything is loaded and the engine keeps its weights and version.
+        The pull runs outside the engine lock (steps go on); the load waits for the step, as
+        `update_weights` does, and evicts the partial rollouts to re-prefill under the new weights."""
+        sync = sync if sync is not None else self.weight_sync
+        if sync is None:
+            raise EngineError(f"weights version {handle.version} arrived but this engine has no weight_sync to take "
+                              "them through")
+        check_version(self._version, handle.version)  # a stale handle is refused before anything moves
+        self.update_weights(sync.receive(handle), handle.version)
 
     def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         with self._lock:  # between steps

@@ -11,6 +11,11 @@ in-tree `BailingMoeV2_5ForCausalLM` with KPop's Lightning layer and CPU MLA back
 a weight update aborts unfinished requests and re-submits prompt + tokens so far (re-prefill
 under the new weights), keeping each token's version.
 
+Routing replay (MoE policies): `RouteRecorder` (kpop/rollout/vllm_model.py) records every MoE
+layer's experts for every token each step feeds through the model; a result's `routes` cover
+prompt + generated tokens, each token keeping the route of its last pass (a re-prefill's), as the
+embedded engine's do.
+
 Logprobs use vLLM's `processed_logprobs` mode: `log_softmax(logits / T)` when top_k/top_p are off
 (the RL default, and KPop's convention); with top-k/top-p vLLM renormalises over the kept tokens.
 """
@@ -29,6 +34,8 @@ from typing import Any, Mapping
 import torch
 
 from kpop.rollout.engine import EngineError, GenerationRequest, GenerationResult, SamplingParams, ThreadedEngine
+from kpop.rollout.routes import routes_from_passes
+from kpop.trajectory import Routes
 
 
 _EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -85,6 +92,8 @@ class _Req:
     versions: list[int] = field(default_factory=list)
     piece: int = 0  # vLLM request id suffix, bumped by every re-submission
     live: tuple[list[int], list[float]] = ((), ())  # the current piece's output so far
+    internal_id: str = ""  # the current piece's id inside vLLM (the model runner's)
+    routes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # routing passes of banked pieces
 
     @property
     def vllm_id(self) -> str:
@@ -97,12 +106,15 @@ class VLLMEngine(ThreadedEngine):
     def __init__(self, checkpoint: str | Path, *, max_model_len: int = 4096, max_seqs: int = 32,
                  version: int = 0, enforce_eager: bool = True, seed: int = 0, **llm_kwargs: Any) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # routing replay records through the V1 model runner (see RouteRecorder); on CPU it is
+        # the only one anyway (Model Runner V2 needs Triton)
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # vLLM logs to stdout by default; stdout belongs to the caller (`kpop eval --json`)
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         from vllm import LLM
 
-        from kpop.rollout.vllm_model import register
+        from kpop.rollout.vllm_model import RouteRecorder, register
 
         register()
         has_tokenizer = (Path(checkpoint) / "tokenizer.json").is_file()
@@ -120,6 +132,10 @@ class VLLMEngine(ThreadedEngine):
             **({} if torch.cuda.is_available() else {"attention_backend": "CPU_MLA"}), **llm_kwargs,
         )
         self._engine = self.llm.llm_engine
+        self._recorder: RouteRecorder | None = None
+        if self._engine.model_config.is_moe:
+            # the worker runs in this process (multiprocessing off): the recorder object comes back
+            self._recorder = self.llm.collective_rpc(lambda worker: RouteRecorder(worker.model_runner))[0]
         self._reqs: dict[str, _Req] = {}  # by vLLM id
         self._tmp: str | None = None
 
@@ -186,6 +202,8 @@ class VLLMEngine(ThreadedEngine):
             if not r.future.done():
                 r.future.set_exception(exc)
         self._reqs.clear()
+        if self._recorder is not None:
+            self._recorder.clear()
 
     # -- vLLM requests --------------------------------------------------------------------------
     def _submit_piece(self, r: _Req) -> None:
@@ -198,7 +216,9 @@ class VLLMEngine(ThreadedEngine):
                  stop=list(p.stop) or None, stop_token_ids=list(p.stop_token_ids) or None, ignore_eos=p.ignore_eos,
                  seed=None if p.seed is None else p.seed + r.piece, logprobs=0,
                  detokenize=self.has_tokenizer)
-        self._engine.add_request(r.vllm_id, {"prompt_token_ids": r.req.prompt_token_ids + r.tokens}, vp)
+        r.internal_id = self._engine.add_request(r.vllm_id, {"prompt_token_ids": r.req.prompt_token_ids + r.tokens}, vp)
+        if self._recorder is not None:
+            self._recorder.expect(r.internal_id)  # before the step that first feeds it
         r.live = ((), ())
         self._reqs[r.vllm_id] = r
 
@@ -221,6 +241,8 @@ class VLLMEngine(ThreadedEngine):
         r.logprobs += list(lps)
         r.versions += [self._version] * len(ids)
         r.live = ((), ())
+        if self._recorder is not None:
+            r.routes += self._recorder.take(r.internal_id)
 
     def _resolve(self, r: _Req, reason: str, stop_reason: Any, text: str | None = None) -> None:
         if r.future.done():
@@ -229,5 +251,11 @@ class VLLMEngine(ThreadedEngine):
             request_id=r.req.request_id, prompt_token_ids=r.req.prompt_token_ids, token_ids=r.tokens,
             logprobs=r.logprobs, token_versions=r.versions,
             finish_reason=reason if reason in ("stop", "length", "abort") else "stop",
-            stop_reason=stop_reason, text=text,
+            stop_reason=stop_reason, text=text, routes=self._routes(r),
         ))
+
+    def _routes(self, r: _Req) -> Routes | None:
+        if self._recorder is None:
+            return None
+        n = len(r.req.prompt_token_ids) + len(r.tokens)
+        return routes_from_passes(r.routes, n, self._recorder.num_experts)

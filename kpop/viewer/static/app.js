@@ -111,31 +111,81 @@ function renderMessage(m, i) {
   return box;
 }
 
+// |train − rollout logprob| in nats → background. Log-spaced bins (ColorBrewer YlOrRd): most tokens
+// agree to ~1e-3 and the ones that matter are off by 0.1 to several nats, so a linear scale would
+// show only the worst one. Non-numbers (a NaN logprob) get the top bin: they are bugs to look at.
+const DLOGP_BINS = [[0.01, null, "< 0.01"], [0.05, "#ffffb2", "0.01–0.05"], [0.2, "#fecc5c", "0.05–0.2"],
+  [0.5, "#fd8d3c", "0.2–0.5"], [1, "#f03b20", "0.5–1"], [Infinity, "#bd0026", "≥ 1 nat"]];
+// masked tokens: a bar under the token, its colour the reason (kept apart from the red scale)
+const MASK_MARKS = {MASK_KL: "#1a4fd6", MASK_RATIO: "#8f2bd9", MASK_STALE: "#0b8a7d"};
+const OTHER_MARK = "#222";  // a decision this page does not know
+const FLIP_MARK = "#222";  // a bar over a token whose MoE route flipped in some layer
+
+function dlogpBin(d) {
+  const x = Number(d);
+  return DLOGP_BINS.find(([hi]) => x < hi) || DLOGP_BINS[DLOGP_BINS.length - 1];
+}
+
+function decisionOf(t, tok) {
+  if (tok.decision === null || tok.decision === undefined) return null;
+  const known = t.decisions[tok.decision];
+  return known ? {code: tok.decision, ...known}
+    : {code: tok.decision, name: `decision ${tok.decision}`, reason: "unknown to this viewer"};
+}
+
+const isMasked = d => d !== null && d.name !== "KEEP" && d.name !== "NOT_TRAINED";
+
+function tokenTitle(t, tok, i) {
+  const dec = decisionOf(t, tok);
+  const lines = [`#${i} id ${tok.id} · loss mask ${tok.mask} · policy version ${fmt(tok.version)}`,
+    `rollout logprob ${fmt(tok.logprob, 4)}`, `train logprob ${fmt(tok.train_logprob, 4)}`,
+    `|Δ logprob| ${fmt(tok.dlogp, 4)}`,
+    `decision ${dec ? `${dec.name}: ${dec.reason}` : "not recorded"}`];
+  const flips = tok.route_flips;
+  lines.push("route flips: " + (flips === null || flips === undefined ? "not recorded"
+    : flips.length ? `MoE layer${flips.length > 1 ? "s" : ""} ${flips.join(", ")}` : "none"));
+  return lines.join("\n");
+}
+
 function renderTokens(t, mode) {
   const box = el("div", {class: "tokens " + mode, id: "tokens"});
   for (const [i, tok] of t.tokens.entries()) {
+    const dec = decisionOf(t, tok);
     const cls = ["tok", "m" + tok.mask];
-    if (tok.kpop_keep === true) cls.push("keep");
-    if (tok.kpop_keep === false) cls.push("drop");
-    const title = [`#${i} id ${tok.id}`, `loss mask ${tok.mask}`];
-    if (tok.mask) title.push(`rollout logprob ${fmt(tok.logprob, 4)}`, `train logprob ${fmt(tok.train_logprob, 4)}`,
-      `policy version ${fmt(tok.version)}`, `KPop ${tok.kpop_keep === null ? "n/a" : tok.kpop_keep ? "kept" : "masked"}`);
-    const span = el("span", {class: cls.join(" "), title: title.join("\n"), "data-version": tok.version ?? ""}, tok.text);
-    if (mode === "mismatch" && tok.mask && tok.train_logprob !== null) {
-      const a = Math.min(1, Math.abs(tok.train_logprob - tok.logprob) / 2);
-      span.style.background = `rgba(217, 83, 79, ${a.toFixed(3)})`;
+    if (dec && dec.name === "KEEP") cls.push("keep");
+    if (dec && isMasked(dec)) cls.push("drop", "dec-" + dec.name);
+    if (tok.route_flips && tok.route_flips.length) cls.push("flip");
+    const span = el("span", {class: cls.join(" "), title: tokenTitle(t, tok, i), "data-i": i,
+      "data-version": tok.version ?? ""}, tok.text);
+    const marks = [];
+    if (mode === "mismatch" || mode === "kpop") {
+      if (dec && isMasked(dec)) marks.push(`inset 0 -3px 0 ${MASK_MARKS[dec.name] || OTHER_MARK}`);
+      if (cls.includes("flip")) marks.push(`inset 0 2px 0 ${FLIP_MARK}`);
+    }
+    if (mode === "mismatch" && tok.dlogp !== null && tok.dlogp !== undefined) {
+      const [hi, colour] = dlogpBin(tok.dlogp);
+      if (colour) span.style.background = colour;
+      if (hi >= 1) span.style.color = "#fff";  // the two darkest bins
     } else if (mode === "version" && tok.mask) {
       span.style.background = PALETTE[tok.version % PALETTE.length];
     }
+    if (marks.length) span.style.boxShadow = marks.join(", ");
     box.append(span);
   }
   return box;
 }
 
+// legend entries: [colour, label, how the swatch shows it: "fill" (default), "under" or "over" bar];
+// a null colour is a heading
+const MARK_LEGEND = [...Object.entries(MASK_MARKS).map(([name, c]) => [c, `masked: ${name}`, "under"]),
+  [FLIP_MARK, "MoE route flipped (≥ 1 layer)", "over"]];
 const LEGENDS = {
   loss: [["#c9efd5", "model token (loss mask 1)"], ["#fff", "prompt / env token (mask 0)"]],
-  kpop: [["#cfe0fb", "kept by KPop"], ["#f6b9b6", "masked by KPop"], ["#fff", "not a model token"]],
-  mismatch: [["rgba(217,83,79,.9)", "|train − rollout logprob| (darker = larger, 2 nats = full)"]],
+  kpop: [["#cfe0fb", "kept by the learner"], ["#f6b9b6", "masked by KPop / IcePop / staleness"],
+    ["#fff", "not trained"], ...MARK_LEGEND],
+  mismatch: [[null, "|Δ logprob| = |train − rollout logprob| (nats):"],
+    ...DLOGP_BINS.map(([, c, label]) => [c || "#fff", label]),
+    [null, "bars:"], ...MARK_LEGEND],
   version: PALETTE.slice(0, 3).map((c, i) => [c, `version ≡ ${i} (mod ${PALETTE.length})`]),
 };
 
@@ -147,24 +197,39 @@ async function renderTrajectory(run, id, gen) {
   catch (e) { $main.replaceChildren(el("p", {class: "error"}, e.message)); return; }
   if (gen !== generation) return;
   const info = el("div", {class: "grid2", id: "info"});
-  const kept = t.tokens.filter(x => x.kpop_keep === true).length, masked = t.tokens.filter(x => x.kpop_keep === false).length;
+  const decs = t.tokens.map(x => decisionOf(t, x));
+  const kept = decs.filter(d => d && d.name === "KEEP").length, masked = decs.filter(d => d && isMasked(d)).length;
+  const byReason = {};
+  for (const d of decs) if (d && isMasked(d)) byReason[d.name] = (byReason[d.name] || 0) + 1;
+  const flipped = t.tokens.filter(x => x.route_flips && x.route_flips.length).length;
+  const recorded = t.tokens.some(x => x.route_flips !== null && x.route_flips !== undefined);
+  const dl = t.tokens.filter(x => x.dlogp !== null).map(x => Number(x.dlogp)).filter(x => !Number.isNaN(x));
   for (const [k, v] of [["reward", el("span", {class: "reward", id: "reward"}, fmt(t.reward, 4))],
     ["archive status", el("span", {class: "badge " + t.status}, t.status)], ["episode status", t.episode_status],
     ["error", t.error], ["env / task", `${t.env_id}  ${t.task_id}  (seed ${fmt(t.seed)})`],
     ["step / policy version / staleness", `${fmt(t.step)} / ${fmt(t.policy_version)} / ${fmt(t.staleness)}`],
     ["segments [start, end) → version", t.segments.map(s => `[${s[0]}, ${s[1]}) → v${s[2]}`).join("   ") || "–"],
-    ["KPop (φ = " + t.phi + ")", masked + kept ? `${masked} of ${masked + kept} model tokens masked` : "no learner logprobs recorded"],
+    ["learner mask", masked + kept ? `${masked} of ${masked + kept} trained tokens masked` +
+      (masked ? ` (${Object.entries(byReason).map(([k, v]) => `${k} ${v}`).join(", ")})` : "") +
+      ` — decided by ${t.decided_by}` : "no learner logprobs recorded"],
+    ["|Δ logprob|", dl.length ? `mean ${fmt(dl.reduce((a, b) => a + b, 0) / dl.length, 4)}, ` +
+      `max ${fmt(dl.reduce((a, b) => Math.max(a, b)), 4)}` : null],
+    ["route flips", recorded ? `${flipped} of ${t.tokens.length} tokens flipped in ≥ 1 MoE layer` : "not recorded"],
     ["timings", Object.entries(t.timings).map(([k, v]) => `${k} ${fmt(v)}`).join("  ")]]) {
     if (v === null || v === undefined) continue;
     info.append(el("b", {}, k), el("span", {}, v));
   }
   const detail = el("pre", {id: "reward-detail"}, JSON.stringify(t.reward_detail, null, 2));
-  const modeSel = el("select", {id: "token-mode"}, ...[["loss", "loss mask"], ["kpop", "KPop mask"],
-    ["mismatch", "logprob mismatch"], ["version", "policy version"]].map(([v, l]) => el("option", {value: v}, l)));
+  const modeSel = el("select", {id: "token-mode"}, ...[["mismatch", "logprob mismatch"], ["kpop", "learner mask"],
+    ["loss", "loss mask"], ["version", "policy version"]].map(([v, l]) => el("option", {value: v}, l)));
+  // the mismatch view needs the learner's logprobs; a run without them opens on the loss mask
+  modeSel.value = t.tokens.some(x => x.dlogp !== null && x.dlogp !== undefined) ? "mismatch" : "loss";
   const legend = el("div", {class: "legend", id: "legend"});
   const tokenBox = el("div");
   const draw = () => {
-    legend.replaceChildren(...LEGENDS[modeSel.value].map(([c, l]) => el("span", {}, el("i", {style: `background:${c};border:1px solid #ccd`}), l)));
+    legend.replaceChildren(...LEGENDS[modeSel.value].map(([c, l, how]) => c === null ? el("b", {}, l) : el("span", {},
+      el("i", {style: how === "under" ? `box-shadow: inset 0 -4px 0 ${c}`
+        : how === "over" ? `box-shadow: inset 0 3px 0 ${c}` : `background:${c}`}), l)));
     tokenBox.replaceChildren(renderTokens(t, modeSel.value));
   };
   modeSel.addEventListener("change", draw);

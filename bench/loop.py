@@ -1,0 +1,286 @@
+"""The whole RL loop on one device (actors/colocate.py): rollout, stream, learner and weight sync
+together, for a fixed number of learner steps after warm-up steps (a benchmark, not a test).
+
+    PYTHONPATH=. python bench/loop.py [--preset bench-2b] [--steps 4] [--json]   # needs CUDA for bench-2b
+    PYTHONPATH=. python bench/loop.py --cpu-smoke --json                         # tiny policy, CPU, seconds
+    (bench/gpu.py --loop runs the bench-2b case on the GPU beside the other parts)
+
+The task is synthetic, of fixed lengths and needs no download: `bench/fixedlen-v0` asks a one-turn
+question of `--prompt-tokens` tokens (single-token words; the chat template included) and the
+policy answers with up to `--response-tokens` tokens; a cheap verifier scores the share of the
+prompt's words the answer repeats. Keys:
+  loop_trajectories_per_s   trajectories trained per wall second over the timed steps
+  loop_tokens_per_s         their tokens (prompt + response) per wall second
+  loop_generated_tokens_per_s  tokens the engines sampled per wall second
+  loop_gpu_busy             share of wall time the GPU was busy; `loop_gpu_busy_method` says how:
+                            "nvml" (NVML utilization sampled every 50 ms: the share of time a
+                            kernel ran), else "cuda_event_spans" (the union of the engine-step,
+                            learner-step and weight-sync spans on the GPU's timeline, from CUDA
+                            events: an upper bound, as a span counts the GPU's waits for the host
+                            inside a step); on CPU "host_clock_spans" (the same union, host clock)
+  loop_gpu_span_share       the span union, whatever the method above
+  loop_staleness_mean       mean version lag of the trained samples
+  loop_sync_s_per_step      wall seconds of one weight sync (publish + every engine's pull)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from environments.core import ChatEnv, Message, Task  # noqa: E402
+from environments.tools import Toolbox  # noqa: E402
+
+ENV_ID = "bench/fixedlen-v0"
+
+
+class FixedLengthEnv(ChatEnv):
+    """One turn: a prompt of `words` single-token words; reward = share of them the answer repeats."""
+
+    VOCAB = tuple("abcdefghilmnoprstuvwxyz")  # " a", " b", ...: one token each in the local tokenizer
+
+    def __init__(self, words: int = 500, render_mode: str | None = None) -> None:
+        super().__init__(max_turns=1, render_mode=render_mode, show_tools=False)
+        self.words = words
+
+    def _new_task(self, rng: Any, options: dict[str, Any]) -> Task:
+        words = [self.VOCAB[i] for i in rng.integers(0, len(self.VOCAB), self.words)]
+        prompt = " ".join(words)
+        return Task(task_id=f"fixedlen-{self.words}-{zlib.crc32(prompt.encode()):08x}", prompt=prompt,
+                    data={"words": sorted(set(words))})
+
+    def _toolbox(self, task: Task) -> Toolbox:
+        return Toolbox([])
+
+    def _verify(self, final: Message | None) -> tuple[float, dict[str, Any]]:
+        said = set((final or {}).get("content") or "")
+        want = self.task.data["words"]
+        hit = sum(w in said for w in want)
+        return hit / len(want), {"repeated": hit}
+
+    def oracle_action(self, messages: Sequence[Message]) -> Message:
+        return {"role": "assistant", "content": " ".join(self.task.data["words"])}
+
+
+def _register() -> None:
+    from environments.registry import register
+
+    try:
+        register(ENV_ID, FixedLengthEnv)
+    except ValueError:  # already registered in this process
+        pass
+
+
+def prompt_words(tokenizer: Any, prompt_tokens: int) -> int:
+    """How many words make the rendered chat prompt exactly `prompt_tokens` tokens long."""
+    from kpop.rollout.chat import ChatClient
+
+    client = ChatClient(None, tokenizer)
+    overhead = len(client.encode(client.render([{"role": "user", "content": "a"}]))) - 1
+    n = prompt_tokens - overhead
+    if n < 1:
+        raise ValueError(f"--prompt-tokens {prompt_tokens} is shorter than the chat template ({overhead + 1} tokens)")
+    for seed in range(4):  # real prompts: each word one token, no merges across words
+        messages, _ = FixedLengthEnv(n).reset(seed=seed)
+        got = len(client.encode(client.render(messages)))
+        if got != prompt_tokens:
+            raise ValueError(f"{n} words render to {got} tokens, not {prompt_tokens}: the tokenizer splits or "
+                             "merges them")
+    return n
+
+
+def loop_config(out_dir: Path, preset: str, prompt_tokens: int, response_tokens: int, batch: int, group: int,
+                concurrent: int, cuda: bool, staleness: int) -> Any:
+    from kpop.config import RunConfig
+    from kpop.policy.tokenizer import get_tokenizer
+
+    words = prompt_words(get_tokenizer(), prompt_tokens)
+    gpu = {"num_gpus": 1} if cuda else {}
+    return RunConfig.model_validate({
+        "name": "loop", "run_dir": str(out_dir), "resume": False,
+        "policy": {"preset": preset, "dtype": "bfloat16" if cuda else "float32"},
+        # max_episode_tokens + 1: a reply ends at max_new_tokens, not as an episode cut at its budget
+        "rollout": {"max_concurrent_episodes": concurrent, "group_size": group, "max_new_tokens": response_tokens,
+                    "max_episode_tokens": prompt_tokens + response_tokens + 1, "max_turns": 1,
+                    **({"num_gpus": 1.0, "gpu_memory_fraction": 0.35} if cuda else {})},
+        "environments": {"train": [{"id": ENV_ID, "kwargs": {"words": words}}]},
+        "learner": {"lr": 1e-6, "zero_stage": 2 if cuda else 1, "dtype": "bfloat16" if cuda else "float32",
+                    "micro_batch_tokens": 16384 if cuda else 4096, "checkpoint_every": 10**6,
+                    "expert_bias_update_rate": 0.0, **gpu},
+        "algorithm": {"dynamic_filter": False},
+        "schedule": {"rl_steps": 10**6, "batch_size": batch, "max_staleness": staleness, "eval_before_rl": False},
+        "logging": {"tensorboard": False, "progress": False, "level": "WARNING"},
+    })
+
+
+class Spans:
+    """Start/end marks of engine and learner work on one timeline: CUDA events (the GPU's clock)
+    or the host clock. `share(t0, t1)` is their union's share of [t0, t1] (overlaps count once)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.marks: list[tuple[Any, Any]] = []
+        self._lock = threading.Lock()
+        if cuda:
+            self.ref = self._mark()
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def wrap(self, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = self._mark()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                end = self._mark()
+                with self._lock:
+                    self.marks.append((start, end))
+        return timed
+
+    def now(self) -> Any:
+        return self._mark()
+
+    def _s(self, mark: Any) -> float:
+        return self.ref.elapsed_time(mark) / 1e3 if self.cuda else mark
+
+    def share(self, t0: Any, t1: Any) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        lo, hi = self._s(t0), self._s(t1)
+        with self._lock:
+            spans = sorted((max(self._s(a), lo), min(self._s(b), hi)) for a, b in self.marks)
+        busy, end = 0.0, lo
+        for a, b in spans:
+            if b <= end:
+                continue
+            busy += b - max(a, end)
+            end = b
+        return busy / max(hi - lo, 1e-9)
+
+
+class NvmlSampler:
+    """NVML GPU utilization sampled every `every_s` on a thread (None when pynvml is missing)."""
+
+    def __init__(self, every_s: float = 0.05) -> None:
+        import pynvml  # ImportError: the caller falls back to the spans
+
+        pynvml.nvmlInit()
+        self.nvml, self.every_s = pynvml, every_s
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-nvml")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu / 100.0)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return statistics.fmean(self.samples) if self.samples else float("nan")
+
+
+def bench_loop(preset: str = "bench-2b", steps: int = 4, warmup: int = 1, prompt_tokens: int = 512,
+               response_tokens: int = 256, batch: int = 64, group: int = 4, concurrent: int = 128,
+               staleness: int = 1, cpu: bool = False) -> dict[str, Any]:
+    """Run the colocated loop `warmup` + `steps` learner steps; the keys above, for the timed steps."""
+    from actors.colocate import ColocatedLoop
+    from kpop.metrics import read_metrics
+
+    cuda = torch.cuda.is_available() and not cpu
+    if preset == "bench-2b" and not cuda:
+        raise SystemExit("bench/loop.py: bench-2b needs a CUDA GPU; use --cpu-smoke (tiny policy) on CPU")
+    _register()
+    with tempfile.TemporaryDirectory(prefix="kpop-loop-") as tmp:
+        cfg = loop_config(Path(tmp), preset, prompt_tokens, response_tokens, batch, group, concurrent, cuda, staleness)
+        loop = ColocatedLoop(cfg)
+        try:
+            spans = Spans(cuda)
+            for w in loop.workers:
+                w.engine._step = spans.wrap(w.engine._step)  # the engine thread's one step
+            loop.learner.learner.train_step = spans.wrap(loop.learner.learner.train_step)
+            loop.sync_weights = spans.wrap(loop.sync_weights)  # device copies and checksums
+            loop.sync_weights()
+            loop.rl(steps=warmup)
+            generated0 = sum(w.engine.stats["decode_tokens"] for w in loop.workers)
+            sampler = None
+            if cuda:
+                try:
+                    sampler = NvmlSampler()
+                except Exception:  # no pynvml or no NVML: the spans say it
+                    sampler = None
+            t0, wall0 = spans.now(), time.perf_counter()
+            loop.rl(steps=steps)
+            t1, wall = spans.now(), time.perf_counter() - wall0
+            nvml = sampler.stop() if sampler is not None else None
+            generated = sum(w.engine.stats["decode_tokens"] for w in loop.workers) - generated0
+            span_share = spans.share(t0, t1)
+            rows = read_metrics(loop.run_dir, phase="rl")[warmup:]
+        finally:
+            loop.close()
+    method = "nvml" if nvml is not None else "cuda_event_spans" if cuda else "host_clock_spans"
+    trained = sum(r["used"] for r in rows)
+    return {
+        "loop_preset": preset,
+        "loop_device": torch.cuda.get_device_name() if cuda else "cpu",
+        "loop_steps": len(rows),
+        "loop_trajectories_per_s": trained / wall,
+        "loop_tokens_per_s": sum(r["tokens"] for r in rows) / wall,
+        "loop_generated_tokens_per_s": generated / wall,
+        "loop_gpu_busy": nvml if nvml is not None else span_share,
+        "loop_gpu_busy_method": method,
+        "loop_gpu_span_share": span_share,
+        "loop_staleness_mean": statistics.fmean(r["staleness_mean"] for r in rows),
+        "loop_sync_s_per_step": statistics.fmean(r["sync_s"] for r in rows),
+        "loop_reward_mean": statistics.fmean(r["task_reward_mean"] for r in rows),
+        "loop_wall_s": wall,
+        "loop_shape": {"prompt_tokens": prompt_tokens, "response_tokens": response_tokens, "batch": batch,
+                       "group": group, "max_concurrent_episodes": concurrent, "max_staleness": staleness},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object last")
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="tiny policy on CPU, short prompt and response, 2 small steps (a smoke test of this script)")
+    ap.add_argument("--preset", default="bench-2b")
+    ap.add_argument("--steps", type=int, default=4, help="timed learner steps")
+    ap.add_argument("--warmup", type=int, default=1, help="learner steps before timing")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--response-tokens", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=64, help="trajectories per learner step")
+    ap.add_argument("--concurrent", type=int, default=128, help="episodes in flight per engine")
+    a = ap.parse_args(argv)
+    if a.cpu_smoke:
+        out = bench_loop("tiny", steps=2, warmup=1, prompt_tokens=48, response_tokens=16, batch=8, group=4,
+                         concurrent=16, cpu=True)
+    else:
+        out = bench_loop(a.preset, a.steps, a.warmup, a.prompt_tokens, a.response_tokens, a.batch, 4, a.concurrent)
+    for k, v in out.items():
+        print(f"{k:30s} {v:.4g}" if isinstance(v, float) else f"{k:30s} {v}")
+    if a.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
