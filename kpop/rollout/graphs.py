@@ -72,7 +72,8 @@ class DecodeGraphs:
                 self._step(B)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: a learner sharing the GPU from another thread keeps running during capture
+        with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self._step(B)
         self.pool = graph.pool()
         self.graphs[B], self.outputs[B] = graph, out
