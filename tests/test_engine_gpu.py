@@ -120,7 +120,12 @@ def test_shared_prefix_group_equals_unshared(model):
     shared = EmbeddedEngine(copy.deepcopy(model), max_seqs=8, max_model_len=256)
     plain = EmbeddedEngine(copy.deepcopy(model), max_seqs=8, max_model_len=256, share_prefix=False)
     try:
-        a, b = shared.generate(reqs), plain.generate(reqs)
+        a, b = [], []
+        for engine, out in ((shared, a), (plain, b)):
+            engine.pause()  # the whole group is admitted in one step, before its prompt is prefilled
+            futures = [engine.submit(r) for r in reqs]
+            engine.resume()
+            out.extend(f.result() for f in futures)
     finally:
         shared.close()
         plain.close()

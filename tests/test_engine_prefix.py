@@ -31,6 +31,15 @@ def engines(model, **kw):
     return shared, plain
 
 
+def together(engine, reqs):
+    """Submit while paused, so every request is admitted in the same step (the group arrives before
+    its leader's prefill is done, which is when sharing applies)."""
+    engine.pause()
+    futures = [engine.submit(r) for r in reqs]
+    engine.resume()
+    return [f.result() for f in futures]
+
+
 def assert_same(a, b):
     assert a.token_ids == b.token_ids
     torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
@@ -43,7 +52,7 @@ def test_shared_prefix_equals_unshared_greedy(model):
             for p in [group] * 4 + [prompt(11, 1), prompt(17, 2)]]
     shared, plain = engines(model)
     try:
-        a, b = shared.generate(reqs), plain.generate(reqs)
+        a, b = together(shared, reqs), together(plain, reqs)
     finally:
         shared.close()
         plain.close()
@@ -61,7 +70,7 @@ def test_shared_prefix_samples_each_request_with_its_own_seed(model):
             for s in range(4)]
     shared, plain = engines(model)
     try:
-        a = shared.generate(reqs)
+        a = together(shared, reqs)
         alone = [plain.generate([r])[0] for r in reqs]
     finally:
         shared.close()
