@@ -166,7 +166,10 @@ class HybridCache:
         return max(0, -(-(self._len[slot] + n) // self.block_size) - have)
 
     def can_fit(self, slots: list[int], query_lens: list[int]) -> bool:
-        need = sum(self._blocks_needed(s, n) for s, n in zip(slots, query_lens)) if self.shape.num_mla_layers else 0
+        if not self.shape.num_mla_layers:
+            return True
+        lens, blocks, bs = self._len, self._blocks, self.block_size
+        need = sum(max(0, -(-(lens[s] + n) // bs) - len(blocks[s])) for s, n in zip(slots, query_lens))
         return need <= len(self._free_blocks)
 
     def reserve(self, slots: list[int], query_lens: list[int]) -> None:
@@ -175,23 +178,25 @@ class HybridCache:
             raise ValueError(f"{len(slots)} slots but {len(query_lens)} query lengths")
         if len(set(slots)) != len(slots):
             raise ValueError(f"a slot is listed twice in {slots}")
+        lens, blocks, bs, cap = self._len, self._blocks, self.block_size, self.max_blocks_per_seq * self.block_size
         for s, n in zip(slots, query_lens):
-            self._check(s)
+            if s not in lens:
+                raise KeyError(f"sequence slot {s} is not allocated")
             if n < 1:
                 raise ValueError(f"query length for slot {s} must be >= 1, got {n}")
         if not self.shape.num_mla_layers:
             return
-        if not self.can_fit(slots, query_lens):
-            need = sum(self._blocks_needed(s, n) for s, n in zip(slots, query_lens))
-            raise CacheFull(f"step needs {need} more blocks of {self.block_size} tokens, {self.num_free_blocks} free")
+        # one pass for the needs (this runs every step for every sequence)
+        needs = [max(0, -(-(lens[s] + n) // bs) - len(blocks[s])) for s, n in zip(slots, query_lens)]
+        if sum(needs) > len(self._free_blocks):
+            raise CacheFull(f"step needs {sum(needs)} more blocks of {bs} tokens, {self.num_free_blocks} free")
         for s, n in zip(slots, query_lens):
-            if self._len[s] + n > self.max_blocks_per_seq * self.block_size:
-                raise CacheFull(f"slot {s} would hold {self._len[s] + n} tokens, over max_seq_len "
-                                f"{self.max_blocks_per_seq * self.block_size}")
-        for s, n in zip(slots, query_lens):
-            for _ in range(self._blocks_needed(s, n)):
-                self._blocks[s].append(self._free_blocks.pop())
-                self._pending.append((s, len(self._blocks[s]) - 1, self._blocks[s][-1]))
+            if lens[s] + n > cap:
+                raise CacheFull(f"slot {s} would hold {lens[s] + n} tokens, over max_seq_len {cap}")
+        for s, k in zip(slots, needs):
+            for _ in range(k):
+                blocks[s].append(self._free_blocks.pop())
+                self._pending.append((s, len(blocks[s]) - 1, blocks[s][-1]))
 
     def flush(self) -> None:
         """Write the block-table entries added since the last flush into `tables` (one host-to-device

@@ -69,9 +69,8 @@ class _Seq:
     def context(self) -> list[int]:
         return self.req.prompt_token_ids + self.tokens
 
-    @property
-    def length(self) -> int:  # len(context) without building it (the scheduler asks every step)
-        return len(self.req.prompt_token_ids) + len(self.tokens)
+    def __post_init__(self) -> None:
+        self.length = len(self.req.prompt_token_ids)  # len(context), kept as tokens are appended
 
     def feed(self, n: int) -> list[int]:
         """The next `n` uncached tokens of `context`."""
@@ -203,13 +202,16 @@ class EmbeddedEngine(ThreadedEngine):
         # one read back per step: the sampled tokens, their logprobs and the routes
         tokens, logprobs, routes = _to_host(tokens if seqs else None, logprobs if seqs else None, routes,
                                             torch.uint8 if self.num_experts <= 256 else torch.int32)
-        offset = 0
+        offset = decoded = 0
         for seq, n in batch:
-            self.stats["decode_tokens" if seq.cached and n == 1 else "prefill_tokens"] += n
+            if seq.cached and n == 1:
+                decoded += 1
             if routes is not None:
                 seq.routes.append((seq.cached, routes[offset : offset + n]))
             offset += n
             seq.cached += n
+        self.stats["decode_tokens"] += decoded
+        self.stats["prefill_tokens"] += offset - decoded
         for seq in seqs:
             if seq.cached < seq.length:  # a follower: the leader's cache and routes are its own now
                 seq.cached = seq.leader.cached
@@ -220,6 +222,7 @@ class EmbeddedEngine(ThreadedEngine):
             return
         for seq, tok, lp in zip(seqs, tokens.tolist(), logprobs.tolist()):
             seq.tokens.append(tok)
+            seq.length += 1
             seq.logprobs.append(lp)
             seq.versions.append(self._version)
             self._check_stop(seq)
