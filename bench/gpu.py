@@ -1,8 +1,8 @@
 """The policy at GPU speed: the MoE layer, the learner step and the MLA prefill, each as a ratio to
 this same run's measured ceilings (a benchmark, not a test; needs CUDA).
 
-    PYTHONPATH=. python bench/gpu.py [--json] [--record] [--only moe,learner,mla] [--sweep-moe]
-                                     [--micro-batch-tokens 16384] [--steps 3]
+    PYTHONPATH=. python bench/gpu.py [--json] [--record] [--only moe,learner,mla,engine,sync] [--sweep-moe]
+                                     [--micro-batch-tokens 16384] [--steps 3] [--engine-new-tokens 256]
 
 Ceilings, measured first: `copy_tb_s` (a 2 GiB device-to-device copy, bytes read + written) and
 `gemm_tflops` (a dense bf16 8192^3 matmul on random data). Keys (goals in GOALS):
@@ -14,6 +14,11 @@ Ceilings, measured first: `copy_tb_s` (a 2 GiB device-to-device copy, bytes read
   learner_peak_gb              peak allocated GPU memory over that step (learner_fp32_lm_head_s: the
                                fp32 LM head's share of the step; --bf16-lm-head measures without it)
   mla_prefill_fwd_vs_sdpa, mla_prefill_fwd_bwd_vs_sdpa   bench/kernels.py's MLA prefill bench
+  engine_b256_tokens_per_s     the embedded engine on bench-2b: 256 prompts of 512 random tokens, 256
+                               new tokens each, greedy, eos ignored; generated tokens / wall time
+  engine_step_over_floor       its decode step over the all-weights-read-once time at copy_tb_s
+  sync_gb_per_s, sync_ipc_gb_per_s   bench/sync.py: 4 GB of bf16 weights into an engine's parameters,
+                               same process (GPU to GPU) and another process (CUDA IPC)
 --json prints one JSON object last. --record adds a dated entry under "## gpu" in bench/RESULTS.md.
 Each part is one function in BENCHES (the rollout engine adds its own).
 
