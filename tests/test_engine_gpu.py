@@ -133,3 +133,18 @@ def test_shared_prefix_group_equals_unshared(model):
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids
         torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=2e-2, rtol=0)
+
+
+def test_inference_lm_head_equals_the_fp32_head(model):
+    """Under no_grad the bf16 model's fp32 LM head runs as a tensor-core GEMM with fp32 output:
+    the same products (bf16 x bf16 is exact in fp32), summed in another order."""
+    import kpop.policy.model as pm
+
+    h = torch.randn(300, model.config.hidden_size, device="cuda").bfloat16()
+    want = torch.nn.functional.linear(h.float(), model.lm_head.weight.float())
+    with torch.no_grad():
+        got = model.logits(h)
+    if not pm._MM_OUT_FP32[0]:
+        pytest.skip("this torch has no mm(out_dtype=float32): the fp32 GEMM serves")
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
