@@ -310,9 +310,9 @@ def bench_engine(ceil: dict, out: dict, new_tokens: int, batches: tuple[int, ...
 
 def bench_sync(ceil: dict, out: dict) -> None:
     """bench/sync.py's two transports (same process; another process through CUDA IPC), 4 GB of bf16."""
-    spec = importlib.util.spec_from_file_location("bench_sync", Path(__file__).with_name("sync.py"))
-    bs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bs)
+    # Imported by package name (not from its path) so the IPC consumer process can unpickle its target.
+    import bench.sync as bs
+
     state = bs.make_weights(int(4e9), "cuda")
     out["sync_gb"] = bs.nbytes(state) / 1e9
     out["sync_gb_per_s"] = bs.sync_gb_per_s(state, "cuda", 256 << 20)

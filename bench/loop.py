@@ -50,12 +50,12 @@ class FixedLengthEnv(ChatEnv):
 
     VOCAB = tuple("abcdefghilmnoprstuvwxyz")  # " a", " b", ...: one token each in the local tokenizer
 
-    def __init__(self, words: int = 500, render_mode: str | None = None) -> None:
+    def __init__(self, words: int = 500, vocab: str = "".join(VOCAB), render_mode: str | None = None) -> None:
         super().__init__(max_turns=1, render_mode=render_mode, show_tools=False)
-        self.words = words
+        self.words, self.vocab = words, vocab
 
     def _new_task(self, rng: Any, options: dict[str, Any]) -> Task:
-        words = [self.VOCAB[i] for i in rng.integers(0, len(self.VOCAB), self.words)]
+        words = [self.vocab[i] for i in rng.integers(0, len(self.vocab), self.words)]
         prompt = " ".join(words)
         return Task(task_id=f"fixedlen-{self.words}-{zlib.crc32(prompt.encode()):08x}", prompt=prompt,
                     data={"words": sorted(set(words))})
@@ -82,17 +82,25 @@ def _register() -> None:
         pass
 
 
-def prompt_words(tokenizer: Any, prompt_tokens: int) -> int:
+def single_token_vocab(tokenizer: Any) -> str:
+    """The letters that are one token after a space in this tokenizer (tokenizer builds differ)."""
+    vocab = "".join(c for c in FixedLengthEnv.VOCAB if len(tokenizer.encode(" " + c, add_special_tokens=False)) == 1)
+    if len(vocab) < 4:
+        raise ValueError(f"only {len(vocab)} letters are single tokens in this tokenizer: cannot build fixed prompts")
+    return vocab
+
+
+def prompt_words(tokenizer: Any, prompt_tokens: int, vocab: str = "".join(FixedLengthEnv.VOCAB)) -> int:
     """How many words make the rendered chat prompt exactly `prompt_tokens` tokens long."""
     from kpop.rollout.chat import ChatClient
 
     client = ChatClient(None, tokenizer)
-    overhead = len(client.encode(client.render([{"role": "user", "content": "a"}]))) - 1
+    overhead = len(client.encode(client.render([{"role": "user", "content": vocab[0]}]))) - 1
     n = prompt_tokens - overhead
     if n < 1:
         raise ValueError(f"--prompt-tokens {prompt_tokens} is shorter than the chat template ({overhead + 1} tokens)")
     for seed in range(4):  # real prompts: each word one token, no merges across words
-        messages, _ = FixedLengthEnv(n).reset(seed=seed)
+        messages, _ = FixedLengthEnv(n, vocab).reset(seed=seed)
         got = len(client.encode(client.render(messages)))
         if got != prompt_tokens:
             raise ValueError(f"{n} words render to {got} tokens, not {prompt_tokens}: the tokenizer splits or "
@@ -105,7 +113,9 @@ def loop_config(out_dir: Path, preset: str, prompt_tokens: int, response_tokens:
     from kpop.config import RunConfig
     from kpop.policy.tokenizer import get_tokenizer
 
-    words = prompt_words(get_tokenizer(), prompt_tokens)
+    tok = get_tokenizer()
+    vocab = single_token_vocab(tok)
+    words = prompt_words(tok, prompt_tokens, vocab)
     gpu = {"num_gpus": 1} if cuda else {}
     return RunConfig.model_validate({
         "name": "loop", "run_dir": str(out_dir), "resume": False,
@@ -114,7 +124,7 @@ def loop_config(out_dir: Path, preset: str, prompt_tokens: int, response_tokens:
         "rollout": {"max_concurrent_episodes": concurrent, "group_size": group, "max_new_tokens": response_tokens,
                     "max_episode_tokens": prompt_tokens + response_tokens + 1, "max_turns": 1,
                     **({"num_gpus": 1.0, "gpu_memory_fraction": 0.35} if cuda else {})},
-        "environments": {"train": [{"id": ENV_ID, "kwargs": {"words": words}}]},
+        "environments": {"train": [{"id": ENV_ID, "kwargs": {"words": words, "vocab": vocab}}]},
         "learner": {"lr": 1e-6, "zero_stage": 2 if cuda else 1, "dtype": "bfloat16" if cuda else "float32",
                     "micro_batch_tokens": 16384 if cuda else 4096, "checkpoint_every": 10**6,
                     "expert_bias_update_rate": 0.0, **gpu},

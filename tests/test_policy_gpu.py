@@ -134,14 +134,29 @@ def test_forward_backward_with_the_moe_kernel_matches_the_expert_loop(monkeypatc
         out.loss.backward()
         return out.logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
     logits, grads = run()
     monkeypatch.setattr(pm, "moe_ffn", _loop_moe_ffn)
     ref_logits, ref_grads = run()
-    assert ((logits - ref_logits).norm() / ref_logits.norm()).item() < tol
+    assert rel(logits, ref_logits) < tol
     assert set(ref_grads) <= set(grads)  # the kernel also gives unrouted experts a (zero) gradient
-    for n, g in ref_grads.items():
-        err = ((grads[n].float() - g.float()).norm() / g.float().norm().clamp(min=1e-12)).item()
-        assert err < tol or g.abs().max() < 1e-8, (n, err)
+    if dtype == "float32":
+        for n, g in ref_grads.items():
+            assert rel(grads[n], g) < tol or g.abs().max() < 1e-8, (n, rel(grads[n], g))
+        return
+    # bf16: both paths round differently at every layer, so a gradient deep in the stack can differ by a
+    # few percent between them. The bound that matters: the kernel is no further from the fp32 truth
+    # (the same weights, the loop in fp32) than the loop it replaced.
+    model.float()
+    truth_logits, truth = run()
+    assert rel(logits, truth_logits) <= 1.5 * rel(ref_logits, truth_logits) + 1e-3
+    for n, g in truth.items():
+        if g.abs().max() < 1e-8 or n not in ref_grads:
+            continue
+        k, loop = rel(grads[n], g), rel(ref_grads[n], g)
+        assert k <= 1.5 * loop + tol / 4, (n, k, loop)
 
 
 def test_moe_block_trains_and_replays_without_host_sync():
