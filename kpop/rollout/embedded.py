@@ -41,8 +41,8 @@ import torch
 
 from kpop.policy.cache import CacheFull, HybridCache
 from kpop.rollout.engine import EngineError, GenerationRequest, GenerationResult, SamplingParams, ThreadedEngine
+from kpop.rollout.routes import routes_from_passes
 from kpop.rollout.sampling import SamplingBatch, sample
-from kpop.trajectory import Routes
 
 
 @dataclass
@@ -352,23 +352,10 @@ class EmbeddedEngine(ThreadedEngine):
         result = GenerationResult(
             request_id=seq.req.request_id, prompt_token_ids=seq.req.prompt_token_ids, token_ids=seq.tokens,
             logprobs=seq.logprobs, token_versions=seq.versions, finish_reason=reason, stop_reason=stop_reason,
-            text=text, routes=self._routes(seq),
+            text=text, routes=routes_from_passes(seq.routes, len(seq.context), self.num_experts),
         )
         if not seq.future.done():
             seq.future.set_result(result)
-
-    def _routes(self, seq: _Seq) -> Routes | None:
-        """The experts of every context token from its last pass through the model (later passes
-        overwrite earlier ones); tokens never fed (the last sampled one) have none."""
-        if not seq.routes:
-            return None
-        n = len(seq.context)
-        ids = torch.zeros(n, *seq.routes[0][1].shape[1:], dtype=torch.int32)
-        known = torch.zeros(n, dtype=torch.bool)
-        for start, chunk in seq.routes:
-            ids[start : start + len(chunk)] = chunk.to(torch.int32)
-            known[start : start + len(chunk)] = True
-        return Routes.from_ids(ids, self.num_experts, known)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
