@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from kpop.algo.losses import TokenDecision, kpop_keep
+from kpop.algo.losses import TokenDecision, icepop_keep, kpop_keep
 from kpop.config import AlgorithmConfig, LearnerConfig
 from kpop.trajectory import Routes
 from learner.learner import Learner
@@ -130,8 +130,15 @@ def test_icepop_decisions_and_no_routes(model):
     m = lrn.train_step(trajs)
     assert "route_flip_rate" not in m  # nothing recorded, nothing to compare against
     assert all(r.route_flips is None for r in lrn.last_tokens)
-    got = {d for r in lrn.last_tokens for d in r.decisions}
-    assert got == {TokenDecision.KEEP, TokenDecision.MASK_RATIO, TokenDecision.NOT_TRAINED}
+    masked = 0
+    for r, t in zip(lrn.last_tokens, trajs):  # each decision is the IcePop window's verdict on that token
+        keep = icepop_keep(torch.tensor(r.train_logprobs, dtype=torch.float64),
+                           torch.tensor(t.logprobs, dtype=torch.float64), 0.999, 1.001)
+        want = [(TokenDecision.KEEP if k else TokenDecision.MASK_RATIO) if m else TokenDecision.NOT_TRAINED
+                for k, m in zip(keep.tolist(), t.loss_mask)]
+        assert r.decisions == want
+        masked += want.count(TokenDecision.MASK_RATIO)
+    assert masked > 0  # the perturbed router moves the learner's probabilities out of a 0.1% window
 
 
 def test_zero3_measures_the_same_flips(model):
