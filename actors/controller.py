@@ -160,12 +160,24 @@ class Controller:
         reward_sampled = statistics.fmean(r.reward for r in sampled) if sampled else None
         per_env = {s.id: statistics.fmean(r.reward for r, t in zip(results, tasks)
                                           if t.env_id == s.id and t.temperature is None) for s in specs}
-        row = {"eval_reward": reward, "version": self.version, **{f"eval_reward/{k}": v for k, v in per_env.items()}}
+        # Per held-out task (greedy reward, mean of its samples): the standard error is over tasks, as
+        # a task's samples are not independent, and the lists let a before/after difference be paired.
+        per_task_sampled: dict[tuple[str, int], list[float]] = {}
+        for r, t in zip(results, tasks):
+            if t.temperature is not None:
+                per_task_sampled.setdefault((t.env_id, t.seed), []).append(r.reward)
+        task_greedy = [r.reward for r in greedy]
+        task_sampled = [statistics.fmean(v) for v in per_task_sampled.values()]
+        row = {"eval_reward": reward, "version": self.version, **{f"eval_reward/{k}": v for k, v in per_env.items()},
+               "eval_reward_se": standard_error(task_greedy), "eval_task_rewards": task_greedy}
         if reward_sampled is not None:
-            row["eval_reward_sampled"] = reward_sampled
+            row |= {"eval_reward_sampled": reward_sampled, "eval_reward_sampled_se": standard_error(task_sampled),
+                    "eval_task_rewards_sampled": task_sampled}
         self.metrics.log(self.state.rl_step, row, phase="eval")
-        log.info("eval %s: mean reward %.3f greedy over %d episodes%s (version %d)", tag, reward, len(greedy),
-                 "" if reward_sampled is None else f", {reward_sampled:.3f} sampled over {len(sampled)}", self.version)
+        log.info("eval %s: mean reward %.3f +- %.3f greedy over %d episodes%s (version %d)", tag, reward,
+                 row["eval_reward_se"], len(greedy), "" if reward_sampled is None else
+                 f", {reward_sampled:.3f} +- {row['eval_reward_sampled_se']:.3f} sampled over {len(sampled)}",
+                 self.version)
         return reward, reward_sampled
 
     def rl(self) -> None:
@@ -286,3 +298,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         return controller.run()
     finally:
         controller.close()
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of `values` (0 for fewer than two)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0

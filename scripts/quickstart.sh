@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: Python env, Debian packages, then a real training run of
 # configs/quickstart.yaml (local Ray, embedded Redis, tiny Ring-2.6 policy) into runs/quickstart/.
-# Extra arguments are config overrides, e.g. `bash scripts/quickstart.sh schedule.rl_steps=5`.
+# Extra arguments are config overrides, e.g. `bash scripts/quickstart.sh schedule.rl_steps=5`; another
+# seed, in its own run directory: `bash scripts/quickstart.sh seed=1 name=quickstart-s1` (re-running
+# into an existing run directory resumes that run instead).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -54,6 +54,12 @@ def test_run_directory_and_summary(resumed):
     assert 0.0 <= summary["cut_rate"] <= 1.0
     phases = {r["phase"] for r in read_metrics(run)}
     assert {"sft", "eval", "rl"} <= phases
+    # each eval row keeps one reward per held-out task, so a before/after gain gets a paired error bar
+    for row in read_metrics(run, phase="eval"):
+        for kind in ("", "_sampled"):
+            tasks = row[f"eval_task_rewards{kind}"]
+            assert len(tasks) == 2 and row[f"eval_reward{kind}"] == pytest.approx(sum(tasks) / 2)
+            assert row[f"eval_reward{kind}_se"] == pytest.approx(abs(tasks[0] - tasks[1]) / 2)
     # Ray's logs of both processes stay in the run after their temp dirs are gone
     logs = sorted((run / "ray_logs").iterdir())
     assert len(logs) == 2 and all(d.is_dir() and not d.is_symlink() and any(d.iterdir()) for d in logs)
