@@ -60,6 +60,22 @@ class ControllerState:
     def from_extra(cls, extra: dict | None) -> "ControllerState":
         return cls(**(extra or {}).get("controller", {}))
 
+    def summary(self, run_dir: Path, admission: Admission, eval_after: tuple[float | None, float | None],
+                **extra: Any) -> dict[str, Any]:
+        """`summary.json` of a finished run (either layout; `extra` adds the layout's own keys)."""
+        settled = admission.settled
+        return {
+            **summarize_rl(read_metrics(run_dir, phase="rl")),
+            "eval_reward_before_rl": self.eval_before,
+            "eval_reward_after_rl": eval_after[0],
+            "eval_reward_sampled_before_rl": self.eval_before_sampled,
+            "eval_reward_sampled_after_rl": eval_after[1],
+            "rl_steps": self.rl_step,
+            "episodes_submitted": admission.submitted,
+            **{f"trajectories_{d.value}": settled[d] for d in ArchiveStatus},
+            **extra,
+        }
+
 
 class ColocatedLoop:
     def __init__(self, cfg: RunConfig) -> None:
@@ -233,21 +249,9 @@ class ColocatedLoop:
         eval_after = (self.evaluate("after_rl") if cfg.schedule.rl_steps
                       else (self.state.eval_before, self.state.eval_before_sampled))
         self.learner.save_policy(self.run_dir / "policy")
-        settled = self.admission.settled
-        summary = {
-            **summarize_rl(read_metrics(self.run_dir, phase="rl")),
-            "eval_reward_before_rl": self.state.eval_before,
-            "eval_reward_after_rl": eval_after[0],
-            "eval_reward_sampled_before_rl": self.state.eval_before_sampled,
-            "eval_reward_sampled_after_rl": eval_after[1],
-            "rl_steps": self.state.rl_step,
-            "episodes_submitted": self.admission.submitted,
-            **{f"trajectories_{d.value}": settled[d] for d in ArchiveStatus},
-            "mode": cfg.schedule.mode,
-            "layout": "colocated",
-            "sync_s_mean": statistics.fmean(self.sync_s) if self.sync_s else None,
-            "wall_s": time.time() - self.t0,
-        }
+        summary = self.state.summary(
+            self.run_dir, self.admission, eval_after, mode=cfg.schedule.mode, layout="colocated",
+            sync_s_mean=statistics.fmean(self.sync_s) if self.sync_s else None, wall_s=time.time() - self.t0)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary: %s", json.dumps(summary))
         return summary

@@ -35,12 +35,11 @@ from actors.learner_actor import start_learner
 from actors.placement import check_gpus, rollout_options, shares_gpu, weight_transport
 from actors.rollout_pool import RolloutPool
 from kpop.config import RunConfig, dump_config
-from kpop.metrics import MetricsWriter, Progress, add_once, read_metrics, rl_info, summarize_rl
+from kpop.metrics import MetricsWriter, Progress, add_once, rl_info
 from kpop.ray_utils import init_ray, shutdown_ray
 from kpop.rollout.worker import RolloutTask, truncation_stats
 from kpop.scheduler import Admission, StalenessBound, TaskSource
 from kpop.stream import open_stream
-from kpop.trajectory import ArchiveStatus
 
 log = logging.getLogger("kpop.train")
 _ACTOR_DEATH = (RayActorError, ActorDiedError, ActorUnavailableError)
@@ -258,20 +257,8 @@ class Controller:
         return summary
 
     def _summary(self, eval_after: tuple[float | None, float | None]) -> dict[str, Any]:
-        settled = self.admission.settled
-        return {
-            **summarize_rl(read_metrics(self.run_dir, phase="rl")),
-            "eval_reward_before_rl": self.state.eval_before,
-            "eval_reward_after_rl": eval_after[0],
-            "eval_reward_sampled_before_rl": self.state.eval_before_sampled,
-            "eval_reward_sampled_after_rl": eval_after[1],
-            "rl_steps": self.state.rl_step,
-            "episodes_submitted": self.admission.submitted,
-            **{f"trajectories_{d.value}": settled[d] for d in ArchiveStatus},
-            "worker_restarts": self.pool.restarts,
-            "mode": self.cfg.schedule.mode,
-            "wall_s": time.time() - self.t0,
-        }
+        return self.state.summary(self.run_dir, self.admission, eval_after, worker_restarts=self.pool.restarts,
+                                  mode=self.cfg.schedule.mode, wall_s=time.time() - self.t0)
 
     def close(self) -> None:
         closers = [c for c in (getattr(self.pool, "shutdown", None), getattr(self.eval_pool, "shutdown", None),
