@@ -48,6 +48,14 @@ def redis_url(redis_server) -> str:
     return redis_server.url
 
 
+# -- kernels: a fresh random seed per test, returned so a failure can print it --------------------
+@pytest.fixture
+def seed() -> int:
+    s = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(s)
+    return s
+
+
 # -- sandboxes: every sandbox test runs on both backends; docker ones start the daemon first ----
 ROOT = Path(__file__).resolve().parents[1]
 

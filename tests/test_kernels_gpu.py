@@ -6,6 +6,7 @@ import torch
 
 from kernels.lightning import chunk_lightning, decode_lightning, lightning_attn, lightning_decode
 from kernels.mla import attention, mla_decode, mla_prefill, paged_decode
+from numerics import relerr  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 BF16_TOL = 1e-2
@@ -14,12 +15,6 @@ BF16_TOL = 1e-2
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("KPOP_KERNELS", "auto")  # CUDA tensors -> Triton
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    assert err == err, "NaN in output"
-    return err
 
 
 def _ring_g(H: int) -> torch.Tensor:

@@ -22,23 +22,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels.moe import moe_ffn, moe_loop, moe_sorted, sort_by_expert  # noqa: E402
+from numerics import relerr  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOPPER_SMEM = 232448
-
-
-@pytest.fixture
-def seed() -> int:
-    s = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    assert err == err, "NaN in output"
-    return err
 
 
 def routed(N: int, E: int, k: int, hot: int | None = 0, cold: int | None = None) -> torch.Tensor:

@@ -7,12 +7,7 @@ import torch
 from kernels import _dispatch
 from kernels.lightning import chunk_lightning, lightning_attn, lightning_decode, recurrent_lightning
 from kernels.mla import mla_cache_write, mla_decode, mla_prefill, slot_mapping
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    assert err == err, "NaN in output"
-    return err
+from numerics import relerr  # noqa: E402
 
 
 def _g(H: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 
 from kernels.lightning import lightning_attn, lightning_decode, recurrent_lightning  # noqa: E402
 from kernels.mla import attention, mla_decode, mla_prefill, paged_decode  # noqa: E402
+from numerics import relerr  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
@@ -26,19 +27,6 @@ TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 @pytest.fixture(autouse=True)
 def _triton_backend(monkeypatch):
     monkeypatch.setenv("KPOP_KERNELS", "triton")
-
-
-@pytest.fixture
-def seed() -> int:
-    s = int(torch.randint(0, 2**31 - 1, ()).item()) ^ int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(s)
-    return s
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-    assert err == err, "NaN in output"
-    return err
 
 
 def _leaf(*xs):

@@ -6,15 +6,11 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_bf16_zero2_steps_on_gpu(tmp_path):
-    from kpop.config import AlgorithmConfig, LearnerConfig
-    from kpop.policy.model import BailingMoeV2_5ForCausalLM
-    from kpop.policy.presets import tiny_config
+def groups(seed: int) -> list:
+    """2 groups of 4 trajectories: a 16-token prompt, 48 random response tokens, rewards 0/1."""
     from kpop.trajectory import Trajectory
-    from learner.learner import Learner
 
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     batch = []
     for k in range(2):
         prompt = torch.randint(2, 1024, (16,), generator=g).tolist()
@@ -23,6 +19,17 @@ def test_bf16_zero2_steps_on_gpu(tmp_path):
             mask = [0] * 16 + [1] * 48
             batch.append(Trajectory(run_id="gpu", task_id=f"t{k}", env_id="test", group_id=f"g{k}", token_ids=ids,
                                     logprobs=[-6.9 * m for m in mask], loss_mask=mask, reward=float(j % 2)))
+    return batch
+
+
+def test_bf16_zero2_steps_on_gpu(tmp_path):
+    from kpop.config import AlgorithmConfig, LearnerConfig
+    from kpop.policy.model import BailingMoeV2_5ForCausalLM
+    from kpop.policy.presets import tiny_config
+    from learner.learner import Learner
+
+    torch.manual_seed(0)
+    batch = groups(seed=0)
     lcfg = LearnerConfig(lr=1e-3, zero_stage=2, dtype="bfloat16", num_gpus=1, micro_batch_tokens=256)
     learner = Learner(lcfg, AlgorithmConfig(correction="kpop", kpop_phi=2.0), BailingMoeV2_5ForCausalLM(tiny_config()))
     assert learner.device.type == "cuda"
@@ -45,20 +52,11 @@ def test_checkpointed_step_matches_plain_step_on_gpu():
     from kpop.config import AlgorithmConfig, LearnerConfig
     from kpop.policy.model import BailingMoeV2_5ForCausalLM
     from kpop.policy.presets import tiny_config
-    from kpop.trajectory import Trajectory
     from learner.learner import Learner
 
     torch.manual_seed(0)
     init = BailingMoeV2_5ForCausalLM(tiny_config()).state_dict()
-    g = torch.Generator().manual_seed(1)
-    batch = []
-    for k in range(2):
-        prompt = torch.randint(2, 1024, (16,), generator=g).tolist()
-        for j in range(4):
-            ids = prompt + torch.randint(2, 1024, (48,), generator=g).tolist()
-            mask = [0] * 16 + [1] * 48
-            batch.append(Trajectory(run_id="gpu", task_id=f"t{k}", env_id="test", group_id=f"g{k}", token_ids=ids,
-                                    logprobs=[-6.9 * m for m in mask], loss_mask=mask, reward=float(j % 2)))
+    batch = groups(seed=1)
     runs = []
     for ckpt in (False, None):  # None: the default, on with a GPU
         model = BailingMoeV2_5ForCausalLM(tiny_config())
