@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import random
 import statistics
@@ -62,6 +63,7 @@ class LearnerService:
         self.cfg = cfg
         self.run_dir = Path(cfg.out_dir)
         self.weight_sync = weight_sync
+        self._restored = False  # see publish_weights
         self.model, self.tokenizer = load_policy(cfg.policy, seed=cfg.seed)
         tok = self.tokenizer
         self.learner = Learner(
@@ -86,9 +88,12 @@ class LearnerService:
 
     def publish_weights(self) -> WeightHandle:
         """The current weights through this service's transport, straight from the learner's device
-        (a GPU-to-GPU transport never stages them in host memory)."""
+        (a GPU-to-GPU transport never stages them in host memory). The first publish after `restore`
+        is a rewind: engines may hold newer weights that died with the previous learner."""
         with self.learner.weights() as state:
-            return self.weight_sync.publish(state, self.learner.version)
+            handle = self.weight_sync.publish(state, self.learner.version)
+        rewind, self._restored = self._restored, False
+        return dataclasses.replace(handle, rewind=True) if rewind else handle
 
     def save_policy(self, out: str | Path) -> str:
         """The current weights as an HF checkpoint (config.json + safetensors + tokenizer) in
@@ -189,6 +194,7 @@ class LearnerService:
             return None
         extra = self.learner.load(ckpt)
         self._settle(set(extra.pop("unacked", [])))
+        self._restored = True
         return extra
 
     def _settle(self, decided: set[str]) -> None:

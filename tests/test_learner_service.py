@@ -70,10 +70,14 @@ def test_weights_leave_through_the_weight_sync_and_the_final_policy_is_the_learn
     producer.put_many(_group("a", ["ok"] * 4) + _group("b", ["ok"] * 4))
     svc.rl_step(timeout_s=60)
     handle = svc.publish_weights()
-    assert handle.version == svc.version == 1
+    assert handle.version == svc.version == 1 and not handle.rewind
     published = InProcessSync().receive(handle)
     current, _ = svc.learner.export_weights()
     assert published.keys() == current.keys() and all(torch.equal(published[k], current[k]) for k in current)
+    # after a restore the first publish rewinds engines that may hold a newer, lost version
+    svc.checkpoint({"controller": {}})
+    svc.restore()
+    assert [svc.publish_weights().rewind for _ in range(2)] == [True, False]
 
     out = svc.save_policy(tmp_path / "policy")
     saved = load_checkpoint(out).state_dict()

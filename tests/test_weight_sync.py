@@ -264,13 +264,15 @@ def test_an_ipc_payload_cannot_point_the_consumer_at_other_files_or_functions(tm
 def test_a_weight_update_by_handle_evicts_partial_rollouts():
     """receive_weights keeps update_weights' semantics: a request in flight re-prefills under the new
     weights, each token tagged with the version that sampled it; a corrupted next version leaves the
-    engine's weights bit-identical and its version unchanged, and the request still finishes."""
+    engine's weights bit-identical and its version unchanged, and the request still finishes. An
+    older handle is refused unless it is a restored learner's rewind."""
     from kpop.policy.checkpoint import build_model
     from kpop.policy.presets import tiny_config
     from kpop.rollout.embedded import EmbeddedEngine
     from kpop.rollout.engine import GenerationRequest, SamplingParams
 
     model = build_model(tiny_config(vocab_size=64), seed=0).eval()
+    model0 = {k: v.clone() for k, v in model.state_dict().items()}
     new = copy.deepcopy(model)
     with torch.no_grad():
         for w in new.parameters():
@@ -297,6 +299,10 @@ def test_a_weight_update_by_handle_evicts_partial_rollouts():
         assert engine.stats["reprefills"] == 1
         with pytest.raises(ValueError, match="must not go backwards"):  # a stale handle moves nothing
             engine.receive_weights(WeightHandle(0, None))
+        # a learner restored from an older checkpoint rewinds the engines to its weights
+        engine.receive_weights(dataclasses.replace(sync.publish(model0, 0), rewind=True))
+        assert engine.version == 0
+        assert_identical(dict(model.state_dict()), model0)
     finally:
         engine.close()
 

@@ -130,9 +130,10 @@ class Engine(ABC):
     def resume(self) -> None: ...
 
     @abstractmethod
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int, rewind: bool = False) -> None:
         """Load new weights (HF names, full or partial state) between steps; tokens sampled after
-        this call are tagged `version`."""
+        this call are tagged `version`. An older version is refused unless `rewind` (a learner
+        restored from a checkpoint)."""
 
     @abstractmethod
     def receive_weights(self, handle: WeightHandle, sync: WeightSync | None = None) -> None:
@@ -142,10 +143,10 @@ class Engine(ABC):
         """Release engine resources (threads, subprocesses)."""
 
 
-def check_version(current: int, new: int) -> None:
+def check_version(current: int, new: int, rewind: bool = False) -> None:
     if not isinstance(new, int) or new < 0:
         raise ValueError(f"policy version must be an int >= 0, got {new!r}")
-    if new < current:
+    if new < current and not rewind:
         raise ValueError(f"policy version must not go backwards: engine has {current}, got {new}")
 
 
@@ -216,12 +217,12 @@ class ThreadedEngine(Engine):
         if sync is None:
             raise EngineError(f"weights version {handle.version} arrived but this engine has no weight_sync to take "
                               "them through")
-        check_version(self._version, handle.version)  # a stale handle is refused before anything moves
-        self.update_weights(sync.receive(handle), handle.version)
+        check_version(self._version, handle.version, handle.rewind)  # a stale handle moves nothing
+        self.update_weights(sync.receive(handle), handle.version, handle.rewind)
 
-    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor], version: int, rewind: bool = False) -> None:
         with self._lock:  # between steps
-            check_version(self._version, version)
+            check_version(self._version, version, rewind)
             self._load_weights(state_dict)
             self._version = version
         self._notify()

@@ -18,6 +18,9 @@ class WeightSyncError(RuntimeError):
 class WeightHandle:
     version: int
     payload: Any  # transport-specific: the state dict, an ObjectRef, a manifest and IPC handles, ...
+    # The learner restarted from a checkpoint: this (older) version replaces whatever engines hold.
+    # Any other handle older than an engine's weights is stale and refused.
+    rewind: bool = False
 
 
 class WeightSync(Protocol):
