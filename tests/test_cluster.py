@@ -33,9 +33,13 @@ def _ports(n: int) -> list[int]:
     return [free_port() for _ in range(n)]
 
 
-def _node_args() -> list[str]:
-    # every listening port explicit and free, so two clusters on one machine never collide
-    mgr, obj, agent, agent_grpc, rt_env, metrics, w0 = _ports(7)
+def _node_args(taken: tuple[int, ...] = ()) -> list[str]:
+    # every listening port explicit and free, so two clusters on one machine never collide; the
+    # worker range must not cover any other port of the node (`taken`: the head's own), which Ray refuses
+    mgr, obj, agent, agent_grpc, rt_env, metrics = ports = _ports(6)
+    w0 = free_port()
+    while any(w0 <= p <= w0 + 40 for p in (*ports, *taken)):
+        w0 = free_port()
     return ["--num-cpus=1", "--disable-usage-stats", f"--node-manager-port={mgr}", f"--object-manager-port={obj}",
             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
@@ -78,11 +82,11 @@ def two_node_cluster(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_AUTH_TOKEN_PATH": str(token_file)}
     for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS"):
         env.pop(key, None)
-    port = free_port()
+    port, client_port = free_port(), free_port()
     try:
         head = subprocess.run([RAY, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
-                               "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
-                               *_node_args()], env=env, capture_output=True, text=True, timeout=120)
+                               "--include-dashboard=false", f"--ray-client-server-port={client_port}",
+                               *_node_args((port, client_port))], env=env, capture_output=True, text=True, timeout=120)
         assert head.returncode == 0, head.stdout + head.stderr
         assert "Token authentication is enabled" in head.stdout + head.stderr  # Ray's default with a token
         found = re.search(r"--address='([^']+)'", head.stdout + head.stderr)
@@ -90,7 +94,7 @@ def two_node_cluster(tmp_path_factory):
         address = found.group(1)
         # Ray itself needs RAY_AUTH_MODE=token to join a node at an explicit address (the
         # operator's step, not the kpop user's: the user's env below stays without it)
-        worker = subprocess.run([RAY, "start", f"--address={address}", *_node_args()],
+        worker = subprocess.run([RAY, "start", f"--address={address}", *_node_args((port, client_port))],
                                 env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
         assert worker.returncode == 0, worker.stdout + worker.stderr
         yield address, env, temp_dir
