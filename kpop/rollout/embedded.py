@@ -24,6 +24,13 @@ State decisions:
   (abort, preemption), the next follower leads. `stats["prefill_tokens_saved"]` counts the gain.
 * On a GPU, decode steps replay CUDA graphs (kpop/rollout/graphs.py) and sampling runs on the
   device; a step reads the device back once, for its tokens, logprobs and routes together.
+* Overlap: a decode step is launched before the previous one's tokens reach the host. When every
+  running sequence decoded in the last step and nothing waits to be admitted, the next step feeds
+  the tokens the last one sampled straight from the device, and the host reads the last step back
+  (stop checks, bookkeeping) while the GPU runs the next. A sequence that stopped (eos, stop
+  string) in the step being read back has one row of the step in flight computed for nothing; that
+  row is dropped (`stats["discarded_rows"]`). Anything else (admission, prefill, preemption,
+  abort, a weight update) first reads the step in flight back.
 * Routing replay (MoE policies): every token fed through the model records its experts per MoE
   layer; a token fed again (re-prefill) keeps the route of its last pass, the one the tokens
   sampled after it saw. The result's `routes` cover prompt + generated tokens.
@@ -60,6 +67,7 @@ class _Seq:
     followers: list["_Seq"] = field(default_factory=list)
     prefix_key: tuple[int, ...] | None = None  # set while this request leads its prompt's prefill
     routes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first position, ids [n, layers, k]) per pass
+    done: bool = False  # finished: a row of it still in flight is dropped
 
     @property
     def params(self) -> SamplingParams:
@@ -80,6 +88,18 @@ class _Seq:
         return self.context[self.cached : self.cached + n]
 
 
+@dataclass
+class _Launched:
+    """A decode step on its way: launched, its tokens not read back yet."""
+
+    seqs: list[_Seq]  # one row each, in order
+    positions: list[int]  # the position each row fed (its route's place)
+    tokens: torch.Tensor  # [rows] sampled, on the device: the next step's input when it chains
+    host: tuple[torch.Tensor | None, ...]  # (tokens, logprobs, routes) landing in host memory
+    ready: Any  # a CUDA event recorded after the copies (None on CPU: the copies are done)
+    version: int  # the weights that sampled them
+
+
 class EmbeddedEngine(ThreadedEngine):
     thread_name = "kpop-embedded-engine"
 
@@ -97,6 +117,7 @@ class EmbeddedEngine(ThreadedEngine):
         seed: int = 0,
         cuda_graphs: bool = True,  # decode steps on a GPU replay captured graphs (kpop/rollout/graphs.py)
         share_prefix: bool = True,  # requests with one prompt prefill it once and fork the cache
+        overlap: bool = True,  # launch a decode step before reading the previous one back
     ) -> None:
         if max_batch_tokens < max_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_seqs ({max_seqs})")
@@ -132,9 +153,13 @@ class EmbeddedEngine(ThreadedEngine):
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._running: list[_Seq] = []
         self.share_prefix = share_prefix
+        self.overlap = overlap
+        self._inflight: _Launched | None = None
         self._leaders: dict[tuple[int, ...], _Seq] = {}  # prompt -> the admitted request prefilling it
         self.num_experts = int(model.config.num_experts or 0)
-        # steps, prefill_tokens, decode_tokens, preemptions, reprefills, forks, prefill_tokens_saved
+        # steps, prefill_tokens, decode_tokens, preemptions, reprefills, forks, prefill_tokens_saved,
+        # chained_steps, discarded_rows (decode steps fed from the device; rows of sequences that
+        # had stopped: see Overlap above)
         self.stats = collections.Counter()
 
     # -- ThreadedEngine hooks -------------------------------------------------------------------
@@ -151,19 +176,22 @@ class EmbeddedEngine(ThreadedEngine):
         self._waiting.append(_Seq(request, future, next(self._order), seed))
 
     def _abort(self, request_id: str) -> None:
+        self._land()
         for seq in [s for s in [*self._running, *self._waiting] if s.req.request_id == request_id]:
             self._finish(seq, "abort")
 
     def _has_work(self) -> bool:
-        return bool(self._running or self._waiting)
+        return bool(self._running or self._waiting or self._inflight)
 
     def _load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        self._land()  # its tokens were sampled by the old weights and say so
         load_into(self.model, state_dict)
         for seq in sorted(self._running, key=lambda s: s.order, reverse=True):
             self._evict(seq)
             self.stats["reprefills"] += 1
 
     def _fail_all(self, exc: EngineError) -> None:
+        self._inflight = None
         for seq in [*self._running, *self._waiting]:
             self._release(seq)
             if not seq.future.done():
@@ -172,19 +200,35 @@ class EmbeddedEngine(ThreadedEngine):
 
     # -- one step -------------------------------------------------------------------------------
     def _step(self) -> None:
-        """Admit waiting requests, run one forward over every running sequence, sample."""
+        """Admit waiting requests, run one forward over every running sequence, sample. A decode
+        step is left in flight; the next call chains the following decode step to it, or reads it
+        back first (see Overlap in the module docstring)."""
+        last, self._inflight = self._inflight, None
+        if last is not None:
+            keep = self._chain(last)
+            if keep:
+                tokens = last.tokens
+                if len(keep) < len(last.seqs):
+                    tokens = tokens[torch.tensor(keep).to(tokens.device, non_blocking=True)]
+                self._inflight = self._launch_decode([last.seqs[i] for i in keep], tokens, ahead=1)
+                self.stats["chained_steps"] += 1
+            self._read_back(last)
+            if self._inflight is not None:
+                return
         self._admit()
         batch = self._plan()
         if not batch:
             return
+        if all(n == 1 and 0 < s.cached == s.length - 1 and s.prefix_key is None for s, n in batch):  # a decode step
+            self._inflight = self._launch_decode([s for s, _ in batch], [s.feed(1)[0] for s, _ in batch])
+            if not self.overlap:
+                self._land()
+            return
         slots = [s.slot for s, _ in batch]
         lens = [n for _, n in batch]
         ids = [t for s, n in batch for t in s.feed(n)]
-        if self.graphs is not None and len(ids) == len(batch) and all(s.cached for s, _ in batch):
-            logits, routes = self._graph_decode(ids, slots)
-        else:
-            logits, routes = self.model.forward_step(torch.tensor(ids).to(self.cache.device, non_blocking=True), slots,
-                                                     lens, self.cache, return_expert_ids=True)
+        logits, routes = self.model.forward_step(torch.tensor(ids).to(self.cache.device, non_blocking=True), slots,
+                                                 lens, self.cache, return_expert_ids=True)
         self.stats["steps"] += 1
         ready = [i for i, (seq, n) in enumerate(batch) if seq.cached + n == seq.length]
         seqs = [batch[i][0] for i in ready]
@@ -200,8 +244,10 @@ class EmbeddedEngine(ThreadedEngine):
             rows = logits if same else logits[torch.tensor(ready, device=logits.device)]
             tokens, logprobs = sample(rows, sb)
         # one read back per step: the sampled tokens, their logprobs and the routes
-        tokens, logprobs, routes = _to_host(tokens if seqs else None, logprobs if seqs else None, routes,
-                                            torch.uint8 if self.num_experts <= 256 else torch.int32)
+        host, ready = self._to_host(tokens if seqs else None, logprobs if seqs else None, routes)
+        if ready is not None:
+            ready.synchronize()
+        tokens, logprobs, routes = host
         offset = decoded = 0
         for seq, n in batch:
             if seq.cached and n == 1:
@@ -227,7 +273,81 @@ class EmbeddedEngine(ThreadedEngine):
             seq.versions.append(self._version)
             self._check_stop(seq)
 
-    def _graph_decode(self, ids: list[int], slots: list[int]):
+    def _chain(self, last: _Launched) -> list[int]:
+        """The rows of `last` whose sequences the next step can decode from its device tokens,
+        unread: those that its token does not stop by length; none unless `last` holds every
+        running sequence, nobody waits for a free slot and the cache holds one more token each."""
+        if len(last.seqs) != len(self._running) or (self._waiting and self.cache.num_free_slots):
+            return []
+        keep = [i for i, s in enumerate(last.seqs)
+                if len(s.tokens) + 1 < s.params.max_tokens and s.length + 1 < self.max_model_len]
+        if not self.cache.can_fit([last.seqs[i].slot for i in keep], [1] * len(keep)):
+            return []
+        return keep
+
+    def _launch_decode(self, seqs: list[_Seq], ids: list[int] | torch.Tensor, ahead: int = 0) -> _Launched:
+        """Feed each sequence one token (`ids`: host ids, or the device tokens of the step in
+        flight, whose `ahead` = 1 tokens are not in `seq.tokens` yet), sample, and start copying
+        the results to the host; nothing waits for the device."""
+        slots = [s.slot for s in seqs]
+        positions = [s.cached for s in seqs]
+        if self.graphs is not None:
+            logits, routes = self._graph_decode(ids, slots)
+        else:
+            if not isinstance(ids, torch.Tensor):
+                ids = torch.tensor(ids).to(self.cache.device, non_blocking=True)
+            logits, routes = self.model.forward_step(ids, slots, [1] * len(seqs), self.cache, return_expert_ids=True)
+        sb = SamplingBatch.of([s.params for s in seqs], [s.seed for s in seqs],
+                              [len(s.tokens) + ahead for s in seqs], logits.device)
+        tokens, logprobs = sample(logits, sb)
+        for s in seqs:
+            s.cached += 1
+        self.stats["steps"] += 1
+        self.stats["decode_tokens"] += len(seqs)
+        host, ready = self._to_host(tokens, logprobs, routes)
+        return _Launched(seqs, positions, tokens, host, ready, self._version)
+
+    def _read_back(self, step: _Launched) -> None:
+        """Wait for `step`'s results on the host and apply them: tokens, logprobs, routes, stops."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens, logprobs, routes = step.host
+        for i, (seq, tok, lp) in enumerate(zip(step.seqs, tokens.tolist(), logprobs.tolist())):
+            if seq.done:  # stopped while this row was in flight
+                self.stats["discarded_rows"] += 1
+                continue
+            if routes is not None:
+                seq.routes.append((step.positions[i], routes[i : i + 1]))
+            seq.tokens.append(tok)
+            seq.length += 1
+            seq.logprobs.append(lp)
+            seq.versions.append(step.version)
+            self._check_stop(seq)
+
+    def _land(self) -> None:
+        """Read the step in flight back (before anything changes the requests or the weights)."""
+        if self._inflight is not None:
+            last, self._inflight = self._inflight, None
+            self._read_back(last)
+
+    def _to_host(self, tokens: torch.Tensor | None, logprobs: torch.Tensor | None,
+                 routes: torch.Tensor | None) -> tuple[tuple[torch.Tensor | None, ...], Any]:
+        """Start copying a step's results to pinned host memory together (one wait for all of
+        them, not one per tensor): (host tensors, an event to wait on; None on CPU)."""
+        if routes is not None:
+            routes = routes.to(torch.uint8 if self.num_experts <= 256 else torch.int32)
+        tensors = (tokens, logprobs, routes)
+        if self.cache.device.type != "cuda":
+            return tensors, None
+        host = tuple(None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors)
+        for h, t in zip(host, tensors):
+            if t is not None:
+                h.copy_(t, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return host, ready
+
+    def _graph_decode(self, ids: list[int] | torch.Tensor, slots: list[int]):
         try:
             return self.graphs.decode(ids, slots)
         except torch.cuda.CudaError:
@@ -238,8 +358,9 @@ class EmbeddedEngine(ThreadedEngine):
             warnings.warn(f"CUDA-graph decode off, stepping eagerly: {type(exc).__name__}: {exc}", stacklevel=2)
             self.stats["graph_failures"] += 1
             self.graphs = None
-            return self.model.forward_step(torch.tensor(ids).to(self.cache.device), slots, [1] * len(ids), self.cache,
-                                           return_expert_ids=True)
+            if not isinstance(ids, torch.Tensor):
+                ids = torch.tensor(ids).to(self.cache.device)
+            return self.model.forward_step(ids, slots, [1] * len(slots), self.cache, return_expert_ids=True)
 
     def _fork_followers(self, leader: _Seq) -> list[_Seq]:
         """After the step that cached `leader`'s whole prompt (and before it is fed a token), copy
@@ -339,6 +460,7 @@ class EmbeddedEngine(ThreadedEngine):
             return self._finish(seq, "length")
 
     def _finish(self, seq: _Seq, reason: str, stop_reason: str | int | None = None) -> None:
+        seq.done = True
         self._release(seq)
         if seq in self._running:
             self._running.remove(seq)
@@ -359,21 +481,6 @@ class EmbeddedEngine(ThreadedEngine):
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def _to_host(tokens: torch.Tensor | None, logprobs: torch.Tensor | None, routes: torch.Tensor | None,
-             route_dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
-    """Copy a step's results to the host together: one synchronisation instead of one per tensor."""
-    tensors = [tokens, logprobs, None if routes is None else routes.to(route_dtype)]
-    present = [t for t in tensors if t is not None]
-    if not present or not present[0].is_cuda:
-        return tuple(tensors)
-    host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for h, t in zip(host, tensors):
-        if t is not None:
-            h.copy_(t, non_blocking=True)
-    torch.cuda.current_stream().synchronize()
-    return tuple(host)
 
 
 def load_into(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

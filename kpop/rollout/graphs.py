@@ -90,10 +90,11 @@ class DecodeGraphs:
         return self.buckets[bisect.bisect_left(self.buckets, n)]
 
     @torch.no_grad()
-    def decode(self, token_ids: list[int], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One decode step of `slots` (each already cached) fed `token_ids`: (fp32 logits [n, V],
-        expert ids [n, MoE layers, top_k] or None), views into the graph's outputs valid until the
-        next call. Reserves and advances the cache like `forward_step`."""
+    def decode(self, token_ids: list[int] | torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode step of `slots` (each already cached) fed `token_ids` (host ids, or a device
+        tensor such as the previous step's sampled tokens, copied on the device): (fp32 logits
+        [n, V], expert ids [n, MoE layers, top_k] or None), views into the graph's outputs valid
+        until the next call. Reserves and advances the cache like `forward_step`."""
         n = len(slots)
         cache = self.cache
         cache.reserve(slots, [1] * n)
@@ -103,9 +104,14 @@ class DecodeGraphs:
         B = self.bucket(n)
         if not self.graphs:
             self.capture_all()
+        on_device = isinstance(token_ids, torch.Tensor)
         host = self.pad[:, None].repeat(1, B)
-        host[:, :n] = torch.stack([torch.tensor(token_ids), torch.tensor(slots), torch.tensor(positions), locations])
+        host[:, :n] = torch.stack([torch.zeros(n, dtype=torch.long) if on_device else torch.tensor(token_ids),
+                                   torch.tensor(slots), torch.tensor(positions), locations])
+        # a fresh pinned buffer per step: the caching host allocator reuses it only once this copy ran
         self.inputs[:, :B].copy_(host.pin_memory(), non_blocking=True)
+        if on_device:
+            self.inputs[0, :n].copy_(token_ids)
         self.graphs[B].replay()
         cache.advance(slots, [1] * n)
         logits, routes = self.outputs[B]
