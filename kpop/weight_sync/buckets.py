@@ -7,8 +7,8 @@ describes them; the receiver rebuilds every tensor as a view into its bucket, so
 nothing. Transports move whole buckets: a few large copies or collectives instead of one per tensor.
 
 The checksum is two int64 sums of the bucket read as int32 words (all words, and the odd ones, so
-swapped neighbours show): one pass at memory speed on the bucket's device and one host sync per
-version, never per tensor. It catches changed, zeroed, truncated or overwritten bytes; it is not
+swapped neighbours show; kernels/checksum): one pass at memory speed on the bucket's device and
+one host sync per version, never per tensor. It catches changed, zeroed, truncated or overwritten bytes; it is not
 a cryptographic hash.
 """
 
@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kernels.checksum import word_sums
 from kpop.weight_sync.core import StateDict, WeightSyncError
 
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -150,11 +151,8 @@ def pack(state: StateDict, layout: tuple[BucketSpec, ...], buffers: list[torch.T
 def checksums(buffers: list[torch.Tensor]) -> tuple[tuple[int, int], ...]:
     if not buffers:
         return ()
-    sums = []
-    for buf in buffers:
-        words = buf.view(torch.int32)
-        sums.append(torch.stack([words.sum(), words[1::2].sum()]))
-    return tuple(tuple(c) for c in torch.stack(sums).tolist())  # the one host sync
+    sums = torch.stack([word_sums(buf) for buf in buffers])
+    return tuple(tuple(c) for c in sums.tolist())  # the one host sync
 
 
 def seal(layout: tuple[BucketSpec, ...], buffers: list[torch.Tensor], version: int) -> Manifest:
