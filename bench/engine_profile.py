@@ -40,22 +40,31 @@ def main() -> None:
     for _ in range(a.batch):
         ids = torch.randint(2, c.vocab_size, (ENGINE_PROMPT,), generator=g).tolist()
         engine._add(GenerationRequest(prompt_token_ids=ids, params=params), concurrent.futures.Future())
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    engine._step()  # the first prefill chunk: kernel compiles
+    torch.cuda.synchronize()
+    print(f"first prefill step {time.perf_counter() - t0:.2f} s", flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        engine._step()  # one prefill chunk of max_batch_tokens
+        torch.cuda.synchronize()
+    print("one prefill chunk (8192 tokens):", flush=True)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60), flush=True)
     t0 = time.perf_counter()
     while any(s.cached < len(s.context) - 1 for s in engine._running) or engine._waiting:
         engine._step()
     torch.cuda.synchronize()
-    print(f"prefill {time.perf_counter() - t0:.2f} s, stats {dict(engine.stats)}", flush=True)
+    print(f"rest of prefill {time.perf_counter() - t0:.2f} s, stats {dict(engine.stats)}", flush=True)
     for _ in range(5):
         engine._step()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
+    for run in range(3):  # steps back to back (they overlap the host's read-back with the GPU), then one wait
         t0 = time.perf_counter()
-        engine._step()
+        for _ in range(10):
+            engine._step()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    print(f"decode step at batch {a.batch}: median {times[len(times) // 2] * 1e3:.2f} ms, min {times[0] * 1e3:.2f} ms", flush=True)
+        print(f"decode steps at batch {a.batch}: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms each over 10", flush=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -65,8 +74,6 @@ def main() -> None:
             torch.cuda.set_sync_debug_mode("default")
     sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     print(f"host syncs in one decode step: {dict(sites)}", flush=True)
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
             engine._step()
