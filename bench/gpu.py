@@ -17,6 +17,7 @@ Ceilings, measured first: `copy_tb_s` (a 2 GiB device-to-device copy, bytes read
   engine_b256_tokens_per_s     the embedded engine on bench-2b: 256 prompts of 512 random tokens, 256
                                new tokens each, greedy, eos ignored; generated tokens / wall time
   engine_step_over_floor       its decode step over the all-weights-read-once time at copy_tb_s
+  engine_b256_*_no_overlap     the same with each decode step read back before the next is launched
   sync_gb_per_s, sync_ipc_gb_per_s   bench/sync.py: 4 GB of bf16 weights into an engine's parameters,
                                same process (GPU to GPU) and another process (CUDA IPC)
 --json prints one JSON object last. --record adds a dated entry under "## gpu" in bench/RESULTS.md.
@@ -275,9 +276,9 @@ def bench_engine(ceil: dict, out: dict, new_tokens: int, batches: tuple[int, ...
     floor_ms = weight_bytes / (ceil["copy_tb_s"] * 1e12) * 1e3
     out.update(engine_weight_gb=weight_bytes / 1e9, engine_floor_ms=floor_ms)
     g = torch.Generator().manual_seed(0)
-    for B in batches:
+    for B, overlap in [(B, True) for B in batches] + [(256, False)] * (256 in batches):
         engine = EmbeddedEngine(model, None, max_seqs=B, max_model_len=ENGINE_PROMPT + new_tokens + 64,
-                                max_batch_tokens=max(8192, B))
+                                max_batch_tokens=max(8192, B), overlap=overlap)
         prompts = [torch.randint(2, c.vocab_size, (ENGINE_PROMPT,), generator=g).tolist() for _ in range(B)]
 
         def run(new: int) -> float:
@@ -294,6 +295,12 @@ def bench_engine(ceil: dict, out: dict, new_tokens: int, batches: tuple[int, ...
             run(4)  # warm-up: kernel compiles, CUDA graph captures
             t1, tn = run(1), run(new_tokens)
             step_ms = (tn - t1) / (new_tokens - 1) * 1e3
+            if not overlap:  # the baseline: each step read back before the next is launched
+                out["engine_b256_tokens_per_s_no_overlap"] = B * new_tokens / tn
+                out["engine_b256_step_ms_no_overlap"] = step_ms
+                print(f"engine batch {B} without overlap: {B * new_tokens / tn:,.0f} tokens/s, decode step {step_ms:.2f} ms",
+                      flush=True)
+                continue
             out[f"engine_b{B}_tokens_per_s"] = B * new_tokens / tn
             out[f"engine_b{B}_step_ms"] = step_ms
             out[f"engine_b{B}_prefill_s"] = t1
