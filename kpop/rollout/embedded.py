@@ -312,12 +312,13 @@ class EmbeddedEngine(ThreadedEngine):
         if step.ready is not None:
             step.ready.synchronize()
         tokens, logprobs, routes = step.host
+        rows = routes.split(1) if routes is not None else None  # one call, not a slice per row
         for i, (seq, tok, lp) in enumerate(zip(step.seqs, tokens.tolist(), logprobs.tolist())):
             if seq.done:  # stopped while this row was in flight
                 self.stats["discarded_rows"] += 1
                 continue
-            if routes is not None:
-                seq.routes.append((step.positions[i], routes[i : i + 1]))
+            if rows is not None:
+                seq.routes.append((step.positions[i], rows[i]))
             seq.tokens.append(tok)
             seq.length += 1
             seq.logprobs.append(lp)

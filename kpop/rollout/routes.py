@@ -20,9 +20,21 @@ def routes_from_passes(passes: Sequence[tuple[int, torch.Tensor]], num_tokens: i
     dropped: an engine that schedules ahead may have fed a token past the one it stopped at."""
     if not passes:
         return None
+    # back-to-back passes (each decode step's one row after the last) are copied as one block: a
+    # request of a thousand decode steps costs a few copies, not a thousand (in order, so the
+    # last pass over a token still wins)
+    blocks: list[tuple[int, list[torch.Tensor]]] = []
+    end = -1
+    for start, chunk in passes:
+        if start == end:
+            blocks[-1][1].append(chunk)
+        else:
+            blocks.append((start, [chunk]))
+        end = start + len(chunk)
     ids = torch.zeros(num_tokens, *passes[0][1].shape[1:], dtype=torch.int32)
     known = torch.zeros(num_tokens, dtype=torch.bool)
-    for start, chunk in passes:
+    for start, chunks in blocks:
+        chunk = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
         end = min(start + len(chunk), num_tokens)
         if end > start:
             ids[start:end] = chunk[: end - start].to(torch.int32)
