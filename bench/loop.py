@@ -28,8 +28,8 @@ Progress goes to stderr as it happens, each line with the seconds since the benc
 every learner step with its rollout-wait / learn / sync split, and a heartbeat every 10 s with the
 episodes and tokens so far), so a run cut off by a time limit still says where it was.
 
-The default shape and what it should cost on one H200 (bench-2b: 2.0 B parameters, ~0.85 B active
-without embeddings; 32 trajectories of 512 + 256 tokens a step, 64 episodes in flight):
+The default shape and what it should cost on one H200 (bench-2b: 2.0 B parameters, 0.82 B of them
+in a token's GEMMs; 32 trajectories of 512 + 256 tokens a step, 64 episodes in flight):
   start-up      imports + DeepSpeed ~10 s; each of the two policy copies (learner, engine) is
                 initialised on the CPU (2 B normal draws, one thread: ~10 s each), then DeepSpeed
                 allocates ZeRO-2's fp32 master and Adam states (~24 GB) on the GPU (a few s)
@@ -38,8 +38,8 @@ without embeddings; 32 trajectories of 512 + 256 tokens a step, 64 episodes in f
                 the warm-up learner step compiles the MoE, Lightning and MLA Triton kernels of the
                 forward and backward (~20-40 s on a cold Triton cache)
   a timed step  8,192 sampled tokens at ~5-6k tokens/s (~1.5 s) beside one learner step of 24,576
-                tokens (6 x 0.85 B x tokens + the activation recompute: ~2.5e14 FLOP, ~1.5-2 s)
-                and a 4 GB weight sync (<0.1 s): ~3 s
+                tokens (8 x 0.82 B x tokens with the activation recompute: 1.6e14 FLOP, ~1-2 s at
+                10-20% of the bf16 GEMM peak) and a 4 GB weight sync (<0.1 s): ~3 s
   so ~70-100 s in all for a warm-up and 3 timed steps. The old default (64 trajectories, 128 in
   flight) doubled every step, and each `rl()` call ended with a learner checkpoint: ~28 GB for
   bench-2b (bf16 weights, fp32 master, Adam), one before the timed steps and one inside them. The
@@ -259,10 +259,11 @@ class Reporter:
         loop = self.loop
         if loop is None:
             return ""
-        stats = [w.engine.stats for w in loop.workers]
+        def total(key: str) -> int:
+            return sum(w.engine.stats[key] for w in loop.workers)
         return (f"episodes finished {sum(w.finished for w in loop.workers)}, in flight {len(loop._running)}; "
-                f"engine steps {sum(s['steps'] for s in stats)}, tokens decoded {sum(s['decode_tokens'] for s in stats)}"
-                f" prefilled {sum(s['prefill_tokens'] for s in stats)}; learner steps {loop.state.rl_step}")
+                f"engine steps {total('steps')}, tokens decoded {total('decode_tokens')} prefilled "
+                f"{total('prefill_tokens')}; learner steps {loop.state.rl_step}")
 
     def _beat(self, every_s: float) -> None:
         while not self._stop.wait(every_s):
