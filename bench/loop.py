@@ -31,7 +31,8 @@ episodes and tokens so far), so a run cut off by a time limit still says where i
 The default shape and what it should cost on one H200 (bench-2b: 2.0 B parameters, 0.82 B of them
 in a token's GEMMs; 32 trajectories of 512 + 256 tokens a step, 64 episodes in flight):
   start-up      imports + DeepSpeed ~10 s; each of the two policy copies (learner, engine) is
-                initialised on the CPU (2 B normal draws, one thread: ~10 s each), then DeepSpeed
+                initialised on the CPU (2 B normal draws from the CPU generator, serial whatever
+                the thread count: ~5-10 s each, 6 ns a draw on a 2-core dev box), then DeepSpeed
                 allocates ZeRO-2's fp32 master and Adam states (~24 GB) on the GPU (a few s)
   first step    CUDA-graph capture of 11 decode buckets (<= 64) and the decode kernels' compile
                 (~10 s); 64 prompts prefilled and 256 decode steps at batch 64 (~12 ms each: ~4 s);
