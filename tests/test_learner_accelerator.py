@@ -71,6 +71,21 @@ def test_cpu_learner_after_deepspeed_chose_cuda():
     assert _learned(run) == [["cpu", "cpu", "gloo", "['cpu']", "0.0", "True"]]
 
 
+@pytest.mark.slow
+def test_a_single_process_group_that_cannot_carry_the_devices_collectives_is_re_created():
+    """A CPU learner in a process whose own group is on a backend without CPU collectives: the group
+    is re-created on gloo. The real case is a GPU learner's NCCL group, which a CPU-only box cannot
+    build; torch's 'fake' test backend stands in for it (the GPU test below runs the real one)."""
+    run = _python("""
+        import torch.distributed as dist
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+        learn(gpu=False)
+        learn(gpu=False)  # a second learner keeps the group it found
+    """, CUDA_VISIBLE_DEVICES="")
+    assert _learned(run) == [["cpu", "cpu", "gloo", "['cpu']", "0.0", "True"]] * 2
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
