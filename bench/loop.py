@@ -21,8 +21,9 @@ prompt's words the answer repeats. Keys:
   loop_gpu_span_share       the span union, whatever the method above
   loop_staleness_mean       mean version lag of the trained samples
   loop_sync_s_per_step      wall seconds of one weight sync (publish + every engine's pull)
-  loop_build_s, loop_warmup_s   seconds to build the loop (policies, DeepSpeed, engine) and for the
-                            first weight sync plus the warm-up steps (kernel compiles, graph capture)
+  loop_build_s, loop_warmup_s   seconds from the bench's start until the loop is built (prompt
+                            calibration, policies, DeepSpeed, engine), then for the first weight sync
+                            and the warm-up steps (kernel compiles, CUDA-graph capture)
 
 Progress goes to stderr as it happens, each line with the seconds since the bench began (phases,
 every learner step with its rollout-wait / learn / sync split, and a heartbeat every 10 s with the
