@@ -98,11 +98,18 @@ class ColocatedLoop:
             self.device = rollout_device(cfg.rollout)
             # buckets on the engines' device: the one copy out of the learner lands where they read
             self.sync = CopySync(self.device, bucket_bytes=cfg.learner.sync_bucket_mb << 20)
+            t = time.perf_counter()
+            log.info("building the learner: the policy, then DeepSpeed ZeRO-%d", cfg.learner.zero_stage)
             self.learner = LearnerService(cfg, self.stream_spec, self.sync)
+            log.info("learner ready on %s in %.1f s", self.learner.learner.device, time.perf_counter() - t)
             kwargs = dict(policy=cfg.policy, rollout=cfg.rollout, stream=self.stream_spec, run_id=cfg.name,
                           seed=cfg.seed, step_timeout_s=cfg.environments.step_timeout_s, sandbox=cfg.sandbox,
                           weight_sync=self.sync, share_gpu=self.device == "cuda")
-            self.workers = [RolloutWorker(**kwargs, worker_id=f"w{i}") for i in range(cfg.rollout.num_workers)]
+            for i in range(cfg.rollout.num_workers):
+                t = time.perf_counter()
+                self.workers.append(RolloutWorker(**kwargs, worker_id=f"w{i}"))
+                log.info("rollout worker w%d ready on %s in %.1f s (policy and engine; CUDA graphs are captured at "
+                         "its first decode step)", i, self.device, time.perf_counter() - t)
         except BaseException:
             self.close()
             raise

@@ -338,7 +338,8 @@ def bench_mla(ceil: dict, out: dict) -> None:
 def bench_loop(ceil: dict, out: dict, a: argparse.Namespace) -> None:
     """`--loop`: the whole RL loop colocated on this GPU (bench/loop.py: rollout engine, stream,
     learner and same-process weight sync) for `--loop-steps` learner steps on bench-2b, prompts of
-    512 tokens and replies of 256, 64 trajectories a step; loop_* keys (bench/loop.py says each)."""
+    512 tokens and replies of 256, 32 trajectories a step; loop_* keys (bench/loop.py says each,
+    and what a run should cost)."""
     from bench.loop import bench_loop as run
 
     out.update(run("bench-2b", steps=a.loop_steps))

@@ -67,32 +67,85 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def import_deepspeed(on_gpu: bool):
-    """Import DeepSpeed for this device and join (or create) the process group.
-
-    DeepSpeed picks its accelerator once, at import, from DS_ACCELERATOR; its extension builds go
-    to TORCH_EXTENSIONS_DIR (cached under ~/.cache/kpop). A single CPU process has no peer to
-    share memory with, so the shm collective (a 60-130 s JIT build on first use) is switched off
-    and gloo is used directly. Launched by torchrun, RANK/WORLD_SIZE/MASTER_* are already set."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/kpop/torch_extensions"))
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        single = int(os.environ.get("WORLD_SIZE", "1")) == 1
-        if single:
-            for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-                os.environ.setdefault(key, value)
-            own_port = "MASTER_PORT" not in os.environ
-            if own_port:
-                os.environ["MASTER_PORT"] = str(_free_port())
-            if not on_gpu:
-                deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-        if single and own_port:
+def _single_process_group(ds, backend: str) -> None:
+    """A process group of this one process (rank 0 of 1) on `backend`, at a port of its own."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    own_port = "MASTER_PORT" not in os.environ
+    if own_port:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    try:
+        ds.init_distributed(dist_backend=backend)
+    finally:
+        if own_port:
             # the group holds the port now; processes started later from this one (Ray workers)
             # would inherit it and fail to bind it for their own learner
             del os.environ["MASTER_PORT"]
+
+
+def _serves(backend: str, on_gpu: bool) -> bool:
+    """Whether a process group on `backend` ("nccl", "gloo", "cpu:gloo,cuda:nccl", ...) carries
+    this device's collectives: NCCL for CUDA tensors, a CPU-capable backend for CPU ones."""
+    return "nccl" in backend if on_gpu else any(b in backend for b in ("gloo", "mpi", "ccl"))
+
+
+def import_deepspeed(on_gpu: bool):
+    """Import DeepSpeed for this device and join (or create) the process group.
+
+    DeepSpeed keeps one accelerator per process, chosen at its first import (DS_ACCELERATOR, else
+    auto-detected), and every engine it builds afterwards lives on that accelerator's device. A
+    process may build a CPU learner and later a GPU one (or the reverse): the accelerator is
+    switched to this learner's device here, and the single-process group is re-created on a backend
+    that carries the device's collectives (NCCL for CUDA, gloo for CPU). A learner built before a
+    switch belongs to the old group and must not step again. A multi-process group (torchrun) cannot
+    be re-created by one rank: a mismatch there is an error naming both sides.
+
+    Its extension builds go to TORCH_EXTENSIONS_DIR (cached under ~/.cache/kpop). A single CPU
+    process has no peer to share memory with, so the shm collective (a 60-130 s JIT build on first
+    use) is switched off and gloo is used directly. Launched by torchrun, RANK/WORLD_SIZE/MASTER_*
+    are already set."""
+    want = "cuda" if on_gpu else "cpu"
+    # before the first import only: it picks the accelerator then (and skips auto-detection's warning)
+    os.environ.setdefault("DS_ACCELERATOR", want)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/kpop/torch_extensions"))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    backend = "nccl" if on_gpu else "gloo"
+    dist = torch.distributed
+    have_backend = str(dist.get_backend()) if dist.is_initialized() else None
+    if have_backend is not None and not _serves(have_backend, on_gpu) and dist.get_world_size() != 1:
+        # checked before anything changes: the process stays as it was
+        raise RuntimeError(
+            f"a {want} learner needs a {backend} process group, but this process already belongs to a "
+            f"{have_backend} group of {dist.get_world_size()} processes (an earlier learner on the other "
+            "device?); one rank cannot re-create it: build every learner of a multi-process run on one "
+            "kind of device")
+    have = get_accelerator().device_name()
+    if have != want:
+        if on_gpu:
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator as Accelerator
+        else:
+            from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator as Accelerator
+        log.info("DeepSpeed's accelerator was %s (DS_ACCELERATOR=%s); switching it to %s for this learner",
+                 have, os.environ.get("DS_ACCELERATOR"), want)
+        set_accelerator(Accelerator())
+
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if single and not on_gpu:
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if have_backend is not None and not _serves(have_backend, on_gpu):  # a single process: re-create it
+        log.info("re-creating the single-process group on %s (it was %s) for a %s learner", backend, have_backend,
+                 want)
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached subgroups
+        else:
+            dist.destroy_process_group()
+    if not dist.is_initialized():
+        if single:
+            _single_process_group(deepspeed, backend)
+        else:
+            deepspeed.init_distributed(dist_backend=backend)
     return deepspeed
 
 

@@ -28,6 +28,13 @@ def test_cpu_smoke_reports_every_key():
     assert 0 < out["loop_gpu_busy"] <= 1 and out["loop_sync_s_per_step"] > 0
     assert 0 <= out["loop_staleness_mean"] <= 1  # max_staleness 1
     assert out["loop_reward_mean"] > 0  # the verifier scored real replies, none was cut
+    # progress as it happened, on stderr: every phase, each learner step and its split
+    progress = run.stderr
+    for line in ("building the loop", "kpop.train: learner ready on cpu", "rollout worker w0 ready",
+                 "learner step 1: starts on 8 trajectories", "learner step 3: learned in", "step 3: ",
+                 "checkpoint skipped", "done: 2 timed steps"):
+        assert line in progress, line
+    assert out["loop_build_s"] > 0 and out["loop_warmup_s"] > 0
 
 
 def test_prompt_calibration_gives_the_exact_length():
@@ -45,3 +52,22 @@ def test_prompt_calibration_gives_the_exact_length():
     env = FixedLengthEnv(n)
     env.reset(seed=3)
     assert env.step(env.oracle_action([]))[1] == 1.0
+
+
+def test_heartbeat_repeats_the_phase_and_the_counters():
+    """A run cut off by a time limit must have said where it was: the heartbeat repeats the phase."""
+    import io
+    import time
+
+    sys.path.insert(0, REPO)
+    from bench.loop import Reporter
+
+    out = io.StringIO()
+    with Reporter(every_s=0.01, stream=out) as rep:
+        rep.enter("building the loop")
+        deadline = time.monotonic() + 30
+        while "... still: building the loop" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[loop ") and lines[0].endswith("s] building the loop")
+    assert any(line.endswith("... still: building the loop") for line in lines[1:])
