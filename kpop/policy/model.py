@@ -28,6 +28,7 @@ from transformers.utils import ModelOutput
 from kernels.lightning import lightning_attn, lightning_decode
 from kernels.mla import mla_cache_write, mla_decode, mla_prefill
 from kernels.moe import moe_ffn
+from kernels.norm import rms_norm
 from kpop.policy.cache import CacheShape, HybridCache
 from kpop.policy.config import BailingHybridConfig
 
@@ -35,16 +36,15 @@ from kpop.policy.config import BailingHybridConfig
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm, statistics in fp32 (kernels/norm: a fused kernel for CUDA inference, torch otherwise)."""
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32 whatever the activation dtype (as the HF reference does)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GroupRMSNorm(nn.Module):
@@ -56,10 +56,7 @@ class GroupRMSNorm(nn.Module):
         self.groups, self.eps = groups, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xf = x.float().view(*shape[:-1], self.groups, shape[-1] // self.groups)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype).view(shape)
+        return rms_norm(x, self.weight, self.eps, self.groups)
 
 
 # -- rotary embeddings -------------------------------------------------------------------------
