@@ -26,8 +26,10 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from kernels.lightning import lightning_attn, lightning_decode
+from kernels.linear import linear_fp32
 from kernels.mla import mla_cache_write, mla_decode, mla_prefill
 from kernels.moe import moe_ffn
+from kernels.norm import rms_norm
 from kpop.policy.cache import CacheShape, HybridCache
 from kpop.policy.config import BailingHybridConfig
 
@@ -35,16 +37,15 @@ from kpop.policy.config import BailingHybridConfig
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm, statistics in fp32 (kernels/norm: a fused kernel for CUDA inference, torch otherwise)."""
+
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # statistics in fp32 whatever the activation dtype (as the HF reference does)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class GroupRMSNorm(nn.Module):
@@ -56,10 +57,7 @@ class GroupRMSNorm(nn.Module):
         self.groups, self.eps = groups, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xf = x.float().view(*shape[:-1], self.groups, shape[-1] // self.groups)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype).view(shape)
+        return rms_norm(x, self.weight, self.eps, self.groups)
 
 
 # -- rotary embeddings -------------------------------------------------------------------------
@@ -589,9 +587,6 @@ def shift_within_sequences(ids: torch.Tensor, cu_seqlens: torch.Tensor | None) -
     return shifted.masked_fill(~valid, 0), valid
 
 
-_MM_OUT_FP32 = [True]  # torch.mm(..., out_dtype=float32) works here (cleared at its first failure)
-
-
 class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
     def __init__(self, config: BailingHybridConfig) -> None:
         super().__init__(config)
@@ -615,16 +610,9 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.fp32_lm_head:
-            w = self.lm_head.weight
-            if h.is_cuda and h.dtype == w.dtype == torch.bfloat16 and not torch.is_grad_enabled() and _MM_OUT_FP32[0]:
-                # bf16 x bf16 products are exact in fp32, so a tensor-core GEMM with fp32 output is the
-                # fp32 head up to summation order, ~5x faster than the fp32 GEMM and with no fp32 copy
-                # of the weight (inference; training keeps the plain fp32 path for its backward)
-                try:
-                    return torch.mm(h.reshape(-1, h.shape[-1]), w.t(), out_dtype=torch.float32).view(*h.shape[:-1], -1)
-                except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): the fp32 GEMM
-                    _MM_OUT_FP32[0] = False
-            return F.linear(h.float(), w.float())
+            # inference on CUDA: a bf16 tensor-core GEMM with fp32 output (the fp32 head up to
+            # summation order); training and CPU: the fp32 GEMM (kernels/linear)
+            return linear_fp32(h, self.lm_head.weight)
         return self.lm_head(h).float()
 
     def forward(

@@ -1,0 +1,101 @@
+"""The inference kernels (fused RMSNorm, fp32-output LM head) compiled on CUDA at the bench-2b shapes
+(hidden 2048, 16 heads of 128, q LoRA 768, kv latent 512 + 64, vocab 32,000, decode batch 256) and at
+Ring-2.6's 157,184-token vocabulary, inside a CUDA graph, without host syncs. Skipped without CUDA.
+The CPU-interpreter tests (test_kernels_norm.py, test_kernels_linear.py) explain the bounds."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.linear import linear_fp32
+from kernels.norm import rms_norm, rms_norm_ref
+from numerics import relerr
+from test_kernels_norm import assert_norm_matches
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+B, HID, H, D = 256, 2048, 16, 128
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend(monkeypatch):
+    monkeypatch.setenv("KPOP_KERNELS", "auto")  # CUDA tensors -> Triton
+
+
+def _w(n: int, dtype=torch.bfloat16) -> torch.Tensor:
+    return (torch.randn(n, device="cuda") * 0.3 + 1).to(dtype)
+
+
+def norm_cases():
+    """(x, weight, groups) of every norm of a bench-2b decode step, as the model hands them over."""
+    qkv = torch.randn(B, 3 * H, D, device="cuda").bfloat16() * 2
+    q, k, _ = qkv.chunk(3, dim=-2)  # Lightning's q/k norm: strided [B, H, D] views
+    c_kv, _ = (torch.randn(B, 512 + 64, device="cuda").bfloat16() * 3).split([512, 64], dim=-1)  # MLA latent
+    return [
+        (torch.randn(B, HID, device="cuda").bfloat16() * 4, _w(HID), 1),  # pre-norms, final norm
+        (q, _w(D), 1), (k, _w(D), 1),
+        (torch.randn(B, H * D, device="cuda").bfloat16(), _w(H * D), 4),  # Lightning's group norm
+        (torch.randn(B, 768, device="cuda").bfloat16(), _w(768), 1),  # MLA q LoRA norm
+        (c_kv, _w(512), 1),
+        (torch.randn(3, 700, HID, device="cuda").bfloat16(), _w(HID), 1),  # prefill rows
+        (torch.randn(B, HID, device="cuda") * 4, _w(HID, torch.float32), 1),  # an fp32 model
+    ]
+
+
+def test_norm_kernel_matches_eager_at_bench_2b_shapes():
+    torch.manual_seed(0)
+    for x, w, groups in norm_cases():
+        with torch.no_grad():
+            assert_norm_matches(rms_norm(x, w, 1e-6, groups), rms_norm_ref(x, w, 1e-6, groups))
+
+
+@pytest.mark.parametrize("vocab,w_dtype", [(32000, torch.float32), (32000, torch.bfloat16), (157184, torch.float32)])
+@pytest.mark.parametrize("M", [1, 7, 64, 256, 2500])
+def test_lm_head_kernel_equals_the_fp32_head(vocab, w_dtype, M):
+    torch.manual_seed(0)
+    if vocab > 32000 and M not in (1, 256):
+        pytest.skip("the large vocabulary at the decode sizes only")
+    w = (torch.randn(vocab, HID, device="cuda") * HID**-0.5).to(w_dtype)
+    h = torch.randn(M, HID, device="cuda").bfloat16()
+    with torch.no_grad():
+        got = linear_fp32(h, w)
+    want = F.linear(h.double(), w.double())
+    assert got.dtype == torch.float32 and got.shape == (M, vocab)
+    # a little over the fp32 GEMM's own error at K = 2048 (the dropped third bf16 piece of an
+    # fp32 weight would give ~1e-5)
+    assert relerr(got, want) < 2e-6
+    assert relerr(F.linear(h.float(), w.float()), want) < 2e-6
+
+
+def test_kernels_capture_in_a_cuda_graph_without_host_syncs():
+    """No device-to-host read (sync debug mode "error" raises on one), capturable (a sync inside a
+    capture fails it), and a replay on new inputs equals the eager call on them bit for bit."""
+    torch.manual_seed(0)
+    x = torch.randn(B, HID, device="cuda").bfloat16()
+    nw = _w(HID)
+    head = torch.randn(32000, HID, device="cuda") * HID**-0.5
+
+    def step():
+        return linear_fp32(rms_norm(x, nw, 1e-6), head)
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # compiles outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        x.copy_(torch.randn(B, HID, device="cuda").bfloat16())  # new inputs, same address
+        graph.replay()
+        eager = step()
+        torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert relerr(out, F.linear(rms_norm_ref(x, nw, 1e-6).double(), head.double())) < 1e-4
