@@ -298,6 +298,7 @@ def bench_engine(ceil: dict, out: dict, new_tokens: int, batches: tuple[int, ...
             if not overlap:  # the baseline: each step read back before the next is launched
                 out["engine_b256_tokens_per_s_no_overlap"] = B * new_tokens / tn
                 out["engine_b256_step_ms_no_overlap"] = step_ms
+                out["engine_b256_stats_no_overlap"] = dict(engine.stats)
                 print(f"engine batch {B} without overlap: {B * new_tokens / tn:,.0f} tokens/s, decode step {step_ms:.2f} ms",
                       flush=True)
                 continue

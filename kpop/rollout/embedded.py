@@ -41,6 +41,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -159,7 +160,8 @@ class EmbeddedEngine(ThreadedEngine):
         self.num_experts = int(model.config.num_experts or 0)
         # steps, prefill_tokens, decode_tokens, preemptions, reprefills, forks, prefill_tokens_saved,
         # chained_steps, discarded_rows (decode steps fed from the device; rows of sequences that
-        # had stopped: see Overlap above)
+        # had stopped: see Overlap above), and where the scheduler thread's time goes: wait_s
+        # (blocked on a decode step's results), finish_s (assembling finished requests)
         self.stats = collections.Counter()
 
     # -- ThreadedEngine hooks -------------------------------------------------------------------
@@ -310,7 +312,9 @@ class EmbeddedEngine(ThreadedEngine):
     def _read_back(self, step: _Launched) -> None:
         """Wait for `step`'s results on the host and apply them: tokens, logprobs, routes, stops."""
         if step.ready is not None:
+            t0 = time.perf_counter()
             step.ready.synchronize()
+            self.stats["wait_s"] += time.perf_counter() - t0
         tokens, logprobs, routes = step.host
         rows = routes.split(1) if routes is not None else None  # one call, not a slice per row
         for i, (seq, tok, lp) in enumerate(zip(step.seqs, tokens.tolist(), logprobs.tolist())):
@@ -461,6 +465,7 @@ class EmbeddedEngine(ThreadedEngine):
             return self._finish(seq, "length")
 
     def _finish(self, seq: _Seq, reason: str, stop_reason: str | int | None = None) -> None:
+        t0 = time.perf_counter()
         seq.done = True
         self._release(seq)
         if seq in self._running:
@@ -479,6 +484,7 @@ class EmbeddedEngine(ThreadedEngine):
         )
         if not seq.future.done():
             seq.future.set_result(result)
+        self.stats["finish_s"] += time.perf_counter() - t0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
