@@ -62,11 +62,12 @@ SCRIPT = textwrap.dedent('''
             consts = dict(stride_xk=1, stride_wk=1, BM=BM, BN=BN, BK=BK, GROUP_M=gemm.GROUP_M, EVEN_K=True,
                           SPLIT=wt == "fp32", UPCAST=False)
             out[f"lm head w={wt} M={M}"] = shared(gemm._gemm_fp32_out, sig, consts, warps, stages)
-    # the widest norm (Ring-2.6-1T's 8192 hidden, one row a program, 16 warps) and a q/k norm
+    # the widest norm (Ring-2.6-1T's 8192 hidden, one row a program) and a q/k norm (many rows)
     sig = dict(x="*bf16", w="*bf16", out="*bf16", units="i32", B="i32", stride_a="i32", stride_b="i32",
                eps="fp32", inv_g="fp32")
-    for G, R, warps in ((8192, 1, 16), (128, 16, 4)):
-        consts = dict(G=G, GROUPS=1, BLOCK_R=R, BLOCK_G=G, X_DT=tl.bfloat16, OUT_DT=tl.bfloat16)
+    for G in (8192, 128):
+        R, BG, warps = rmsnorm.launch_config(G)
+        consts = dict(G=G, GROUPS=1, BLOCK_R=R, BLOCK_G=BG, X_DT=tl.bfloat16, OUT_DT=tl.bfloat16)
         out[f"rms norm {G}"] = shared(rmsnorm._rms_norm_fwd, sig, consts, warps, 1)
     # the router at bench-2b (32 experts) and Ring-2.6-1T (256) sizes, GPU sigmoid
     sig = dict(logits="*fp32", bias="*fp32", ids_out="*i64", w_out="*fp32", N="i32", stride_l="i32", scaling="fp32")

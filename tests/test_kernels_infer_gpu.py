@@ -49,7 +49,7 @@ def test_norm_kernel_matches_eager_at_bench_2b_shapes():
     torch.manual_seed(0)
     for x, w, groups in norm_cases():
         with torch.no_grad():
-            assert_norm_matches(rms_norm(x, w, 1e-6, groups), rms_norm_ref(x, w, 1e-6, groups))
+            assert_norm_matches(rms_norm(x, w, 1e-6, groups), rms_norm_ref(x, w, 1e-6, groups), x.dtype)
 
 
 @pytest.mark.parametrize("vocab,w_dtype", [(32000, torch.float32), (32000, torch.bfloat16), (157184, torch.float32)])
