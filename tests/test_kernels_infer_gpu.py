@@ -1,7 +1,8 @@
-"""The inference kernels (fused RMSNorm, fp32-output LM head) compiled on CUDA at the bench-2b shapes
+"""The inference kernels (fused RMSNorm, fp32-output LM head, fused router) compiled on CUDA at the bench-2b shapes
 (hidden 2048, 16 heads of 128, q LoRA 768, kv latent 512 + 64, vocab 32,000, decode batch 256) and at
 Ring-2.6's 157,184-token vocabulary, inside a CUDA graph, without host syncs. Skipped without CUDA.
-The CPU-interpreter tests (test_kernels_norm.py, test_kernels_linear.py) explain the bounds."""
+The CPU-interpreter tests (test_kernels_norm.py, test_kernels_linear.py, test_kernels_router.py)
+explain the bounds."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,10 @@ import torch.nn.functional as F
 
 from kernels.linear import linear_fp32
 from kernels.norm import rms_norm, rms_norm_ref
+from kernels.router import route, route_ref
 from numerics import relerr
 from test_kernels_norm import assert_norm_matches
+from test_kernels_router import tie_free
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 B, HID, H, D = 256, 2048, 16, 128
@@ -46,7 +49,7 @@ def test_norm_kernel_matches_eager_at_bench_2b_shapes():
     torch.manual_seed(0)
     for x, w, groups in norm_cases():
         with torch.no_grad():
-            assert_norm_matches(rms_norm(x, w, 1e-6, groups), rms_norm_ref(x, w, 1e-6, groups))
+            assert_norm_matches(rms_norm(x, w, 1e-6, groups), rms_norm_ref(x, w, 1e-6, groups), x.dtype)
 
 
 @pytest.mark.parametrize("vocab,w_dtype", [(32000, torch.float32), (32000, torch.bfloat16), (157184, torch.float32)])
@@ -75,8 +78,13 @@ def test_kernels_capture_in_a_cuda_graph_without_host_syncs():
     nw = _w(HID)
     head = torch.randn(32000, HID, device="cuda") * HID**-0.5
 
+    gate = torch.randn(32, HID, device="cuda") * HID**-0.5
+    bias = torch.randn(32, device="cuda") * 0.05
+
     def step():
-        return linear_fp32(rms_norm(x, nw, 1e-6), head)
+        h = rms_norm(x, nw, 1e-6)
+        ids, w = route(F.linear(h.float(), gate), bias, 8, 4, 8, 2.5)
+        return linear_fp32(h, head), ids, w
 
     with torch.no_grad():
         side = torch.cuda.Stream()
@@ -97,5 +105,29 @@ def test_kernels_capture_in_a_cuda_graph_without_host_syncs():
         graph.replay()
         eager = step()
         torch.cuda.synchronize()
-    assert torch.equal(out, eager)
-    assert relerr(out, F.linear(rms_norm_ref(x, nw, 1e-6).double(), head.double())) < 1e-4
+    assert all(torch.equal(a, b) for a, b in zip(out, eager))
+    assert relerr(out[0], F.linear(rms_norm_ref(x, nw, 1e-6).double(), head.double())) < 1e-4
+
+
+@pytest.mark.parametrize("N,E,G,TG,k", [(256, 32, 8, 4, 8), (2048, 32, 8, 4, 8), (256, 256, 8, 4, 8), (37, 48, 3, 2, 5)])
+def test_router_kernel_chooses_torchs_experts(N, E, G, TG, k):
+    """bench-2b's router (32 experts, 8 groups, top-4 groups, top-8) at decode and prefill sizes,
+    Ring-2.6-1T's (256 experts): torch's ids in torch's order on tie-free inputs, weights within
+    a few ulps (the k-term sum's order)."""
+    torch.manual_seed(0)
+    logits, bias = tie_free(N, E, G)
+    with torch.no_grad():
+        ids, w = route(logits, bias, G, TG, k, 2.5)
+    ref_ids, ref_w = route_ref(logits, bias, G, TG, k, 2.5)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=0)
+
+
+def test_router_sigmoid_is_torchs_bit_for_bit():
+    """Top-1 with scaling 1: the weight is the sigmoid score itself, which the kernel computes as
+    torch's CUDA sigmoid does (libdevice expf, an IEEE division)."""
+    torch.manual_seed(0)
+    logits, bias = tie_free(4096, 32, 8, scale=6.0)
+    with torch.no_grad():
+        ids, w = route(logits, bias, 8, 4, 1, 1.0)
+    assert torch.equal(w, torch.sigmoid(logits).gather(1, ids)), "the kernel's sigmoid differs from torch's"

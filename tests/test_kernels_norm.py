@@ -5,7 +5,9 @@ is summed in another order. That moves the fp32 statistic by an ulp or two (~2^-
 changes a 16-bit output only when the fp32 value lies that close to a rounding boundary of the
 16-bit grid (spacing 2^-8 for bf16): about one element in 10^4-10^5. So 16-bit outputs must be
 bit-identical except for at most 1e-3 of the elements, each off by at most one or two output ulps
-(the normalised value's ulp, carried through the weight multiply); fp32 outputs agree to a few ulps.
+(the normalised value's ulp, carried through the weight multiply). fp32 outputs carry the
+statistic's difference itself: a sum of D squares in two orders differs by up to ~log2(D) * 2^-24
+relative (2048 wide: ~7e-7 at worst, ~2e-7 typically), so they must agree within 16 ulps (2^-19).
 """
 from __future__ import annotations
 
@@ -30,18 +32,19 @@ def _triton_backend(monkeypatch):
     monkeypatch.setenv("KPOP_KERNELS", "triton")
 
 
-def assert_norm_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """16-bit: equal bits except for <= 1e-3 of the elements, each within 2 ulps; fp32: within 8 ulps."""
+def assert_norm_matches(out: torch.Tensor, ref: torch.Tensor, x_dtype: torch.dtype | None = None) -> None:
+    """16-bit x: equal bits except for <= 1e-3 of the elements, each within 2 ulps of x's dtype (the
+    normalised value is rounded to it, whatever the output dtype); fp32 x: within 16 ulps."""
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert not out.isnan().any()
     a, b = out.float(), ref.float()
-    ulp = ULP[out.dtype]
-    if out.dtype == torch.float32:
-        torch.testing.assert_close(a, b, rtol=8 * ulp, atol=0)
+    x_dtype = x_dtype or out.dtype
+    if x_dtype == torch.float32:
+        torch.testing.assert_close(a, b, rtol=16 * ULP[torch.float32], atol=0)
         return
     differ = a != b
     assert differ.float().mean().item() <= 1e-3, f"{int(differ.sum())} of {out.numel()} elements differ"
-    assert ((a - b).abs() <= 2 * ulp * b.abs()).all()
+    assert ((a - b).abs() <= 2 * ULP[x_dtype] * b.abs()).all()
 
 
 def problem(shape, dtype, w_dtype=None, scale=3.0):
@@ -92,7 +95,7 @@ def test_output_dtype_promotes_as_the_weight_multiply_does(seed):
     with torch.no_grad():
         out, ref = rms_norm(x, w, 1e-5), rms_norm_ref(x, w, 1e-5)
     assert out.dtype == torch.float32
-    assert_norm_matches(out, ref)
+    assert_norm_matches(out, ref, x_dtype=torch.bfloat16)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy on inf * 0

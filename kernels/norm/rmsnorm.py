@@ -57,6 +57,15 @@ def _rms_norm_fwd(
     tl.store(out + u[:, None].to(tl.int64) * G + j[None, :], o.to(out.dtype.element_ty), mask=mask)
 
 
+def launch_config(G: int) -> tuple[int, int, int]:
+    """(BLOCK_R units, BLOCK_G, warps) for units of G elements: ~2k elements a program (narrow q/k
+    norms batch rows), a whole unit per program however wide (8192 for Ring-2.6-1T: 16 warps)."""
+    BLOCK_G = triton.next_power_of_2(G)
+    BLOCK_R = max(1, min(64, 2048 // BLOCK_G))
+    tile = BLOCK_R * BLOCK_G
+    return BLOCK_R, BLOCK_G, 4 if tile <= 4096 else 8 if tile <= 16384 else 16
+
+
 def _rows_3d(x: Tensor) -> Tensor:
     """x as [A, B, D] (a view when the leading dims allow, e.g. a chunk of a fused projection)."""
     D = x.shape[-1]
@@ -80,10 +89,7 @@ def rms_norm_triton(x: Tensor, weight: Tensor, eps: float, groups: int = 1) -> T
     if units == 0:
         return out
     G = D // groups
-    BLOCK_G = triton.next_power_of_2(G)
-    BLOCK_R = max(1, min(64, 2048 // BLOCK_G))  # ~2k elements a program: narrow q/k norms batch rows
-    tile = BLOCK_R * BLOCK_G
-    warps = 4 if tile <= 4096 else 8 if tile <= 16384 else 16
+    BLOCK_R, BLOCK_G, warps = launch_config(G)
     _rms_norm_fwd[(triton.cdiv(units, BLOCK_R),)](
         x3, weight.contiguous(), out, units, x3.shape[1], x3.stride(0), x3.stride(1), eps, 1.0 / G,
         G=G, GROUPS=groups, BLOCK_R=BLOCK_R, BLOCK_G=BLOCK_G, X_DT=_TL[x.dtype], OUT_DT=_TL[out.dtype],

@@ -30,6 +30,7 @@ from kernels.linear import linear_fp32
 from kernels.mla import mla_cache_write, mla_decode, mla_prefill
 from kernels.moe import moe_ffn
 from kernels.norm import rms_norm
+from kernels.router import expert_weights, group_limited_topk, route
 from kpop.policy.cache import CacheShape, HybridCache
 from kpop.policy.config import BailingHybridConfig
 
@@ -336,32 +337,24 @@ class MoEGate(nn.Module):
         """x [N, D] -> (expert ids [N, k], fp32 weights [N, k]). With `expert_ids` (routing replay)
         those experts are used, weighted by the router's own scores at them, so the router still
         learns; the choice itself is then not the router's."""
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
-        if expert_ids is None:
-            idx = self.select(scores)
+        logits = F.linear(x.float(), self.weight.float())
+        if expert_ids is None:  # the router's own choice (one fused kernel in CUDA inference)
+            idx, w = route(logits, self.expert_bias, self.n_group, self.topk_group, self.top_k, self.scaling)
         else:  # rows of -1 (a token with no recorded route) fall back to this router's choice
+            scores = torch.sigmoid(logits)
             idx = expert_ids.long()
             free = idx[:, 0] < 0
             if bool(free.any()):
                 idx = torch.where(free[:, None], self.select(scores), idx)
-        w = scores.gather(1, idx)
-        if self.top_k > 1:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+            w = expert_weights(scores, idx, self.scaling)
         if self.training and self.count_load:  # replayed experts count: they are the load the rollout put on them
             self.expert_load.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx.reshape(-1)))
-        return idx, w * self.scaling
+        return idx, w
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """Group-limited top-k over the biased scores: the best `topk_group` groups by the sum of
         their top-2, then the top `k` experts inside them."""
-        biased = scores.detach() + self.expert_bias.float()
-        n, e = biased.shape
-        grouped = biased.view(n, self.n_group, e // self.n_group)
-        group_score = grouped.topk(2, dim=-1).values.sum(-1)
-        keep = group_score.topk(self.topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-        masked = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(n, e)
-        return masked.topk(self.top_k, dim=-1).indices
+        return group_limited_topk(scores, self.expert_bias, self.n_group, self.topk_group, self.top_k)
 
     def check_expert_ids(self, expert_ids: torch.Tensor, n: int) -> None:
         """Forced ids come from outside (a stored trajectory): name what is wrong with them."""
