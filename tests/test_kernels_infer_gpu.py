@@ -64,10 +64,11 @@ def test_lm_head_kernel_equals_the_fp32_head(vocab, w_dtype, M):
         got = linear_fp32(h, w)
     want = F.linear(h.double(), w.double())
     assert got.dtype == torch.float32 and got.shape == (M, vocab)
-    # a little over the fp32 GEMM's own error at K = 2048 (the dropped third bf16 piece of an
-    # fp32 weight would give ~1e-5)
-    assert relerr(got, want) < 2e-6
-    assert relerr(F.linear(h.float(), w.float()), want) < 2e-6
+    # the fp32 GEMM up to summation order: no further from the fp64 product than a few times
+    # cuBLAS's own fp32 GEMM on this device (a dropped third bf16 piece of an fp32 weight would
+    # add ~1e-5). An absolute 2e-6 bound, right on CPU, failed every case on an H100.
+    fp32_err = relerr(F.linear(h.float(), w.float()), want)
+    assert relerr(got, want) < 4 * max(fp32_err, 1e-6), (relerr(got, want), fp32_err)
 
 
 def test_kernels_capture_in_a_cuda_graph_without_host_syncs():
