@@ -1,67 +1,26 @@
-"""The inference kernels (LM head GEMM, fused RMSNorm, fused router) compile for Hopper on the CPU.
-
-Each kernel is compiled for sm_90 down to LLVM IR (where Triton fixes the shared-memory size; no
-GPU, no ptxas) with the launch configs the host code picks at Ring-2.6 shapes, and must fit an
-H200's 232448 B per program: the CPU interpreter never sees a config the GPU would refuse, nor the
-GPU-only code (the router's libdevice sigmoid). A subprocess: the interpreter flag that the other
-kernel tests set at import time replaces triton.jit for the whole process.
-"""
+"""The inference kernels (LM head GEMM, fused RMSNorm, fused router) compile for Hopper on the CPU
+(tests/hopper.py) with the launch configs the host code picks at Ring-2.6 shapes, and fit an
+H200's shared memory: the CPU interpreter never sees a config the GPU would refuse, nor the
+GPU-only code (the router's libdevice sigmoid)."""
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-HOPPER_SMEM = 232448
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from hopper import assert_fit, shared_memory
 
-SCRIPT = textwrap.dedent('''
-    import json
-    import torch
-    import triton
-    import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
-    from triton._C.libtriton import ir
+BODY = '''
     from kernels.linear import gemm
     from kernels.norm import rmsnorm
     from kernels.router import select
 
-    TARGET = GPUTarget("cuda", 90, 32)
-
-    def shared(fn, sig, consts, warps, stages):
-        names = fn.arg_names
-        # as the runtime specialises them: 16-byte aligned pointers and leading dims, unit strides
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-                 if t.startswith("*") or n in ("N", "K", "stride_xm", "stride_wn")}
-        src = ASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
-                        constexprs={k: v for k, v in consts.items() if k in names}, attrs=attrs)
-        backend = make_backend(TARGET)
-        options = backend.parse_options(dict(num_warps=warps, num_stages=stages))
-        passes = {}
-        backend.add_stages(passes, options, src.language)
-        ctx = ir.context()
-        ir.load_dialects(ctx)
-        backend.load_dialects(ctx)
-        mod = src.make_ir(TARGET, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
-        meta = {"target": TARGET, **options.__dict__}
-        for ext in ("ttir", "ttgir", "llir"):
-            mod = passes[ext](mod, meta)
-        return meta["shared"]
-
-    out = {}
     for wdt, wt in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         for M in (1, 64, 256, 4096):
             BM, BN, BK, warps, stages = gemm.launch_config(M, wdt)
             sig = dict(x="*bf16", w=f"*{wt}", out="*fp32", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32")
             consts = dict(stride_xk=1, stride_wk=1, BM=BM, BN=BN, BK=BK, GROUP_M=gemm.GROUP_M, EVEN_K=True,
                           SPLIT=wt == "fp32", UPCAST=False)
-            out[f"lm head w={wt} M={M}"] = shared(gemm._gemm_fp32_out, sig, consts, warps, stages)
+            out[f"lm head w={wt} M={M}"] = shared(gemm._gemm_fp32_out, sig, consts, warps, stages,
+                                                     ("N", "K", "stride_xm", "stride_wn"))
     # the widest norm (Ring-2.6-1T's 8192 hidden, one row a program) and a q/k norm (many rows)
     sig = dict(x="*bf16", w="*bf16", out="*bf16", units="i32", B="i32", stride_a="i32", stride_b="i32",
                eps="fp32", inv_g="fp32")
@@ -74,22 +33,14 @@ SCRIPT = textwrap.dedent('''
     for E in (32, 256):
         consts = dict(E=E, EP=E, G=8, GP=8, TOPG=4, K=8, KP=8, BT=max(1, min(64, 1024 // E)), PRECISE=True)
         out[f"router {E}"] = shared(select._route, sig, consts, 4, 1)
-    print(json.dumps(out))
-''')
+'''
 
 
 @pytest.mark.slow
 def test_inference_kernels_compile_for_hopper_within_its_shared_memory():
     pytest.importorskip("triton.compiler.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    sizes = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 12, sizes
-    over = {k: v for k, v in sizes.items() if not 0 <= v <= HOPPER_SMEM}
-    assert not over, f"shared memory over {HOPPER_SMEM} B: {over}; all: {sizes}"
+    sizes = shared_memory(BODY, timeout=300)
+    assert_fit(sizes, 12)
     # the GEMM pipeline really is multi-stage (loads that could not be pipelined would use a
     # fraction of this): the decode config holds all its stages of x and w tiles
     from kernels.linear.gemm import launch_config

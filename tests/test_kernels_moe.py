@@ -7,11 +7,7 @@ than a tile, experts with none, sizes that are no multiple of any tile. bf16 is 
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import torch
 
@@ -22,11 +18,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from kernels.moe import moe_ffn, moe_loop, moe_sorted, sort_by_expert  # noqa: E402
+from hopper import assert_fit, shared_memory  # noqa: E402
 from numerics import relerr  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOPPER_SMEM = 232448
 
 
 def routed(N: int, E: int, k: int, hot: int | None = 0, cold: int | None = None) -> torch.Tensor:
@@ -120,38 +115,11 @@ def test_bad_arguments_are_named():
         moe_ffn(x, ids, w, wg, wu[:2], wd)
 
 
-SMEM_SCRIPT = textwrap.dedent('''
-    import json, torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
-    from triton._C.libtriton import ir
+SMEM_BODY = '''
     from kernels.moe import grouped as g
 
-    TARGET = GPUTarget("cuda", 90, 32)
-
-    def shared(fn, sig, consts, warps, stages):
-        names = fn.arg_names
-        # pointers 16-byte aligned and sizes multiples of 16, as the runtime specialises them at real
-        # shapes (D 2048, I 512): this is what lets the loads become pipelined async copies
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-                 if n in names and (t.startswith("*") or n in ("D", "I", "ld_left", "ld_right", "P", "Q", "I_SILU"))}
-        src = ASTSource(fn=fn, signature={n: sig.get(n, "constexpr") for n in names},
-                        constexprs={k: v for k, v in consts.items() if k in names}, attrs=attrs)
-        backend = make_backend(TARGET)
-        options = backend.parse_options(dict(num_warps=warps, num_stages=stages))
-        stages_ = {}
-        backend.add_stages(stages_, options, src.language)
-        ctx = ir.context()
-        ir.load_dialects(ctx)
-        backend.load_dialects(ctx)
-        mod = src.make_ir(TARGET, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
-        meta = {"target": TARGET, **options.__dict__}
-        for ext in ("ttir", "ttgir", "llir"):
-            mod = stages_[ext](mod, meta)
-        return meta["shared"]
-
-    out = {}
+    # sizes multiples of 16 at real shapes (D 2048, I 512), as the runtime specialises them
+    ALIGNED = ("D", "I", "ld_left", "ld_right", "P", "Q", "I_SILU")
     for dt, t in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
         cfg = g.launch_config(dt)
         base = dict(E=256, EP=256, TOPK=8, UPCAST=False, PREC="ieee" if dt == torch.float32 else "tf32")
@@ -164,16 +132,15 @@ SMEM_SCRIPT = textwrap.dedent('''
         }
         for name, (fn, sig, extra) in kernels.items():
             BM, BN, BK, w, s = cfg[name]
-            out[f"{name} {t}"] = shared(fn, {**idx, **sig}, dict(base, BM=BM, BN=BN, BK=BK, **extra), w, s)
+            out[f"{name} {t}"] = shared(fn, {**idx, **sig}, dict(base, BM=BM, BN=BN, BK=BK, **extra), w, s, ALIGNED)
         BM, BN, BK, w, s = cfg["wgrad"]
         sig = dict(left=f"*{t}", right=f"*{t}", dw=f"*{t}", ld_left="i32", left_col0="i32", ld_right="i32",
                    P="i32", Q="i32", I_SILU="i32", **idx)
         for uses in (dict(LEFT_BY_TOKEN=True, SCALE_LEFT=True, RIGHT_BY_TOKEN=False, RIGHT_SILU=True),
                      dict(LEFT_BY_TOKEN=False, SCALE_LEFT=False, RIGHT_BY_TOKEN=True, RIGHT_SILU=False)):
             key = "wgrad down" if uses["RIGHT_SILU"] else "wgrad gate_up"
-            out[f"{key} {t}"] = shared(g._wgrad, sig, dict(base, BM=BM, BN=BN, BK=BK, **uses), w, s)
-    print(json.dumps(out))
-''')
+            out[f"{key} {t}"] = shared(g._wgrad, sig, dict(base, BM=BM, BN=BN, BK=BK, **uses), w, s, ALIGNED)
+'''
 
 
 @pytest.mark.slow
@@ -181,11 +148,4 @@ def test_launch_configs_compile_for_sm90_within_shared_memory():
     """Every MoE kernel, both dtypes' tiles, compiled for sm_90 on the CPU down to LLVM IR (a config
     over Hopper's shared memory would only fail at launch on the GPU)."""
     pytest.importorskip("triton.compiler.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    run_ = subprocess.run([sys.executable, "-c", SMEM_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert run_.returncode == 0, run_.stderr[-3000:]
-    sizes = json.loads(run_.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 2 * 6, sizes
-    over = {k: v for k, v in sizes.items() if not 0 < v <= HOPPER_SMEM}
-    assert not over, f"shared memory over {HOPPER_SMEM} B (or none reported): {over}; all: {sizes}"
+    assert_fit(shared_memory(SMEM_BODY), 2 * 6)

@@ -10,51 +10,14 @@ replaces triton.jit for the whole process.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-HOPPER_SMEM = 232448
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from hopper import assert_fit, shared_memory
 
-SCRIPT = textwrap.dedent('''
-    import json, sys
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.compiler.compiler import make_backend
-    from triton._C.libtriton import ir
+BODY = '''
     from kernels.lightning import chunk as lc
     from kernels.mla import decode as md, prefill as mp
 
-    TARGET = GPUTarget("cuda", 90, 32)
-    TY = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-    def shared(fn, sig, consts, cfg_warps, cfg_stages, source=ASTSource):
-        names = fn.arg_names
-        # pointers 16-byte aligned, as the runtime specialises them (this enables the async copies)
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items() if n in names and t.startswith("*")}
-        consts = {k: v for k, v in consts.items() if k in names}
-        src = source(fn=fn, signature={n: sig.get(n, "constexpr") for n in names}, constexprs=consts, attrs=attrs)
-        backend = make_backend(TARGET)
-        options = backend.parse_options(dict(num_warps=cfg_warps, num_stages=cfg_stages))
-        stages = {}
-        backend.add_stages(stages, options, src.language)
-        ctx = ir.context()
-        ir.load_dialects(ctx)
-        backend.load_dialects(ctx)
-        mod = src.make_ir(TARGET, options, backend.get_codegen_implementation(options), backend.get_module_map(), ctx)
-        meta = {"target": TARGET, **options.__dict__}
-        for ext in [e for e in ("ttir", "ttgir", "llir") if e in stages]:  # Gluon starts at ttgir
-            mod = stages[ext](mod, meta)
-        return meta["shared"]
-
-    out = {}
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         t = TY[dt]
         prec = "ieee" if dt == torch.float32 else "tf32"
@@ -91,20 +54,11 @@ SCRIPT = textwrap.dedent('''
     sig = {"q_desc": desc.format(dh.BH), "kv_desc": desc.format(dh.BN), "block_table": "*i32", "seq_lens": "*i32", "o_part": "*fp32",
            "lse_part": "*fp32", "qk_scale": "fp32", "stride_bt": "i32"}
     consts = dict(H=64, NS=2, PAGE=64, BH=dh.BH, BN=dh.BN, DL=dh.DL, DR=dh.DR, NST=dh.STAGES)
-    out["mla decode gluon bf16"] = shared(dh._decode_split_hopper, sig, consts, dh.NUM_WARPS, 1, GluonASTSource)
-    print(json.dumps(out))
-''')
+    out["mla decode gluon bf16"] = shared(dh._decode_split_hopper, sig, consts, dh.NUM_WARPS, 1, source=GluonASTSource)
+'''
 
 
 @pytest.mark.slow
 def test_launch_configs_fit_hopper_shared_memory():
     pytest.importorskip("triton.compiler.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    sizes = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 2 * 5 + 2, sizes
-    over = {k: v for k, v in sizes.items() if not 0 < v <= HOPPER_SMEM}
-    assert not over, f"shared memory over {HOPPER_SMEM} B (or none reported): {over}; all: {sizes}"
+    assert_fit(shared_memory(BODY), 2 * 5 + 2)
