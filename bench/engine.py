@@ -142,7 +142,7 @@ def main() -> None:
 def record(rows: list[dict], summary: dict, args: argparse.Namespace) -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     results.record("engine", when, [
-        f"`PYTHONPATH=. python bench/engine.py --json --record` on {when}, {os.cpu_count()} CPUs shared with other "
+        f"`PYTHONPATH=. python bench/engine.py --json{' --no-vllm' if args.no_vllm else ''} --record` on {when}, {os.cpu_count()} CPUs shared with other "
         f"jobs ({args.load_start} at the start, {results.load()} at the end), torch threads "
         f"{torch.get_num_threads()}; tiny policy (8 layers: 6 Lightning + 2 MLA with "
         f"kv_lora_rank 512, 8 experts top-2, vocab {VOCAB}, fp32), greedy, prompt {args.prompt_len} tokens, "
