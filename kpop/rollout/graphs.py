@@ -8,8 +8,10 @@ costs more host time than the GPU spends running them. A graph replays the whole
 every layer, the LM head) from one launch. Its shapes are fixed, so a batch is padded up to the
 next bucket: padding rows use the cache's scratch slot and scratch block, so they never touch a
 sequence's state. Everything a step varies (token ids, slots, positions, cache rows) goes through
-one small host-to-device copy into the graph's input buffer; block tables are gathered inside the
-graph from the cache's device tables, which the cache updates in place.
+one small host-to-device copy into the graph's input buffer, except token ids already on the
+device (the previous step's samples, when the engine overlaps steps), copied there on the device;
+block tables are gathered inside the graph from the cache's device tables, which the cache updates
+in place.
 
 Graphs are captured at the first decode step (every bucket, largest first) and hold the
 model's parameters and the cache by address, so in-place weight updates (`load_into`) need no
