@@ -96,3 +96,32 @@ def test_a_weight_update_reads_the_step_in_flight_back_first(model):
     engine.close()
     assert r.token_versions == [0] * in_flight + [1] * (12 - in_flight)
     assert engine.stats["reprefills"] == 1
+
+
+def test_a_request_waiting_for_blocks_does_not_stop_the_chain(model):
+    """A request that waits for cache blocks (a free slot, but not the headroom to admit it) leaves
+    the running sequences' decode steps chained; once blocks free up it is admitted and served as
+    without overlap."""
+    short = [GenerationRequest(prompt_token_ids=p[:8], params=SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+             for p in prompts(3, seed=4)]
+    long = GenerationRequest(prompt_token_ids=(prompts(1, seed=5)[0] * 8)[:72],
+                             params=SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    engine = EmbeddedEngine(model, max_seqs=4, block_size=4, num_blocks=40)
+    futures = [concurrent.futures.Future() for _ in range(4)]
+    for r, f in zip(short, futures):
+        engine._add(r, f)
+    while engine.stats["decode_tokens"] < 3 * 20:
+        engine._step()
+    engine._add(long, futures[3])  # 18 blocks + 3 of headroom: more than the cache has free now
+    assert not engine._admissible()
+    chained = engine.stats["chained_steps"]
+    while engine._waiting:
+        engine._step()
+    assert engine.stats["chained_steps"] - chained >= 5
+    while engine._has_work():
+        engine._step()
+    engine.close()
+    want, _ = run(model, [r.model_copy(update={"request_id": r.request_id + "-w"}) for r in [*short, long]],
+                  overlap=False, **{})
+    for f, w in zip(futures, want):
+        assert_same(f.result(timeout=0), w)

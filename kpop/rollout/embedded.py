@@ -278,8 +278,9 @@ class EmbeddedEngine(ThreadedEngine):
     def _chain(self, last: _Launched) -> list[int]:
         """The rows of `last` whose sequences the next step can decode from its device tokens,
         unread: those that its token does not stop by length; none unless `last` holds every
-        running sequence, nobody waits for a free slot and the cache holds one more token each."""
-        if len(last.seqs) != len(self._running) or (self._waiting and self.cache.num_free_slots):
+        running sequence, no waiting request could be admitted now and the cache holds one more
+        token each."""
+        if len(last.seqs) != len(self._running) or self._admissible():
             return []
         keep = [i for i, s in enumerate(last.seqs)
                 if len(s.tokens) + 1 < s.params.max_tokens and s.length + 1 < self.max_model_len]
@@ -386,15 +387,17 @@ class EmbeddedEngine(ThreadedEngine):
             self.stats["prefill_tokens_saved"] += len(f.req.prompt_token_ids)
         return forked
 
+    def _admissible(self) -> bool:
+        """Whether the first waiting request can be admitted now: a free slot, and a block of
+        headroom per running sequence beside its own (or the newcomer is preempted at once)."""
+        if not (self._waiting and self.cache.num_free_slots):
+            return False
+        need = -(-self._waiting[0].length // self.cache.block_size) + len(self._running)
+        return not self._running or need <= self.cache.num_free_blocks
+
     def _admit(self) -> None:
-        bs = self.cache.block_size
-        while self._waiting and self.cache.num_free_slots:
-            seq = self._waiting[0]
-            # leave a block of headroom per running sequence, or the newcomer is preempted at once
-            need = -(-seq.length // bs) + len(self._running)
-            if self._running and need > self.cache.num_free_blocks:
-                return
-            self._waiting.popleft()
+        while self._admissible():
+            seq = self._waiting.popleft()
             seq.slot, seq.cached = self.cache.allocate(), 0
             self._running.append(seq)
             if self.share_prefix and not seq.tokens:  # a fresh request: share its prompt's prefill
