@@ -8,8 +8,8 @@ nothing. Transports move whole buckets: a few large copies or collectives instea
 
 The checksum is two int64 sums of the bucket read as int32 words (all words, and the odd ones, so
 swapped neighbours show; kernels/checksum): one pass at memory speed on the bucket's device and
-one host sync per version, never per tensor. It catches changed, zeroed, truncated or overwritten bytes; it is not
-a cryptographic hash.
+one host sync per version, never per tensor. It catches changed, zeroed, truncated or overwritten
+bytes; it is not a cryptographic hash.
 """
 
 from __future__ import annotations
