@@ -1,4 +1,4 @@
-"""The inference kernels (LM head GEMM, fused RMSNorm, fused router) compile for Hopper on the CPU.
+"""The inference kernels (LM head GEMM, fused RMSNorm, fused router, fused RoPE) compile for Hopper on the CPU.
 
 Each kernel is compiled for sm_90 down to LLVM IR (where Triton fixes the shared-memory size; no
 GPU, no ptxas) with the launch configs the host code picks at Ring-2.6 shapes, and must fit an
@@ -30,6 +30,7 @@ SCRIPT = textwrap.dedent('''
     from triton._C.libtriton import ir
     from kernels.linear import gemm
     from kernels.norm import rmsnorm
+    from kernels.rope import rope
     from kernels.router import select
 
     TARGET = GPUTarget("cuda", 90, 32)
@@ -74,6 +75,14 @@ SCRIPT = textwrap.dedent('''
     for E in (32, 256):
         consts = dict(E=E, EP=E, G=8, GP=8, TOPG=4, K=8, KP=8, BT=max(1, min(64, 1024 // E)), PRECISE=True)
         out[f"router {E}"] = shared(select._route, sig, consts, 4, 1)
+    # RoPE at bench-2b / Ring-2.6 sizes: Lightning's 64 of 128 dims, MLA's 64 interleaved (unit dim strides)
+    sig = dict(x="*bf16", cos="*fp32", sin="*fp32", out="*bf16", units="i32", H="i32", B="i32",
+               sx_a="i32", sx_b="i32", sx_h="i32", sc_a="i32", sc_b="i32", ss_a="i32", ss_b="i32")
+    for name, rot, D, inter in (("lightning", 64, 128, False), ("mla", 64, 64, True)):
+        U, BH, BP, warps = rope.launch_config(rot, D)
+        consts = dict(sx_d=1, sc_d=1, ss_d=1, HALF=rot // 2, P=D - rot, INTERLEAVED=inter,
+                      BLOCK_U=U, BLOCK_HALF=BH, BLOCK_P=BP, X_DT=tl.bfloat16)
+        out[f"rope {name}"] = shared(rope._rope_fwd, sig, consts, warps, 1)
     print(json.dumps(out))
 ''')
 
@@ -87,7 +96,7 @@ def test_inference_kernels_compile_for_hopper_within_its_shared_memory():
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     sizes = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(sizes) == 12, sizes
+    assert len(sizes) == 14, sizes
     over = {k: v for k, v in sizes.items() if not 0 <= v <= HOPPER_SMEM}
     assert not over, f"shared memory over {HOPPER_SMEM} B: {over}; all: {sizes}"
     # the GEMM pipeline really is multi-stage (loads that could not be pipelined would use a

@@ -35,7 +35,8 @@ def assert_same_bits(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert out.dtype == ref.dtype and out.shape == ref.shape and out.is_contiguous()
     assert torch.equal(out.isnan(), ref.isnan())
     same = (out == ref) | out.isnan()
-    assert same.all(), f"{int((~same).sum())} of {out.numel()} elements differ, e.g. {out[~same][:4]} vs {ref[~same][:4]}"
+    bad = ~same
+    assert same.all(), f"{int(bad.sum())} of {out.numel()} elements differ, e.g. {out[bad][:4]} vs {ref[bad][:4]}"
     # equal as numbers is not enough: -0.0 == 0.0, so compare the signs of zeros too
     assert torch.equal(torch.signbit(out), torch.signbit(ref)) or out.isnan().any()
 
@@ -103,7 +104,9 @@ def test_mla_rope_dims(dtype, interleaved, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rot,D,interleaved", [(24, 52, False), (24, 52, True), (6, 6, True), (2, 8, False), (0, 8, False)])
+@pytest.mark.parametrize("rot,D,interleaved", [
+    (24, 52, False), (24, 52, True), (6, 6, True), (2, 8, False), (0, 8, False),
+])
 def test_widths_no_power_of_two(rot, D, interleaved, dtype, seed):
     # halves of 12 and 3, a 28-wide pass-through, a single pair, nothing rotated at all
     cos, sin = tables(torch.randint(0, 100_000, (3, 5), device=DEV), rot)

@@ -38,7 +38,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -
     except RuntimeError:
         fits = False
     if not fits:
-        raise ValueError(f"apply_rope: cos/sin {tuple(cos.shape)} do not broadcast to x's leading dims {lead} + ({rot},)")
+        raise ValueError(f"apply_rope: cos/sin {tuple(cos.shape)} do not broadcast to x's leading dims {lead}")
     if (
         torch.is_grad_enabled()  # the kernel has no backward: training keeps the reference
         or x.dtype not in _KERNEL_DTYPES
