@@ -114,14 +114,18 @@ def test_widths_no_power_of_two(rot, D, interleaved, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_layouts_two_strides_cannot_index_and_tables_with_their_own_strides(dtype, seed):
-    # a permuted batch [T, B, H, D] seen as [B, T, H, D]: leading dims merge into no two strides
+def test_permuted_layouts_and_tables_with_their_own_strides(dtype, seed):
+    # a transposed batch [T, B, H, D] seen as [B, T, H, D]: two leading dims, read in place
     x = torch.randn(6, 4, 3, 32, device=DEV).to(dtype).transpose(0, 1)
     base = torch.randint(0, 100_000, (4, 6), device=DEV)
     cos, _ = tables(base, 16)
     _, sin = tables(base.t().contiguous(), 16)
     sin = sin.transpose(0, 1)  # sin with other strides than cos
     assert cos.stride() != sin.stride()
+    check(x, cos, sin)
+    # three leading dims reversed: no two strides index them, so the kernel reads a copy
+    x = torch.randn(4, 3, 2, 3, 32, device=DEV).to(dtype).permute(2, 1, 0, 3, 4)
+    cos, sin = tables(torch.randint(0, 100_000, (3, 4), device=DEV), 16)
     check(x, cos, sin)
     # a strided last dim (every other element), and tables that are views of wider ones
     x = torch.randn(5, 3, 64, device=DEV).to(dtype)[..., ::2]

@@ -97,7 +97,8 @@ def rope_frequencies(dim: int, base: float, rope_scaling: dict | None) -> tuple[
 
 
 class Rotary(nn.Module):
-    """cos/sin tables `[..., dim]` (frequencies repeated twice, NeoX layout) for integer positions."""
+    """cos/sin tables `[..., dim]` (frequencies repeated twice, NeoX layout) for integer positions,
+    which `apply_rope` (kernels/rope) applies to q and k."""
 
     def __init__(self, dim: int, base: float, rope_scaling: dict | None) -> None:
         super().__init__()
