@@ -6,6 +6,7 @@ reference beside each (the test oracle and the CPU path).
     kernels.moe:       moe_ffn (routed experts: device-side sort by expert, grouped GEMM fwd+bwd)
     kernels.router:    route (the MoE router after its GEMM: sigmoid, group-limited top-k, weights; inference)
     kernels.norm:      rms_norm (RMSNorm / group RMSNorm forward in one kernel; inference)
+    kernels.rope:      apply_rope (RoPE on q/k heads: partial, interleaved, strided views; inference)
     kernels.linear:    linear_fp32 (fp32-output GEMM on tensor cores for the LM head; inference)
 
 KPOP_KERNELS=auto|triton|torch picks the implementation (kernels/_dispatch.py).

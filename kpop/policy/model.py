@@ -30,6 +30,7 @@ from kernels.linear import linear_fp32
 from kernels.mla import mla_cache_write, mla_decode, mla_prefill
 from kernels.moe import moe_ffn
 from kernels.norm import rms_norm
+from kernels.rope import apply_rope
 from kernels.router import expert_weights, group_limited_topk, route
 from kpop.policy.cache import CacheShape, HybridCache
 from kpop.policy.config import BailingHybridConfig
@@ -96,7 +97,8 @@ def rope_frequencies(dim: int, base: float, rope_scaling: dict | None) -> tuple[
 
 
 class Rotary(nn.Module):
-    """cos/sin tables `[..., dim]` (frequencies repeated twice, NeoX layout) for integer positions."""
+    """cos/sin tables `[..., dim]` (frequencies repeated twice, NeoX layout) for integer positions,
+    which `apply_rope` (kernels/rope) applies to q and k."""
 
     def __init__(self, dim: int, base: float, rope_scaling: dict | None) -> None:
         super().__init__()
@@ -112,26 +114,6 @@ class Rotary(nn.Module):
         freqs = positions.float()[..., None] * self.inv_freq.float()
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos() * self.scale, emb.sin() * self.scale
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dims of x `[..., H, D]`; cos/sin `[..., rot]` (no head dim).
-
-    `interleaved` (MLA): pairs are (0,1), (2,3), ... in the weights; they are de-interleaved first,
-    as the HF reference does, so q and k come out in the same (NeoX) order.
-    """
-    rot = cos.shape[-1]
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-    xr, xp = x[..., :rot], x[..., rot:]
-    if interleaved:
-        xr = xr.unflatten(-1, (rot // 2, 2)).transpose(-1, -2).flatten(-2)
-    xr = xr * cos + _rotate_half(xr) * sin
-    return torch.cat([xr, xp], dim=-1) if xp.shape[-1] else xr
 
 
 # -- attention: Lightning ---------------------------------------------------------------------
