@@ -1,6 +1,6 @@
 """Triton grouped GEMM for the routed experts (forward and backward), no host sync.
 
-Rows are the routed (token, slot) pairs sorted by expert (reference.sort_by_expert): expert e owns
+Rows are the routed (token, slot) pairs sorted by expert (sort.expert_layout): expert e owns
 rows offsets[e] .. offsets[e+1] of the sorted order. A row-tiled kernel launches an upper bound of
 cdiv(M, BM) + E row tiles (each expert has at most one partial tile) times the column blocks;
 each program finds its expert from the per-expert counts in a few vector ops (_tile) and tiles
@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._triton import mm, upcast_dots
-from kernels.moe.reference import sort_by_expert
+from kernels.moe.sort import expert_layout
 
 # (BM rows, BN cols, BK reduction, warps, stages) per kernel for 16-bit inputs; bench/gpu.py sweeps
 # them. Shared memory per program at these tiles: stages * (BM*BK + BK*BN [x2 for gate+up]) * 2 B.
@@ -268,10 +268,7 @@ class GroupedMoE(torch.autograd.Function):
         E, I, _ = w_gate.shape
         K = ids.shape[1]
         M = N * K
-        order, counts = sort_by_expert(ids, E)
-        order = order.to(torch.int32)
-        offsets = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
-        offsets[1:] = counts.cumsum(0)
+        order, counts, offsets = expert_layout(ids, E)  # one launch at decode sizes (sort.py)
         wflat = weights.float().contiguous().view(-1)
         cfg = launch_config(x.dtype)
         meta = dict(E=E, EP=triton.next_power_of_2(E), UPCAST=upcast_dots(x.dtype), PREC=_prec(x.dtype))
