@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 from kernels.moe import moe_ffn, moe_loop, moe_sorted, sort_by_expert  # noqa: E402
 from kernels.moe import sort as msort  # noqa: E402
+from kernels.moe.reference import sum_slots as sum_slots_ref  # noqa: E402
 from hopper import assert_fit, shared_memory  # noqa: E402
 from numerics import relerr  # noqa: E402
 
@@ -162,6 +163,41 @@ def test_moe_ffn_gives_the_same_bits_with_either_sort(monkeypatch, seed):
     assert torch.equal(out, out_t) and all(torch.equal(a, b) for a, b in zip(grads, grads_t))
 
 
+def slot_outputs(N: int, K: int, D: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K, D] expert outputs over six decades: fp32 sums that depend on the order of the adds."""
+    scale = 10.0 ** torch.randint(-3, 3, (N, K, D), device=DEV)
+    return (torch.randn(N, K, D, device=DEV) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("K", [1, 3, 4, 6, 8, 15])
+def test_sum_slots_adds_in_torchs_cuda_order(K):
+    """The combine kernel's fp32 sums equal the reference order's bit for bit (and the rounding to
+    fp16 is one rounding of them); the data is such that summing j = 0..K-1 in turn differs."""
+    from kernels.moe.grouped import sum_slots
+
+    torch.manual_seed(K)
+    N, D = 5, 1100  # two column blocks, the second partial
+    for dtype in (torch.float32, torch.float16):
+        y = slot_outputs(N, K, D, dtype)
+        ref = sum_slots_ref(y)
+        assert torch.equal(sum_slots(y, torch.float32), ref)
+        assert torch.equal(sum_slots(y, dtype), ref.to(dtype))
+        if K > 4:
+            in_turn = torch.zeros(N, D)
+            for j in range(K):
+                in_turn = in_turn + y[:, j].float()
+            assert not torch.equal(in_turn, ref)  # the order is what the test checks
+
+
+def test_sum_slots_keeps_torchs_sum_where_torch_adds_in_another_order():
+    from kernels.moe.grouped import sum_slots
+
+    y = slot_outputs(3, 16, 40, torch.float32)  # K >= 16: torch splits the slots across threads
+    assert torch.equal(sum_slots(y, torch.float32), y.sum(1, dtype=torch.float32))
+    y = slot_outputs(3, 8, 1, torch.float32)  # D = 1: a reduction across lanes
+    assert torch.equal(sum_slots(y, torch.float32), y.sum(1, dtype=torch.float32))
+
+
 def test_bad_arguments_are_named():
     x, w, wg, wu, wd = problem(4, 8, 6, 3, 2, torch.float32)
     ids = torch.zeros(4, 2, dtype=torch.long, device=DEV)
@@ -212,12 +248,15 @@ SMEM_BODY = '''
         sig = dict(ids="*i64", order="*i32", counts="*i32", offsets="*i32", M="i32")
         consts = dict(E=E, EP=EP, BLOCK=BLOCK, HIST=srt.HIST)
         out[f"sort_by_expert E{E}"] = shared(srt._sort_by_expert, sig, consts, srt.WARPS, 1)
+    for t in ("bf16", "fp32"):
+        out[f"sum_slots {t}"] = shared(g._sum_slots, dict(y=f"*{t}", out=f"*{t}", D="i32"), dict(K=8, BD=g.SUM_BD), 4, 1,
+                                       ("D",))
 '''
 
 
 @pytest.mark.slow
 def test_launch_configs_compile_for_sm90_within_shared_memory():
-    """Every MoE kernel, both dtypes' tiles (and the counting sort at three expert counts), compiled for sm_90 on the CPU down to LLVM IR (a config
+    """Every MoE kernel, both dtypes' tiles (and the counting sort at three expert counts, the slot sum), compiled for sm_90 on the CPU down to LLVM IR (a config
     over Hopper's shared memory would only fail at launch on the GPU)."""
     pytest.importorskip("triton.compiler.compiler")
-    assert_fit(shared_memory(SMEM_BODY), 2 * 6 + 3)
+    assert_fit(shared_memory(SMEM_BODY), 2 * 6 + 3 + 2)

@@ -1,8 +1,9 @@
-"""The counting sort of the routed rows (kernels/moe/sort.py) compiled on CUDA: the torch sort's
-order, counts and offsets bit for bit at bench-2b's decode size (256 tokens, top-8 of 32 experts)
-and Ring-2.6-1T's 256 experts, the grouped GEMM's bits unchanged by it, and a decode step's MoE
-captured in a CUDA graph without host syncs. Skipped without CUDA; the CPU-interpreter cases are in
-test_kernels_moe.py."""
+"""The routed experts' small kernels compiled on CUDA, each exact against the torch it replaces: the
+counting sort of the routed rows (kernels/moe/sort.py: torch's order, counts and offsets at
+bench-2b's decode size, 256 tokens top-8 of 32 experts, and Ring-2.6-1T's 256 experts; the grouped
+GEMM's bits unchanged by it) and the sum over the k slots (grouped.sum_slots: torch's CUDA sum bit
+for bit), and a decode step's MoE captured in a CUDA graph without host syncs. Skipped without
+CUDA; the CPU-interpreter cases are in test_kernels_moe.py."""
 from __future__ import annotations
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 
 from kernels.moe import moe_ffn
 from kernels.moe import sort as msort
+from kernels.moe.grouped import sum_slots
+from kernels.moe.reference import sum_slots as sum_slots_ref
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -46,6 +49,21 @@ def test_counting_sort_equals_the_torch_sort(N, k, E):
     g = torch.Generator(device="cuda").manual_seed(2)
     assert_same_layout(torch.randint(0, E, (N, k), device="cuda", generator=g), E)
     assert_same_layout(torch.full((N, k), E - 1, device="cuda"), E)  # one expert has every row
+
+
+@pytest.mark.parametrize("N,K,D,dtype", [(256, 8, 2048, torch.bfloat16), (4096, 8, 2048, torch.bfloat16),
+                                          (256, 6, 1000, torch.float16), (300, 1, 2048, torch.float32),
+                                          (64, 15, 512, torch.bfloat16), (1, 8, 2048, torch.bfloat16)])
+def test_sum_slots_is_torchs_cuda_sum_bit_for_bit(N, K, D, dtype):
+    """The combine kernel against the two kernels it replaces, in fp32 (where the order of the adds
+    shows) and after the one rounding; and the order reference.sum_slots spells out is torch's."""
+    g = torch.Generator(device="cuda").manual_seed(K)
+    scale = 10.0 ** torch.randint(-3, 3, (N, K, D), device="cuda", generator=g)
+    y = (torch.randn(N, K, D, device="cuda", generator=g) * scale).to(dtype)  # order-sensitive sums
+    want = y.sum(1, dtype=torch.float32)
+    assert torch.equal(sum_slots_ref(y), want), "torch's CUDA sum no longer adds in the reference's order"
+    assert torch.equal(sum_slots(y, torch.float32), want)
+    assert torch.equal(sum_slots(y, dtype), want.to(dtype))
 
 
 def _decode_problem(N, D, I, E, k, seed=0):
