@@ -183,7 +183,7 @@ def test_sum_slots_adds_in_torchs_cuda_order(K):
         assert torch.equal(sum_slots(y, torch.float32), ref)
         assert torch.equal(sum_slots(y, dtype), ref.to(dtype))
         if K > 4:
-            in_turn = torch.zeros(N, D)
+            in_turn = torch.zeros(N, D, device=DEV)
             for j in range(K):
                 in_turn = in_turn + y[:, j].float()
             assert not torch.equal(in_turn, ref)  # the order is what the test checks
