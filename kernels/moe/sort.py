@@ -30,7 +30,7 @@ from kernels.moe.reference import sort_by_expert
 SMALL_ROWS = 8192  # routed rows up to which the counting sort runs (each program reads them all)
 MAX_EXPERTS = 256  # the one-hot tile is BLOCK x next_pow2(E): E = 256 leaves BLOCK = 16 rows
 TILE = 4096  # one-hot elements per program: 32 registers a thread at 4 warps
-MAX_BLOCK = 256  # rows per program for few experts (more programs, each re-reading the ids, beat longer tiles)
+MAX_BLOCK = 256  # rows per program when E is small: a short scan down the tile, more programs in parallel
 MIN_BINS = 16  # padding bins for tiny E: no 1- or 2-wide histograms and tiles
 HIST = 1024  # ids per histogram step
 WARPS = 4
