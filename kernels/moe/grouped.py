@@ -284,7 +284,7 @@ SUM_BD = 1024  # columns per program of _sum_slots: 8 bf16 (one 16-byte load) pe
 def sum_slots(y: Tensor, dtype: torch.dtype) -> Tensor:
     """[N, D] in `dtype` = the fp32 sum over the K slots of y [N, K, D], rounded once: torch's
     `y.sum(1, dtype=torch.float32).to(dtype)` bit for bit, in one launch instead of two. Torch's
-    CUDA reduction splits the slots across threads from K >= 16, and reduces a [N, K, 1] view
+    CUDA reduction may split the slots across threads from K >= 16, and reduces a [N, K, 1] view
     across lanes: those keep torch's sum."""
     N, K, D = y.shape
     if K >= 16 or D == 1 or N == 0:
