@@ -5,8 +5,9 @@ moe_ffn(x [N,D], ids [N,k], weights [N,k], w_gate [E,I,D], w_up [E,I,D], w_down 
     out_t = sum_j weights[t, j] * down_e( silu(gate_e(x_t)) * up_e(x_t) ),   e = ids[t, j]
 
 Differentiable in x, weights and the expert weights. Nothing reads a device value back to the host:
-rows are sorted by expert on the device and the Triton grouped GEMM (grouped.py) sizes its grid by
-an upper bound. The torch path (reference.py, moe_sorted) serves CPU tensors; moe_loop is the oracle.
+rows are sorted by expert on the device (sort.py: one counting-sort launch at decode sizes, torch's
+radix sort for training batches, the same result) and the Triton grouped GEMM (grouped.py) sizes its
+grid by an upper bound. The torch path (reference.py, moe_sorted) serves CPU tensors; moe_loop is the oracle.
 Triton on CUDA, torch otherwise; KPOP_KERNELS overrides (kernels/_dispatch.py).
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Triton grouped GEMM for the routed experts (forward and backward), no host sync.
 
-Rows are the routed (token, slot) pairs sorted by expert (reference.sort_by_expert): expert e owns
+Rows are the routed (token, slot) pairs sorted by expert (sort.expert_layout): expert e owns
 rows offsets[e] .. offsets[e+1] of the sorted order. A row-tiled kernel launches an upper bound of
 cdiv(M, BM) + E row tiles (each expert has at most one partial tile) times the column blocks;
 each program finds its expert from the per-expert counts in a few vector ops (_tile) and tiles
@@ -9,11 +9,13 @@ scattered back by index inside the stores: no permuted copy of x or of the outpu
 
     forward   _gate_up_fwd   h = silu(x W_g^T) * (x W_u^T)       (SiLU-and-multiply in the epilogue;
                                                                  saves [g, u] for the backward)
-              _down_fwd      y[t, j] = w[t, j] * (h W_d^T)      (stored in (token, slot) order;
-                                                                 the weighted combine is a sum over j)
+              _down_fwd      y[t, j] = w[t, j] * (h W_d^T)      (stored in (token, slot) order)
+              _sum_slots     out[t] = sum_j y[t, j]            (fp32, one rounding; the k slots of a
+                                                                 token come from k programs, so the sum
+                                                                 cannot be an exact epilogue of _down_fwd)
     backward  _down_bwd_dh   a = dout W_d;  dw = <a, h>;  [dg, du] = silu'/product rule of w a
               _wgrad         dW_d = (w dout)^T h,  [dW_g; dW_u] = [dg, du]^T x   (one kernel, two uses)
-              _gate_up_bwd_dx dx[t, j] = dg W_g + du W_u        (summed over j)
+              _gate_up_bwd_dx dx[t, j] = dg W_g + du W_u        (summed over j by _sum_slots)
 
 The routing weights' gradient needs no saved expert output: <dout, w-free y> = <dout W_d, h>.
 """
@@ -25,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._triton import mm, upcast_dots
-from kernels.moe.reference import sort_by_expert
+from kernels.moe.sort import expert_layout
 
 # (BM rows, BN cols, BK reduction, warps, stages) per kernel for 16-bit inputs; bench/gpu.py sweeps
 # them. Shared memory per program at these tiles: stages * (BM*BK + BK*BN [x2 for gate+up]) * 2 B.
@@ -252,6 +254,46 @@ def _wgrad(
     tl.store(dw + base + p[:, None].to(tl.int64) * Q + q[None, :], acc.to(dw.dtype.element_ty), mask=m_p[:, None] & m_q[None, :])
 
 
+@triton.jit
+def _sum_slots(y, out, D, K: tl.constexpr, BD: tl.constexpr):
+    """out[t] = sum_j y[t, j] in fp32, one rounding to out's dtype, in the order of torch's CUDA
+    `y.sum(1, dtype=torch.float32)` (reference.sum_slots): exact against the two kernels it replaces."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    m = cols < D
+    a0 = tl.zeros([BD], tl.float32)
+    a1 = tl.zeros([BD], tl.float32)
+    a2 = tl.zeros([BD], tl.float32)
+    a3 = tl.zeros([BD], tl.float32)
+    for j in tl.static_range(K):  # j is a constant: each branch below is chosen at compile time
+        v = tl.load(y + (t * K + j) * D + cols, mask=m, other=0.0).to(tl.float32)
+        if j % 4 == 0:
+            a0 += v
+        elif j % 4 == 1:
+            a1 += v
+        elif j % 4 == 2:
+            a2 += v
+        else:
+            a3 += v
+    tl.store(out + t * D + cols, (((a0 + a1) + a2) + a3).to(out.dtype.element_ty), mask=m)
+
+
+SUM_BD = 1024  # columns per program of _sum_slots: 8 bf16 (one 16-byte load) per thread at 4 warps
+
+
+def sum_slots(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """[N, D] in `dtype` = the fp32 sum over the K slots of y [N, K, D], rounded once: torch's
+    `y.sum(1, dtype=torch.float32).to(dtype)` bit for bit, in one launch instead of two. Torch's
+    CUDA reduction may split the slots across threads from K >= 16, and reduces a [N, K, 1] view
+    across lanes: those keep torch's sum."""
+    N, K, D = y.shape
+    if K >= 16 or D == 1 or N == 0:
+        return y.sum(1, dtype=torch.float32).to(dtype)
+    out = torch.empty(N, D, device=y.device, dtype=dtype)
+    _sum_slots[(N, triton.cdiv(D, SUM_BD))](y.contiguous(), out, D, K=K, BD=SUM_BD, num_warps=4)
+    return out
+
+
 def _row_grid(M: int, E: int, BM: int, cols: int, BN: int) -> tuple[int]:
     """Row tiles (an upper bound: each expert has at most one partial tile) x column blocks, one axis."""
     return ((triton.cdiv(M, BM) + E) * triton.cdiv(cols, BN),)
@@ -268,10 +310,7 @@ class GroupedMoE(torch.autograd.Function):
         E, I, _ = w_gate.shape
         K = ids.shape[1]
         M = N * K
-        order, counts = sort_by_expert(ids, E)
-        order = order.to(torch.int32)
-        offsets = torch.zeros(E + 1, dtype=torch.int32, device=x.device)
-        offsets[1:] = counts.cumsum(0)
+        order, counts, offsets = expert_layout(ids, E)  # one launch at decode sizes (sort.py)
         wflat = weights.float().contiguous().view(-1)
         cfg = launch_config(x.dtype)
         meta = dict(E=E, EP=triton.next_power_of_2(E), UPCAST=upcast_dots(x.dtype), PREC=_prec(x.dtype))
@@ -287,7 +326,7 @@ class GroupedMoE(torch.autograd.Function):
         _down_fwd[_row_grid(M, E, BM, D, BN)](
             h, w_down, order, wflat, counts, offsets, y, D, I, **meta,
             BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
-        out = y.view(N, K, D).sum(1, dtype=torch.float32).to(x.dtype)
+        out = sum_slots(y.view(N, K, D), x.dtype)
         if save:
             ctx.save_for_backward(x, w_gate, w_up, w_down, order, counts, offsets, wflat, gu)
             ctx.shape, ctx.weights_dtype = (N, K, D, E, I), weights.dtype
@@ -319,7 +358,7 @@ class GroupedMoE(torch.autograd.Function):
             _gate_up_bwd_dx[_row_grid(M, E, BM, D, BN)](
                 dgu, w_gate, w_up, order, counts, offsets, dx_rows, D, I, **rmeta,
                 BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages)
-            dx = dx_rows.view(N, K, D).sum(1, dtype=torch.float32).to(x.dtype)
+            dx = sum_slots(dx_rows.view(N, K, D), x.dtype)
 
         BM, BN, BK, warps, stages = cfg["wgrad"]
         common = dict(TOPK=K, BM=BM, BN=BN, BK=BK, num_warps=warps, num_stages=stages, **meta)

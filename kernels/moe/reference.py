@@ -37,6 +37,18 @@ def sort_by_expert(ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor]:
     return order, counts
 
 
+def sum_slots(y: Tensor) -> Tensor:
+    """fp32 [N, D] = sum over j of y [N, K, D], in the order of torch's CUDA reduction of
+    `y.sum(1, dtype=torch.float32)` for K < 16 (one thread per output, four accumulators: slot j
+    goes to accumulator j % 4, each starting at 0; then ((a0 + a1) + a2) + a3). The Triton
+    combine (grouped._sum_slots) adds in this order, so it gives torch's bits; on CPU torch's own
+    sum may add in another order."""
+    acc = [torch.zeros(y.shape[0], y.shape[2], dtype=torch.float32, device=y.device) for _ in range(4)]
+    for j in range(y.shape[1]):
+        acc[j % 4] = acc[j % 4] + y[:, j].float()
+    return ((acc[0] + acc[1]) + acc[2]) + acc[3]
+
+
 def moe_sorted(x: Tensor, ids: Tensor, weights: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     """The CPU path: rows sorted by expert once, each expert's slice through three matmuls, one
     weighted sum back to token order. Differentiable by autograd."""
