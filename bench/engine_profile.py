@@ -21,11 +21,40 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
+def syncs(step) -> dict[str, int]:
+    """Run `step` once with torch's sync debug mode on; count the host syncs by the innermost frame
+    of this repository's code that led to each (torch's own frame says nothing)."""
+    import traceback
+    sites: Counter = Counter()
+    repo = str(Path(__file__).resolve().parents[1])
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            ours = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(repo) and "bench" not in f.filename]
+            f = ours[-1] if ours else traceback.extract_stack()[-2]
+            sites[f"{Path(f.filename).name}:{f.lineno} {f.name}"] += 1
+    warnings.showwarning = record
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize()
+    finally:
+        warnings.showwarning = show
+    return dict(sites)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--kernels", help="write the GPU kernels of the profiled decode steps, in launch order, to this file")
     a = ap.parse_args()
     from bench.gpu import ENGINE_PROMPT, bench_2b_config
     from kpop.policy.checkpoint import build_model
@@ -46,6 +75,7 @@ def main() -> None:
     engine._step()  # the first prefill chunk: kernel compiles
     torch.cuda.synchronize()
     print(f"first prefill step {time.perf_counter() - t0:.2f} s", flush=True)
+    print(f"host syncs in one prefill chunk: {syncs(engine._step)}", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         engine._step()  # one prefill chunk of max_batch_tokens
         torch.cuda.synchronize()
@@ -65,14 +95,7 @@ def main() -> None:
             engine._step()
         torch.cuda.synchronize()
         print(f"decode steps at batch {a.batch}: {(time.perf_counter() - t0) / 10 * 1e3:.2f} ms each over 10", flush=True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            engine._step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    sites = syncs(engine._step)
     print(f"host syncs in one decode step: {dict(sites)}", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(a.steps):
@@ -84,6 +107,10 @@ def main() -> None:
     print(f"per step: {kernels / a.steps:.0f} GPU kernels/copies, {gpu_us / a.steps / 1e3:.2f} ms GPU busy", flush=True)
     print(ev.table(sort_by="self_cuda_time_total", row_limit=a.rows, max_name_column_width=60), flush=True)
     print(ev.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
+    if a.kernels:  # what fusions would remove: the sequence, with each kernel's time
+        gpu = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+        Path(a.kernels).write_text("".join(f"{e.time_range.elapsed_us():9.2f} us  {e.name}\n" for e in gpu))
 
 
 if __name__ == "__main__":
