@@ -53,7 +53,7 @@ from kpop.rollout.routes import routes_from_passes
 from kpop.rollout.sampling import SamplingBatch, sample
 
 
-@dataclass
+@dataclass(eq=False)  # identity: `in` / `remove` on the running list must not compare fields
 class _Seq:
     req: GenerationRequest
     future: concurrent.futures.Future

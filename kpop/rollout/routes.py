@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from kpop.trajectory import Routes
@@ -17,26 +18,35 @@ from kpop.trajectory import Routes
 def routes_from_passes(passes: Sequence[tuple[int, torch.Tensor]], num_tokens: int, num_experts: int) -> Routes | None:
     """Routes of a request's `num_tokens` context tokens (prompt + sampled) from its passes, oldest
     first; tokens no pass fed (the last sampled one) have none. Rows beyond the context are
-    dropped: an engine that schedules ahead may have fed a token past the one it stopped at."""
+    dropped: an engine that schedules ahead may have fed a token past the one it stopped at.
+
+    In numpy, not torch: an engine finishes a whole batch of requests in one step, and torch's
+    intra-op thread pool made each of these small ops cost milliseconds on a busy host (the GPU
+    idled while 256 requests were assembled)."""
     if not passes:
         return None
     # back-to-back passes (each decode step's one row after the last) are copied as one block: a
     # request of a thousand decode steps costs a few copies, not a thousand (in order, so the
     # last pass over a token still wins)
-    blocks: list[tuple[int, list[torch.Tensor]]] = []
+    blocks: list[tuple[int, list[np.ndarray]]] = []
     end = -1
     for start, chunk in passes:
+        rows = chunk.cpu().numpy()
         if start == end:
-            blocks[-1][1].append(chunk)
+            blocks[-1][1].append(rows)
         else:
-            blocks.append((start, [chunk]))
-        end = start + len(chunk)
-    ids = torch.zeros(num_tokens, *passes[0][1].shape[1:], dtype=torch.int32)
-    known = torch.zeros(num_tokens, dtype=torch.bool)
+            blocks.append((start, [rows]))
+        end = start + len(rows)
+    wide = num_experts > 256
+    ids = np.zeros((num_tokens, *passes[0][1].shape[1:]), dtype="<u2" if wide else np.uint8)
+    known = np.zeros(num_tokens, dtype=np.uint8)
     for start, chunks in blocks:
-        chunk = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        chunk = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
         end = min(start + len(chunk), num_tokens)
         if end > start:
-            ids[start:end] = chunk[: end - start].to(torch.int32)
-            known[start:end] = True
-    return Routes.from_ids(ids, num_experts, known)
+            chunk = chunk[: end - start]
+            if chunk.size and not 0 <= int(chunk.min()) <= int(chunk.max()) < num_experts:
+                raise ValueError(f"routes ids must lie in [0, {num_experts})")
+            ids[start:end] = chunk
+            known[start:end] = 1
+    return Routes(shape=ids.shape, dtype="uint16" if wide else "uint8", data=ids.tobytes(), known=known.tobytes())
