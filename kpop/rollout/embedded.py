@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from kpop.policy.cache import CacheFull, HybridCache
@@ -67,7 +68,7 @@ class _Seq:
     leader: "_Seq | None" = None  # a request with the same prompt whose prefill this one waits to fork
     followers: list["_Seq"] = field(default_factory=list)
     prefix_key: tuple[int, ...] | None = None  # set while this request leads its prompt's prefill
-    routes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first position, ids [n, layers, k]) per pass
+    routes: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (first position, ids [n, layers, k]) per pass
     done: bool = False  # finished: a row of it still in flight is dropped
 
     @property
@@ -250,6 +251,7 @@ class EmbeddedEngine(ThreadedEngine):
         if ready is not None:
             ready.synchronize()
         tokens, logprobs, routes = host
+        routes = None if routes is None else routes.numpy()  # numpy rows: see _read_back
         offset = decoded = 0
         for seq, n in batch:
             if seq.cached and n == 1:
@@ -317,13 +319,14 @@ class EmbeddedEngine(ThreadedEngine):
             step.ready.synchronize()
             self.stats["wait_s"] += time.perf_counter() - t0
         tokens, logprobs, routes = step.host
-        rows = routes.split(1) if routes is not None else None  # one call, not a slice per row
+        # numpy views: a torch slice per row costs microseconds, and routes_from_passes reads numpy
+        rows = routes.numpy() if routes is not None else None
         for i, (seq, tok, lp) in enumerate(zip(step.seqs, tokens.tolist(), logprobs.tolist())):
             if seq.done:  # stopped while this row was in flight
                 self.stats["discarded_rows"] += 1
                 continue
             if rows is not None:
-                seq.routes.append((step.positions[i], rows[i]))
+                seq.routes.append((step.positions[i], rows[i : i + 1]))
             seq.tokens.append(tok)
             seq.length += 1
             seq.logprobs.append(lp)

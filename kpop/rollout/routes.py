@@ -15,7 +15,8 @@ import torch
 from kpop.trajectory import Routes
 
 
-def routes_from_passes(passes: Sequence[tuple[int, torch.Tensor]], num_tokens: int, num_experts: int) -> Routes | None:
+def routes_from_passes(passes: Sequence[tuple[int, np.ndarray | torch.Tensor]], num_tokens: int,
+                       num_experts: int) -> Routes | None:
     """Routes of a request's `num_tokens` context tokens (prompt + sampled) from its passes, oldest
     first; tokens no pass fed (the last sampled one) have none. Rows beyond the context are
     dropped: an engine that schedules ahead may have fed a token past the one it stopped at.
@@ -31,7 +32,7 @@ def routes_from_passes(passes: Sequence[tuple[int, torch.Tensor]], num_tokens: i
     blocks: list[tuple[int, list[np.ndarray]]] = []
     end = -1
     for start, chunk in passes:
-        rows = chunk.cpu().numpy()
+        rows = chunk.cpu().numpy() if isinstance(chunk, torch.Tensor) else chunk
         if start == end:
             blocks[-1][1].append(rows)
         else:
