@@ -82,8 +82,8 @@ def lightning_state_dtype(value: str | torch.dtype) -> torch.dtype:
     for name, dtype in STATE_DTYPES.items():
         if value == name or value is dtype:
             return dtype
-    raise ValueError(f"lightning state_dtype (rollout.lightning_state_dtype) must be 'float32' or 'bfloat16', "
-                     f"got {value!r}")
+    raise ValueError(f"lightning_state_dtype must be 'float32' or 'bfloat16' (storage of the Lightning recurrent "
+                     f"states), got {value!r}")
 
 
 class HybridCache:
