@@ -32,6 +32,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 256
 
 
+# (batch, heads, K, V, slots): tiny (V not a power of two: masked value tiles), and on a GPU the
+# real head size (128) at a decode batch
+SHAPES = [(3, 2, 16, 40, 6), pytest.param((64, 16, 128, 128, 96), marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the real shape is for the compiled kernel"))]
+
+
 def _step_inputs(B: int, H: int, K: int, V: int, dtype: torch.dtype):
     q, k = (torch.randn(B, H, K, device=DEV, dtype=dtype) for _ in range(2))
     v = torch.randn(B, H, V, device=DEV, dtype=dtype)
@@ -40,18 +46,19 @@ def _step_inputs(B: int, H: int, K: int, V: int, dtype: torch.dtype):
 
 # -- the kernels -----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("kernels", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_bf16_step_is_the_fp32_step_rounded_once(kernels, dtype, seed, monkeypatch):
+def test_a_bf16_step_is_the_fp32_step_rounded_once(kernels, dtype, shape, seed, monkeypatch):
     """From the same state values, a bf16 pool ends the step holding exactly the fp32 pool's new
     state rounded to nearest bf16, and the output is the fp32 pool's bit for bit (it reads the
     state before the rounding). Slots not stepped stay as they were."""
     monkeypatch.setenv("KPOP_KERNELS", kernels)
-    B, H, K, V = 3, 2, 16, 40  # V not a power of two: masked value tiles
+    B, H, K, V, S = shape
     q, k, v, g = _step_inputs(B, H, K, V, dtype)
-    half = (torch.randn(6, H, K, V, device=DEV) * 4).to(torch.bfloat16)
+    half = (torch.randn(S, H, K, V, device=DEV) * 4).to(torch.bfloat16)
     full = half.float()
-    slots = torch.tensor([5, 1, 3], device=DEV)
+    slots = torch.randperm(S, device=DEV)[:B]
     o_half = lightning_decode(q, k, v, g, half, slots, scale=0.25)
     o_full = lightning_decode(q, k, v, g, full, slots, scale=0.25)
     assert half.dtype == torch.bfloat16 and o_half.dtype == dtype
@@ -60,18 +67,19 @@ def test_a_bf16_step_is_the_fp32_step_rounded_once(kernels, dtype, seed, monkeyp
     assert not torch.equal(full[slots], full[slots].to(torch.bfloat16).float())  # the rounding mattered
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_bf16_step_equals_the_torch_reference(dtype, seed, monkeypatch):
+def test_triton_bf16_step_equals_the_torch_reference(dtype, shape, seed, monkeypatch):
     """The Triton decode step and the torch reference, both on bf16 pools from the same values:
     the stored states are equal bit for bit but where their fp32 values before the rounding already
     differ in the last bit (the interpreter takes exp from numpy, the GPU from ex2.approx and may
     fuse the multiply-add; 1 fp32 ulp apart flips a bf16 rounding about once in 2^16 elements):
     there one bf16 step apart, in at most 0.1% of the elements. Outputs as close as fp32 ones."""
-    B, H, K, V = 8, 3, 16, 40
+    B, H, K, V, S = shape
     q, k, v, g = _step_inputs(B, H, K, V, dtype)
-    pool = (torch.randn(10, H, K, V, device=DEV) * 4).to(torch.bfloat16)
+    pool = (torch.randn(S, H, K, V, device=DEV) * 4).to(torch.bfloat16)
     ref = pool.clone()
-    slots = torch.randperm(10, device=DEV)[:B]
+    slots = torch.randperm(S, device=DEV)[:B]
     monkeypatch.setenv("KPOP_KERNELS", "triton")
     o = lightning_decode(q, k, v, g, pool, slots, scale=0.25)
     monkeypatch.setenv("KPOP_KERNELS", "torch")
