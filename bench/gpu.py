@@ -18,6 +18,7 @@ Ceilings, measured first: `copy_tb_s` (a 2 GiB device-to-device copy, bytes read
                                new tokens each, greedy, eos ignored; generated tokens / wall time
   engine_step_over_floor       its decode step over the all-weights-read-once time at copy_tb_s
   engine_b256_*_no_overlap     the same with each decode step read back before the next is launched
+  engine_b256_bf16_state_*     the same (overlapped) with bf16 Lightning states (lightning_state_dtype)
   sync_gb_per_s, sync_ipc_gb_per_s   bench/sync.py: 4 GB of bf16 weights into an engine's parameters,
                                same process (GPU to GPU) and another process (CUDA IPC)
 --json prints one JSON object last. --record adds a dated entry under "## gpu" in bench/RESULTS.md.
@@ -265,7 +266,9 @@ def bench_engine(ceil: dict, out: dict, new_tokens: int, batches: tuple[int, ...
     engine_b{B}_step_ms        one decode step: (wall(new) - wall(1)) / (new - 1), the same requests
                                run once to their first token and once to `new_tokens`
     engine_step_over_floor     batch 256's step over the all-weights-read-once time at this run's
-                               copy rate (parameter bytes / copy bytes per second)"""
+                               copy rate (parameter bytes / copy bytes per second)
+    engine_b256_*_no_overlap, engine_b256_bf16_state_*   batch 256 again (same prompts): without
+                               overlap; with bf16 Lightning state storage"""
     from kpop.policy.checkpoint import build_model
     from kpop.rollout.embedded import EmbeddedEngine
     from kpop.rollout.engine import GenerationRequest, SamplingParams
@@ -276,10 +279,16 @@ def bench_engine(ceil: dict, out: dict, new_tokens: int, batches: tuple[int, ...
     floor_ms = weight_bytes / (ceil["copy_tb_s"] * 1e12) * 1e3
     out.update(engine_weight_gb=weight_bytes / 1e9, engine_floor_ms=floor_ms)
     g = torch.Generator().manual_seed(0)
-    for B, overlap in [(B, True) for B in batches] + [(256, False)] * (256 in batches):
+    by_batch: dict[int, list[list[int]]] = {}
+    variants = [(B, True, "float32") for B in batches]
+    if 256 in batches:
+        variants += [(256, False, "float32"), (256, True, "bfloat16")]
+    for B, overlap, state_dtype in variants:
         engine = EmbeddedEngine(model, None, max_seqs=B, max_model_len=ENGINE_PROMPT + new_tokens + 64,
-                                max_batch_tokens=max(8192, B), overlap=overlap)
-        prompts = [torch.randint(2, c.vocab_size, (ENGINE_PROMPT,), generator=g).tolist() for _ in range(B)]
+                                max_batch_tokens=max(8192, B), overlap=overlap, lightning_state_dtype=state_dtype)
+        if B not in by_batch:
+            by_batch[B] = [torch.randint(2, c.vocab_size, (ENGINE_PROMPT,), generator=g).tolist() for _ in range(B)]
+        prompts = by_batch[B]
 
         def run(new: int) -> float:
             params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
@@ -301,6 +310,13 @@ def bench_engine(ceil: dict, out: dict, new_tokens: int, batches: tuple[int, ...
                 out["engine_b256_stats_no_overlap"] = dict(engine.stats)
                 print(f"engine batch {B} without overlap: {B * new_tokens / tn:,.0f} tokens/s, decode step {step_ms:.2f} ms",
                       flush=True)
+                continue
+            if state_dtype == "bfloat16":
+                out["engine_b256_bf16_state_tokens_per_s"] = B * new_tokens / tn
+                out["engine_b256_bf16_state_step_ms"] = step_ms
+                out["engine_b256_bf16_state_stats"] = dict(engine.stats)
+                print(f"engine batch {B} with bf16 Lightning states: {B * new_tokens / tn:,.0f} tokens/s, "
+                      f"decode step {step_ms:.2f} ms", flush=True)
                 continue
             out[f"engine_b{B}_tokens_per_s"] = B * new_tokens / tn
             out[f"engine_b{B}_step_ms"] = step_ms

@@ -72,11 +72,24 @@ class RolloutConfig(_Section):
     # the engine's share of its GPU's memory (weights + cache) when it shares the GPU with the learner
     # (`kpop train --colocate`, or fractional num_gpus); the learner keeps the rest
     gpu_memory_fraction: float = Field(0.4, gt=0.0, lt=1.0)
+    # storage of the embedded engine's Lightning recurrent states. bfloat16 halves the state memory
+    # and a decode step's largest traffic (every running sequence's states, read and written each
+    # step) at one bf16 rounding per state per step; the arithmetic stays fp32 either way. The
+    # learner recomputes in fp32, so rollout logprobs drift slightly further from its own (KPop's
+    # mask then drops a few more tokens). float32 keeps them as close as the kernels allow.
+    lightning_state_dtype: Literal["float32", "bfloat16"] = "float32"
 
     @field_validator("num_gpus")
     @classmethod
     def _whole_or_share(cls, v: float) -> float:
         return _gpu_count("rollout.num_gpus", v)
+
+    @model_validator(mode="after")
+    def _state_dtype_is_the_embedded_engines(self) -> "RolloutConfig":
+        if self.engine != "embedded" and self.lightning_state_dtype != "float32":
+            raise ValueError(f"rollout.lightning_state_dtype {self.lightning_state_dtype!r} applies to the embedded "
+                             f"engine; the {self.engine} engine keeps its own state cache")
+        return self
 
 
 class EnvSpec(_Section):

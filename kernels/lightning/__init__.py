@@ -3,7 +3,8 @@
     S_t = exp(g_h) S_{t-1} + k_t^T v_t,    o_t = scale * q_t S_t
 
 `lightning_attn` is the chunked form for training and prefill; `lightning_decode` is one
-step for a batch of running sequences whose fp32 states live in a slot pool.
+step for a batch of running sequences whose states live in a slot pool (fp32, or bf16 storage
+with fp32 arithmetic: the rollout engine's opt-in to halve a decode step's state traffic).
 Triton on CUDA, the torch reference (naive.py) on CPU; KPOP_KERNELS overrides (kernels/_dispatch.py).
 """
 from __future__ import annotations
@@ -55,14 +56,16 @@ def lightning_decode(
     q: Tensor, k: Tensor, v: Tensor, g_gamma: Tensor, state: Tensor,
     state_slots: Tensor | None = None, scale: float | None = None,
 ) -> Tensor:
-    """One step: q, k [B,H,K], v [B,H,V]; state [S,H,K,V] fp32 pool updated in place at rows
-    state_slots ([B] int64, default arange(B), must be distinct). Returns o [B,H,V] in q.dtype."""
+    """One step: q, k [B,H,K], v [B,H,V]; state [S,H,K,V] pool (fp32, or bf16 storage) updated in
+    place at rows state_slots ([B] int64, default arange(B), must be distinct). The arithmetic is
+    fp32 whatever the pool stores; a bf16 pool rounds the new state once, when it is stored.
+    Returns o [B,H,V] in q.dtype."""
     check(q.dim() == 3 and k.shape == q.shape, f"lightning_decode: q {tuple(q.shape)} and k {tuple(k.shape)} must be [B,H,K]")
     B, H, K = q.shape
     check(v.dim() == 3 and v.shape[:2] == (B, H), f"lightning_decode: v must be [B,H,V] with B,H={B},{H}, got {tuple(v.shape)}")
     V = v.shape[-1]
-    check(state.dim() == 4 and state.shape[1:] == (H, K, V) and state.dtype == torch.float32,
-          f"lightning_decode: state must be fp32 [S,{H},{K},{V}], got {state.dtype} {tuple(state.shape)}")
+    check(state.dim() == 4 and state.shape[1:] == (H, K, V) and state.dtype in (torch.float32, torch.bfloat16),
+          f"lightning_decode: state must be fp32 or bf16 [S,{H},{K},{V}], got {state.dtype} {tuple(state.shape)}")
     check(state.is_contiguous(), "lightning_decode: state must be contiguous (it is updated in place)")
     check(g_gamma.shape == (H,), f"lightning_decode: g_gamma must be [H]={H}, got {tuple(g_gamma.shape)}")
     if state_slots is None:

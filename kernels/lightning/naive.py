@@ -91,8 +91,9 @@ def chunk_lightning(
 def decode_lightning(
     q: Tensor, k: Tensor, v: Tensor, g_gamma: Tensor, state: Tensor, state_slots: Tensor, scale: float,
 ) -> Tensor:
-    """One recurrent step per sequence; state[state_slots] is updated in place (fp32)."""
-    S = state[state_slots]
+    """One recurrent step per sequence; state[state_slots] (fp32 or bf16) is updated in place.
+    The step runs in fp32 and the output reads the unrounded state; only the store rounds (bf16)."""
+    S = state[state_slots].float()
     S = g_gamma.float().exp()[None, :, None, None] * S + k.float()[..., :, None] * v.float()[..., None, :]
-    state[state_slots] = S
+    state[state_slots] = S.to(state.dtype)
     return (scale * torch.einsum("bhk,bhkv->bhv", q.float(), S)).to(q.dtype)

@@ -6,8 +6,9 @@ Ring-2.6 mixes two kinds of attention layer, so a sequence's cache has two parts
   (512 + 64 = 576) values — the normalised `c_kv` followed by the roped `k_rope` — in blocks of
   `block_size` tokens. All MLA layers share one block table per sequence (a token sits at the same
   block/offset in every layer), so a sequence owns a list of block ids, not one per layer.
-* every Lightning layer keeps a fixed-size fp32 recurrent state `[H, K, V]` per sequence, held in
-  a *slot pool* `[max_seqs, H, K, V]`. The state cannot be rolled back: a cached sequence only
+* every Lightning layer keeps a fixed-size recurrent state `[H, K, V]` per sequence, held in
+  a *slot pool* `[max_seqs, H, K, V]`: fp32, or bf16 storage by choice (`state_dtype`; the steps
+  still compute in fp32). The state cannot be rolled back: a cached sequence only
   grows, and the way to "rewind" is to free it and prefill again.
 
 A sequence is identified by its *slot* (an int in `[0, max_seqs)`), which indexes the Lightning
@@ -72,8 +73,21 @@ class CacheShape:
     linear_head_dim: int
 
 
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def lightning_state_dtype(value: str | torch.dtype) -> torch.dtype:
+    """The storage dtype of the Lightning states from its name or torch dtype: float32 (the default)
+    or bfloat16; anything else is refused by name."""
+    for name, dtype in STATE_DTYPES.items():
+        if value == name or value is dtype:
+            return dtype
+    raise ValueError(f"lightning_state_dtype must be 'float32' or 'bfloat16' (storage of the Lightning recurrent "
+                     f"states), got {value!r}")
+
+
 class HybridCache:
-    """Paged MLA latent caches + Lightning fp32 state slot pools for up to `max_seqs` sequences."""
+    """Paged MLA latent caches + Lightning state slot pools (fp32 or bf16) for up to `max_seqs` sequences."""
 
     def __init__(
         self,
@@ -84,6 +98,7 @@ class HybridCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         max_seq_len: int | None = None,
+        state_dtype: str | torch.dtype = torch.float32,
     ) -> None:
         if max_seqs < 1 or num_blocks < 1 or block_size < 1:
             raise ValueError(
@@ -91,7 +106,11 @@ class HybridCache:
             )
         self.shape, self.max_seqs, self.num_blocks, self.block_size = shape, max_seqs, num_blocks, block_size
         self.device = torch.device(device)
-        # the latent cache follows the model dtype; Lightning states stay fp32 (long recurrences)
+        # The latent cache follows the model dtype. Lightning states are fp32 by default: a state is
+        # a sum over the whole sequence, and the learner recomputes it in fp32. bf16 storage halves
+        # a decode step's largest traffic (at batch 256 every step reads and writes every state) at
+        # the price of one bf16 rounding of the state per step; every kernel still adds in fp32.
+        self.state_dtype = lightning_state_dtype(state_dtype)
         # One spare block and one spare slot past the pools (`scratch_block`, `scratch_slot`): rows
         # that pad a batch up to a captured CUDA-graph size write there, never into a sequence's cache.
         self.kv = [
@@ -101,7 +120,7 @@ class HybridCache:
         self.state = [
             torch.zeros(
                 max_seqs + 1, shape.linear_heads, shape.linear_head_dim, shape.linear_head_dim,
-                dtype=torch.float32, device=self.device,
+                dtype=self.state_dtype, device=self.device,
             )
             for _ in range(shape.num_linear_layers)
         ]
@@ -119,11 +138,12 @@ class HybridCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, max_seqs: int, num_blocks: int, block_size: int = 16,
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  max_seq_len: int | None = None) -> "HybridCache":
+                  max_seq_len: int | None = None, state_dtype: str | torch.dtype = torch.float32) -> "HybridCache":
         """A cache shaped for `model` (a `BailingMoeV2_5ForCausalLM`), on its device and dtype."""
         p = next(model.parameters())
         return cls(model.cache_shape(), max_seqs, num_blocks, block_size,
-                   dtype=dtype or p.dtype, device=device or p.device, max_seq_len=max_seq_len)
+                   dtype=dtype or p.dtype, device=device or p.device, max_seq_len=max_seq_len,
+                   state_dtype=state_dtype)
 
     # -- sequence bookkeeping -------------------------------------------------------------
     @property

@@ -196,7 +196,7 @@ class LightningAttention(nn.Module):
                 q[None], k[None], v[None], self.g_gamma,
                 initial_state=state[ctx.slots], output_final_state=True, cu_seqlens=ctx.cu_seqlens,
             )
-            state[ctx.slots] = final
+            state[ctx.slots] = final.to(state.dtype)  # a bf16 pool rounds the fp32 final state once
             o = o[0]
         return self._out(o, x)
 

@@ -120,6 +120,10 @@ class EmbeddedEngine(ThreadedEngine):
         cuda_graphs: bool = True,  # decode steps on a GPU replay captured graphs (kpop/rollout/graphs.py)
         share_prefix: bool = True,  # requests with one prompt prefill it once and fork the cache
         overlap: bool = True,  # launch a decode step before reading the previous one back
+        # storage of the Lightning recurrent states: "bfloat16" halves a decode step's state traffic
+        # (the largest at big batches) at one bf16 rounding per state per step; the arithmetic stays
+        # fp32. The learner recomputes in fp32, so logprobs drift a little further from its own.
+        lightning_state_dtype: str | torch.dtype = "float32",
     ) -> None:
         if max_batch_tokens < max_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_seqs ({max_seqs})")
@@ -135,7 +139,7 @@ class EmbeddedEngine(ThreadedEngine):
         if -(-max_model_len // block_size) > num_blocks:
             max_model_len = num_blocks * block_size  # one sequence must always fit alone
         self.cache = HybridCache.for_model(model, max_seqs=max_seqs, num_blocks=num_blocks, block_size=block_size,
-                                           max_seq_len=max_model_len)
+                                           max_seq_len=max_model_len, state_dtype=lightning_state_dtype)
         self.graphs = None
         if self.cache.device.type == "cuda":
             for module in model.modules():  # the grouped MoE kernel then reads the experts in place

@@ -36,6 +36,7 @@ from environments.core import Agent, ChatEnv
 from environments.runner import DEFAULT_TIMEOUT_S, run_episode
 from environments.tools import in_thread
 from kpop.config import PolicyConfig, RolloutConfig, SandboxConfig
+from kpop.policy.cache import lightning_state_dtype
 from kpop.rollout.chat import ChatClient, ChatSession
 from kpop.rollout.engine import Engine, SamplingParams
 from kpop.stream import StreamSpec
@@ -91,8 +92,9 @@ def cache_blocks(model: Any, rollout: RolloutConfig, budget_bytes: int, block_si
     shape = model.cache_shape()
     dtype_bytes = next(model.parameters()).element_size()
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state_bytes = lightning_state_dtype(rollout.lightning_state_dtype).itemsize
     states = (rollout.max_concurrent_episodes * shape.num_linear_layers * shape.linear_heads
-              * shape.linear_head_dim ** 2 * 4)  # fp32 Lightning states
+              * shape.linear_head_dim ** 2 * state_bytes)  # Lightning states
     per_block = max(1, shape.num_mla_layers * block_size * shape.latent_dim * dtype_bytes)
     per_episode = -(-(rollout.max_episode_tokens + 1) // block_size)
     fit = (budget_bytes - weights - states) // per_block
@@ -118,7 +120,8 @@ def build_engine(rollout: RolloutConfig, model: Any, tokenizer: Any, *, version:
             kwargs["block_size"] = 64 if next(model.parameters()).is_cuda else 16  # the engine's own default
             kwargs["num_blocks"] = cache_blocks(model, rollout, memory_bytes, kwargs["block_size"])
         return EmbeddedEngine(model, tokenizer, max_seqs=rollout.max_concurrent_episodes,
-                              max_model_len=max_model_len, version=version, **kwargs)
+                              max_model_len=max_model_len, version=version,
+                              lightning_state_dtype=rollout.lightning_state_dtype, **kwargs)
     if rollout.engine == "vllm":
         from kpop.rollout.vllm_engine import VLLMEngine
 
