@@ -7,8 +7,8 @@ mla_decode:  absorbed-weight decode, MQA over a paged latent cache [num_blocks, 
 mla_cache_write: scatter new latent vectors into that cache by slot (vLLM's slot_mapping
              convention: slot = block_id * block_size + offset; slot < 0 is skipped, for padding).
 None of them reads the device back on CUDA (given mla_prefill's max_seqlen), so an inference
-step runs ahead of the GPU. Triton on CUDA (the decode in Gluon on sm_90: decode_hopper.py), the torch reference (naive.py) on
-CPU; KPOP_KERNELS overrides (kernels/_dispatch.py).
+step runs ahead of the GPU. Triton on CUDA (the decode in Gluon on sm_90: decode_hopper.py), the
+torch reference (naive.py) on CPU; KPOP_KERNELS overrides (kernels/_dispatch.py).
 """
 from __future__ import annotations
 
