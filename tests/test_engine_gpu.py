@@ -123,13 +123,17 @@ def prefill_scenario(model, sync_mode: str) -> EmbeddedEngine:
     engine = EmbeddedEngine(copy.deepcopy(model), max_seqs=8, max_model_len=2048, max_batch_tokens=1200)
     for i, p in enumerate(ps):
         engine._add(GenerationRequest(prompt_token_ids=p, params=params[i % 2]), concurrent.futures.Future())
-    engine._step()  # the first prompt whole, 500 of the second
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode(sync_mode)
     try:
-        engine._step()  # 1 decode + the other 150 + 300 + 40 (its twin forks it) + 709 of 900
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        engine._step()  # the first prompt whole, 500 of the second
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            engine._step()  # 1 decode + the other 150 + 300 + 40 (its twin forks it) + 709 of 900
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    except BaseException:
+        engine.close()
+        raise
     return engine
 
 
