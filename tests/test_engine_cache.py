@@ -65,3 +65,29 @@ def test_fork_gives_a_copy_that_continues_like_the_original(model):
     with pytest.raises(CacheFull):
         tight.fork(x, y)
     assert tight.seq_len(y) == 0 and tight._blocks[y] == []
+
+
+def test_a_step_hands_the_prefill_kernel_its_longest_fresh_length(model, monkeypatch):
+    """The host knows every query length: the MLA prefill gets the longest fresh one (prompts
+    without cache) instead of reading it back from the device; continuing and decoding sequences
+    do not count."""
+    import kpop.policy.model as pm
+
+    seen = []
+    real = pm.mla_prefill
+    monkeypatch.setattr(pm, "mla_prefill", lambda *a, **kw: seen.append(kw["max_seqlen"]) or real(*a, **kw))
+    cache = HybridCache.for_model(model, max_seqs=4, num_blocks=32, block_size=4)
+    a, b, c, d = (cache.allocate() for _ in range(4))
+    g = torch.Generator().manual_seed(0)
+    model.forward_step(torch.randint(0, 128, (9,), generator=g), [a, b], [5, 4], cache)
+    assert seen and set(seen) == {5}
+    seen.clear()
+    # b continues its prompt (9 more tokens, more than either fresh one), a decodes, c and d start
+    lens = [1, 9, 7, 3]
+    model.forward_step(torch.randint(0, 128, (sum(lens),), generator=g), [a, b, c, d], lens, cache)
+    mla_layers = model.config.mixer_types().count("attention")
+    assert seen == [7] * mla_layers
+    seen.clear()
+    cache.reserve([b, c], [2, 2])
+    ctx, _ = model._step_context([b, c], [2, 2], cache, torch.device("cpu"))
+    assert ctx.fresh_max_len is None and ctx.fresh_tokens.numel() == 0

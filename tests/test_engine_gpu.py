@@ -3,6 +3,7 @@ Skipped without a GPU. Shapes use the real MLA/Lightning head sizes (576/512 lat
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 
 import pytest
@@ -103,6 +104,51 @@ def test_decode_step_reads_nothing_back(model):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert [cache.seq_len(s) for s in slots] == [14, 14, 14]  # prefill 10, then four decode steps
+    finally:
+        engine.close()
+
+
+def prefill_scenario(model, sync_mode: str) -> EmbeddedEngine:
+    """Two engine steps on a fresh engine; the second, a chunk of every kind of row, runs under
+    `torch.cuda.set_sync_debug_mode(sync_mode)`: a decoding sequence, the rest of a prompt cut by
+    the first step (absorbed MLA rows over its cache, Lightning from its saved state), whole
+    prompts, a prompt whose twin forks its cache, and a prompt cut at the chunk's end (so only some
+    rows sample). 1200 tokens x 8 experts is over the MoE's counting-sort bound: torch sorts."""
+    g = torch.Generator().manual_seed(7)
+    shared = torch.randint(2, VOCAB, (40,), generator=g).tolist()
+    ps = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (700, 650, 300)] + [shared, shared]
+    ps.append(torch.randint(2, VOCAB, (900,), generator=g).tolist())
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.9, top_k=20, max_tokens=8, ignore_eos=True, seed=3)]
+    engine = EmbeddedEngine(copy.deepcopy(model), max_seqs=8, max_model_len=2048, max_batch_tokens=1200)
+    for i, p in enumerate(ps):
+        engine._add(GenerationRequest(prompt_token_ids=p, params=params[i % 2]), concurrent.futures.Future())
+    try:
+        engine._step()  # the first prompt whole, 500 of the second
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            engine._step()  # 1 decode + the other 150 + 300 + 40 (its twin forks it) + 709 of 900
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def test_prefill_step_reads_nothing_back(model):
+    """An engine prefill step under CUDA's sync debug mode set to error: the host queues the whole
+    step without waiting on the device (no `.item()`, no boolean-mask indexing, no synchronous
+    copy). Its one read-back waits on an event after everything is queued, which the mode does
+    not count. The first run compiles the kernels at these shapes; the second is the check."""
+    prefill_scenario(model, "default").close()
+    engine = prefill_scenario(model, "error")
+    try:
+        seqs = sorted(engine._running, key=lambda s: s.order)
+        assert [s.cached for s in seqs] == [701, 650, 300, 40, 40, 709]
+        assert [len(s.tokens) for s in seqs] == [2, 1, 1, 1, 1, 0]
+        assert engine.stats["forks"] == 1 and engine.stats["steps"] == 2
     finally:
         engine.close()
 

@@ -81,6 +81,16 @@ def test_cache_write_skips_padding_slots():
     cache = torch.zeros(2, 4, 3)
     mla_cache_write(cache, torch.ones(3, 3), torch.tensor([5, -1, 0]))
     assert cache.view(-1, 3)[[0, 5]].eq(1).all() and cache.sum() == 6
+    with pytest.raises(ValueError, match="slot 8 is past the cache's 8 rows"):
+        mla_cache_write(cache, torch.ones(1, 3), torch.tensor([8]))
+
+
+def test_mla_prefill_reference_takes_a_max_seqlen_and_checks_it():
+    q, k, v = torch.randn(1, 9, 2, 12), torch.randn(1, 9, 2, 12), torch.randn(1, 9, 2, 6)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    assert torch.equal(mla_prefill(q, k, v, 0.3, cu, max_seqlen=5), mla_prefill(q, k, v, 0.3, cu))
+    with pytest.raises(ValueError, match="max_seqlen=4 is below the longest sequence \\(5\\)"):
+        mla_prefill(q, k, v, 0.3, cu, max_seqlen=4)
 
 
 @pytest.mark.parametrize("bad", [

@@ -155,6 +155,81 @@ def test_mla_prefill_dense_batch_pow2_dim(seed):
     assert relerr(o, attention(q.double(), k.double(), v.double(), 0.2)) < 1e-4, f"seed {seed}"
 
 
+def test_mla_prefill_max_seqlen_equals_computing_it(seed):
+    """The caller's longest length (no host sync) gives the bits of the computed one, forward and
+    backward; a larger bound only adds programs that exit at once."""
+    H, Dqk, Dv = 2, 48, 32
+    cu = torch.tensor([0, 30, 31, 133], dtype=torch.int32, device=DEV)
+    x = [torch.randn(1, 133, H, d, device=DEV, dtype=torch.bfloat16) for d in (Dqk, Dqk, Dv)]
+    do = torch.randn(1, 133, H, Dv, device=DEV, dtype=torch.bfloat16)
+    runs = []
+    for max_seqlen in (None, 102, 133):
+        q, k, v = _leaf(*x)
+        o = mla_prefill(q, k, v, Dqk ** -0.5, cu, max_seqlen=max_seqlen)
+        (o * do).sum().backward()
+        runs.append((o, q.grad, k.grad, v.grad))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b), f"seed {seed}"
+
+
+def test_mla_prefill_max_seqlen_below_the_longest_is_refused():
+    q, k, v = (torch.randn(1, 40, 2, d, device=DEV) for d in (48, 48, 32))
+    cu = torch.tensor([0, 10, 40], dtype=torch.int32)  # in host memory: checking is free
+    with pytest.raises(ValueError, match="below the longest sequence \\(30\\)"):
+        mla_prefill(q, k, v, 0.2, cu, max_seqlen=29)
+    for bad in (0, 41, 30.0, True):
+        with pytest.raises(ValueError, match="max_seqlen must be an int in \\[1, T=40\\]"):
+            mla_prefill(q, k, v, 0.2, cu, max_seqlen=bad)
+    with pytest.raises(ValueError, match="without cu_seqlens"):
+        mla_prefill(q, k, v, 0.2, max_seqlen=39)
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int16 if x.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("cache_dtype,latent_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
+                                                      (torch.bfloat16, torch.float32)])
+def test_mla_cache_write_kernel_equals_reference(cache_dtype, latent_dtype, seed):
+    """The Triton scatter (no host sync) writes the reference's bits: rows at their slots, rows of
+    negative slots nowhere, every other cache row untouched; a strided latent is read in place."""
+    from kernels.mla import cache_write, mla_cache_write
+
+    blocks, page, Dk, N = 6, 8, 72, 21  # 72 wide: a masked tail in the padded row
+    cache = torch.randn(blocks, page, Dk, device=DEV).to(cache_dtype)
+    wide = torch.randn(N, Dk + 5, device=DEV).to(latent_dtype)
+    latent = wide[:, 2:2 + Dk]  # row stride Dk + 5
+    slots = torch.randperm(blocks * page, device=DEV)[:N]
+    slots[torch.randperm(N, device=DEV)[:7]] = -1  # padding rows, anywhere
+    slots[0] = -5
+    ref, by_hand = cache.clone(), cache.clone().view(-1, Dk)
+    cache_write(ref, latent, slots)
+    for i, s in enumerate(slots.tolist()):
+        if s >= 0:
+            by_hand[s] = latent[i].to(cache_dtype)
+    mla_cache_write(cache, latent, slots.int() if seed % 2 else slots)  # int32 or int64 slots
+    assert torch.equal(_bits(ref), _bits(by_hand.view_as(ref))), f"seed {seed}"
+    assert torch.equal(_bits(cache), _bits(ref)), f"seed {seed}"
+
+
+def test_mla_cache_write_slot_past_the_end():
+    """In host memory a slot past the cache is refused, naming it; the kernel itself (on a GPU,
+    unchecked) skips such a row rather than write outside the cache."""
+    from kernels.mla import mla_cache_write
+    from kernels.mla.cache import cache_write_triton
+
+    cache = torch.zeros(2, 4, 16)  # host memory even on a GPU machine: the check is for host slots
+    with pytest.raises(ValueError, match="slot 8 is past the cache's 8 rows"):
+        mla_cache_write(cache, torch.ones(2, 16), torch.tensor([1, 8]))
+    assert cache.sum() == 0  # refused before anything was written
+    big = torch.zeros(3, 4, 16, device=DEV)
+    cache_write_triton(big[:2], torch.ones(2, 16, device=DEV), torch.tensor([1, 8], device=DEV))
+    assert big[2].sum() == 0 and big.view(-1, 16)[1].eq(1).all() and big.sum() == 16
+    mla_cache_write(big, torch.ones(0, 16, device=DEV), torch.zeros(0, dtype=torch.long, device=DEV))  # nothing to do
+    assert big.sum() == 16
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("v_dim,page", [(32, 8), (20, 8), (32, 64)])
 def test_mla_paged_decode(dtype, v_dim, page, seed):

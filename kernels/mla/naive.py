@@ -32,6 +32,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor 
     return o.reshape(B, T, *o.shape[1:]).to(q.dtype)
 
 
+def cache_write(kv_cache: Tensor, latent: Tensor, slots: Tensor) -> None:
+    """kv_cache [num_blocks, block_size, Dk] (contiguous) row slots[i] = latent[i], in place;
+    negative slots are skipped. The boolean mask sizes its output from the data (on a GPU a host
+    read-back, which the Triton kernel avoids); index_copy_ rejects slots past the end."""
+    keep = slots >= 0
+    kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slots[keep].long(), latent[keep].to(kv_cache.dtype))
+
+
 def gather_latents(kv_cache: Tensor, block_table: Tensor, b: int, n: int) -> Tensor:
     """The first n cached latent vectors of sequence b, [n, Dk]."""
     bs = kv_cache.shape[1]

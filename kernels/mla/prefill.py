@@ -279,20 +279,23 @@ def _meta(q: Tensor, v: Tensor) -> dict:
                 UPCAST=upcast_dots(q.dtype), PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _seqs(q: Tensor, cu_seqlens: Tensor | None) -> tuple[Tensor, int, int]:
-    """(cu_seqlens over the flattened batch, number of sequences, longest length)."""
+def _seqs(q: Tensor, cu_seqlens: Tensor | None, max_len: int | None = None) -> tuple[Tensor, int, int]:
+    """(cu_seqlens over the flattened batch, number of sequences, longest length). The longest
+    length sizes the grid: read back from the device (a host sync) unless the caller knows it."""
     B, T = q.shape[:2]
     if cu_seqlens is None:
         return torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32), B, T
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    return cu, cu.numel() - 1, int((cu[1:] - cu[:-1]).max())
+    if max_len is None:
+        max_len = int((cu[1:] - cu[:-1]).max())
+    return cu, cu.numel() - 1, max_len
 
 
 class FlashAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, cu_seqlens, causal):
+    def forward(ctx, q, k, v, scale, cu_seqlens, causal, max_seqlen=None):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        cu, N, max_len = _seqs(q, cu_seqlens)
+        cu, N, max_len = _seqs(q, cu_seqlens, max_seqlen)
         meta = _meta(q, v)
         BM, BN, warps, stages = launch_config(q.dtype)[0]
         o = torch.empty_like(v)
@@ -322,8 +325,10 @@ class FlashAttnFunction(torch.autograd.Function):
         _bwd_dq[(triton.cdiv(ctx.max_len, BM), ctx.N, H)](
             q, k, v, do, lse, delta, dq, cu, *args, **meta, BM=BM, BN=BN, CAUSAL=ctx.causal,
             num_warps=warps, num_stages=stages)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def flash_attn_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None, causal: bool) -> Tensor:
-    return FlashAttnFunction.apply(q, k, v, scale, cu_seqlens, causal)
+def flash_attn_triton(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens: Tensor | None, causal: bool,
+                      max_seqlen: int | None = None) -> Tensor:
+    """max_seqlen: the longest sequence of cu_seqlens if the caller knows it (no host sync), >= the true one."""
+    return FlashAttnFunction.apply(q, k, v, scale, cu_seqlens, causal, max_seqlen)

@@ -144,6 +144,9 @@ class StepContext:
     # order, so no index lists are needed; its shapes depend on the batch size alone (CUDA graphs)
     decode: bool = False
     last_tokens: torch.Tensor | None = None  # int64 [S]: each sequence's last new token (None: decode)
+    # the longest fresh sequence's new tokens, known on the host: the prefill kernel's grid size
+    # would otherwise be read back from fresh_cu_seqlens on the device (a host sync per MLA layer)
+    fresh_max_len: int | None = None
 
 
 class LightningAttention(nn.Module):
@@ -243,11 +246,11 @@ class MultiLatentAttention(nn.Module):
         k_rope = apply_rope(k_rope.unsqueeze(-2), cos, sin, interleaved).squeeze(-2)
         return q_nope, q_rope, self.kv_a_layernorm(c_kv), k_rope
 
-    def _attend_full(self, q_nope, q_rope, c_kv, k_rope, cu_seqlens):
+    def _attend_full(self, q_nope, q_rope, c_kv, k_rope, cu_seqlens, max_seqlen: int | None = None):
         k_nope, v = self.kv_b_proj(c_kv).unflatten(-1, (self.num_heads, -1)).split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(-2).expand(*k_nope.shape[:-1], self.rope)], dim=-1)
-        return mla_prefill(q, k, v, self.scale, cu_seqlens=cu_seqlens, causal=True)
+        return mla_prefill(q, k, v, self.scale, cu_seqlens=cu_seqlens, causal=True, max_seqlen=max_seqlen)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor | None):
         o = self._attend_full(*self._project(x, cos, sin), cu_seqlens)
@@ -267,7 +270,8 @@ class MultiLatentAttention(nn.Module):
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
         if ctx.fresh_tokens.numel():  # sequences without cache: ordinary causal prefill
             i = ctx.fresh_tokens
-            o = self._attend_full(q_nope[i][None], q_rope[i][None], c_kv[i][None], k_rope[i][None], ctx.fresh_cu_seqlens)
+            o = self._attend_full(q_nope[i][None], q_rope[i][None], c_kv[i][None], k_rope[i][None], ctx.fresh_cu_seqlens,
+                                  ctx.fresh_max_len)
             out[i] = o[0].to(out.dtype)
         if ctx.cached_tokens.numel():  # after existing cache: one absorbed decode row per token
             i = ctx.cached_tokens
@@ -791,6 +795,7 @@ class BailingMoeV2_5ForCausalLM(BailingHybridPreTrainedModel, GenerationMixin):
             cached_block_table=cache.tables[cached_slots_d, :width],
             cached_seq_lens=cached_lens_d.to(torch.int32),
             last_tokens=last_d,
+            fresh_max_len=max((n for n, p in zip(query_lens, past.tolist()) if p == 0), default=None),
         )
         return ctx, positions_d
 

@@ -248,7 +248,8 @@ class EmbeddedEngine(ThreadedEngine):
             sb = SamplingBatch.of([s.params for s in seqs], [s.seed for s in seqs], [len(s.tokens) for s in seqs],
                                   logits.device)
             same = ready == list(range(len(batch)))
-            rows = logits if same else logits[torch.tensor(ready, device=logits.device)]
+            # copied asynchronously: torch.tensor(..., device=cuda) would wait for the device to drain
+            rows = logits if same else logits[torch.tensor(ready).to(logits.device, non_blocking=True)]
             tokens, logprobs = sample(rows, sb)
         # one read back per step: the sampled tokens, their logprobs and the routes
         host, ready = self._to_host(tokens if seqs else None, logprobs if seqs else None, routes)
