@@ -44,6 +44,24 @@ def _step_inputs(B: int, H: int, K: int, V: int, dtype: torch.dtype):
     return q, k, v, -torch.rand(H, device=DEV) * 0.3 - 0.01
 
 
+def _operand_size(pool: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per state element, |old state| + |k v|: what the step's fp32 rounding is relative to (a
+    new state near 0 from cancellation carries the operands' error, not its own size's)."""
+    mag = pool.float().abs()
+    mag[slots] += (k.float()[..., :, None] * v.float()[..., None, :]).abs()
+    return mag
+
+
+def _assert_a_rounding_apart(a: torch.Tensor, b: torch.Tensor, mag: torch.Tensor, seed: int) -> None:
+    """bf16 states from fp32 values a few fp32 ulps (of the operands) apart: equal in all but 0.1%
+    of the elements, and there at most one bf16 step apart (2^-7 relative: bf16 keeps 8 bits) plus
+    those fp32 ulps."""
+    differ = a != b
+    assert differ.float().mean() <= 1e-3, f"{int(differ.sum())} of {a.numel()} state elements differ (seed {seed})"
+    step = torch.maximum(a.float().abs(), b.float().abs()) * 2.0 ** -7 + mag * 2.0 ** -20
+    assert ((a.float() - b.float()).abs() <= step)[differ].all(), f"seed {seed}"
+
+
 # -- the kernels -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -59,11 +77,18 @@ def test_a_bf16_step_is_the_fp32_step_rounded_once(kernels, dtype, shape, seed, 
     half = (torch.randn(S, H, K, V, device=DEV) * 4).to(torch.bfloat16)
     full = half.float()
     slots = torch.randperm(S, device=DEV)[:B]
+    mag = _operand_size(half, slots, k, v)
     o_half = lightning_decode(q, k, v, g, half, slots, scale=0.25)
     o_full = lightning_decode(q, k, v, g, full, slots, scale=0.25)
     assert half.dtype == torch.bfloat16 and o_half.dtype == dtype
-    assert torch.equal(half, full.to(torch.bfloat16)), f"seed {seed}"
-    assert torch.equal(o_half, o_full), f"seed {seed}"
+    if DEV == "cuda" and kernels == "triton":
+        # compiled, the two storage variants may contract the multiply-add differently: a few fp32
+        # ulps of the operands apart before the store, so at most a rounding apart after it
+        _assert_a_rounding_apart(half, full.to(torch.bfloat16), mag, seed)
+        assert relerr(o_half, o_full) < (1e-6 if dtype == torch.float32 else 1e-2), f"seed {seed}"
+    else:
+        assert torch.equal(half, full.to(torch.bfloat16)), f"seed {seed}"
+        assert torch.equal(o_half, o_full), f"seed {seed}"
     assert not torch.equal(full[slots], full[slots].to(torch.bfloat16).float())  # the rounding mattered
 
 
@@ -80,14 +105,12 @@ def test_triton_bf16_step_equals_the_torch_reference(dtype, shape, seed, monkeyp
     pool = (torch.randn(S, H, K, V, device=DEV) * 4).to(torch.bfloat16)
     ref = pool.clone()
     slots = torch.randperm(S, device=DEV)[:B]
+    mag = _operand_size(pool, slots, k, v)
     monkeypatch.setenv("KPOP_KERNELS", "triton")
     o = lightning_decode(q, k, v, g, pool, slots, scale=0.25)
     monkeypatch.setenv("KPOP_KERNELS", "torch")
     o_ref = lightning_decode(q, k, v, g, ref, slots, scale=0.25)
-    differ = pool != ref
-    assert differ.float().mean() <= 1e-3, f"{int(differ.sum())} of {pool.numel()} state elements differ (seed {seed})"
-    step = torch.maximum(pool.float().abs(), ref.float().abs())[differ] * 2.0 ** -7  # bf16 keeps 8 bits
-    assert ((pool.float() - ref.float())[differ].abs() <= step).all(), f"seed {seed}"
+    _assert_a_rounding_apart(pool, ref, mag, seed)
     # fp32 outputs: summation order only; bf16 outputs: the interpreter's cast of o truncates
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert relerr(o, o_ref) < tol, f"output rel err {relerr(o, o_ref):.2e} (seed {seed})"
