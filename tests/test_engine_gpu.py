@@ -200,37 +200,3 @@ def test_inference_lm_head_equals_the_fp32_head(model, monkeypatch):
     fp32 = torch.nn.functional.linear(h.float(), model.lm_head.weight.float())
     fp32_err = ((fp32 - want).norm() / want.norm()).item()  # cuBLAS's fp32 GEMM on this device
     assert ((got - want).norm() / want.norm()).item() < 4 * max(fp32_err, 1e-6)
-
-
-def test_engine_on_its_own_stream_beside_a_busy_learner_stream(model):
-    """A colocated engine steps on its own stream: with the default stream kept busy (a learner's
-    GEMMs queued there the whole time) it generates what an engine on the default stream
-    generates, and a weight update made on the default stream is what the next tokens see."""
-    ps = prompts(6, seed=3)
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    reqs = [GenerationRequest(prompt_token_ids=p, params=params) for p in ps]
-    own = EmbeddedEngine(copy.deepcopy(model), max_seqs=8, max_model_len=256, own_stream=True)
-    plain = EmbeddedEngine(copy.deepcopy(model), max_seqs=8, max_model_len=256)
-    x = torch.randn(4096, 4096, device="cuda")
-    try:
-        assert own._stream is not None and plain._stream is None
-        for _ in range(50):  # ~ tens of ms of work queued on the default stream
-            x = torch.tanh(x @ x * 1e-3)
-        a = own.generate(reqs)
-        b = plain.generate(reqs)
-        for r, s in zip(a, b):
-            assert r.token_ids == s.token_ids and r.logprobs == s.logprobs
-        # new weights written on the default stream behind queued work, then loaded
-        state = {k: v.clone() for k, v in own.model.state_dict().items() if k.endswith("lm_head.weight")}
-        (name, w), = state.items()
-        for _ in range(50):
-            x = torch.tanh(x @ x * 1e-3)
-        w.mul_(-1.0)  # queued behind the GEMMs: the engine's stream must wait for it
-        own.update_weights({name: w}, version=1)
-        plain.update_weights({name: w.clone()}, version=1)
-        a, b = own.generate(reqs), plain.generate(reqs)
-        for r, s in zip(a, b):
-            assert r.token_ids == s.token_ids and r.logprobs == s.logprobs and r.token_versions[0] == 1
-    finally:
-        own.close()
-        plain.close()

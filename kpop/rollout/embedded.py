@@ -124,10 +124,6 @@ class EmbeddedEngine(ThreadedEngine):
         # (the largest at big batches) at one bf16 rounding per state per step; the arithmetic stays
         # fp32. The learner recomputes in fp32, so logprobs drift a little further from its own.
         lightning_state_dtype: str | torch.dtype = "float32",
-        # a CUDA engine sharing its GPU with a learner steps on a stream of its own, at high
-        # priority: on the learner's stream every decode step would queue behind a whole training
-        # step's kernels, and rollout and training would take turns instead of overlapping
-        own_stream: bool = False,
     ) -> None:
         if max_batch_tokens < max_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_seqs ({max_seqs})")
@@ -145,10 +141,7 @@ class EmbeddedEngine(ThreadedEngine):
         self.cache = HybridCache.for_model(model, max_seqs=max_seqs, num_blocks=num_blocks, block_size=block_size,
                                            max_seq_len=max_model_len, state_dtype=lightning_state_dtype)
         self.graphs = None
-        self._stream = None
         if self.cache.device.type == "cuda":
-            if own_stream:
-                self._stream = torch.cuda.Stream(self.cache.device, priority=-1)
             for module in model.modules():  # the grouped MoE kernel then reads the experts in place
                 if hasattr(module, "pack_experts"):
                     module.pack_experts()
@@ -199,13 +192,7 @@ class EmbeddedEngine(ThreadedEngine):
 
     def _load_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         self._land()  # its tokens were sampled by the old weights and say so
-        if self._stream is None:
-            load_into(self.model, state_dict)
-        else:  # the weights were written on the caller's stream, which may refill them once loaded
-            self._stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._stream):
-                load_into(self.model, state_dict)
-            torch.cuda.current_stream().wait_stream(self._stream)
+        load_into(self.model, state_dict)
         for seq in sorted(self._running, key=lambda s: s.order, reverse=True):
             self._evict(seq)
             self.stats["reprefills"] += 1
@@ -223,12 +210,6 @@ class EmbeddedEngine(ThreadedEngine):
         """Admit waiting requests, run one forward over every running sequence, sample. A decode
         step is left in flight; the next call chains the following decode step to it, or reads it
         back first (see Overlap in the module docstring)."""
-        if self._stream is None:
-            return self._step_on_stream()
-        with torch.cuda.stream(self._stream):
-            return self._step_on_stream()
-
-    def _step_on_stream(self) -> None:
         last, self._inflight = self._inflight, None
         if last is not None:
             keep = self._chain(last)

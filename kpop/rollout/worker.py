@@ -119,7 +119,6 @@ def build_engine(rollout: RolloutConfig, model: Any, tokenizer: Any, *, version:
         if memory_bytes is not None:
             kwargs["block_size"] = 64 if next(model.parameters()).is_cuda else 16  # the engine's own default
             kwargs["num_blocks"] = cache_blocks(model, rollout, memory_bytes, kwargs["block_size"])
-            kwargs["own_stream"] = True  # beside the learner on its GPU: see EmbeddedEngine
         return EmbeddedEngine(model, tokenizer, max_seqs=rollout.max_concurrent_episodes,
                               max_model_len=max_model_len, version=version,
                               lightning_state_dtype=rollout.lightning_state_dtype, **kwargs)
