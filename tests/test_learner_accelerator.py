@@ -16,6 +16,8 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the repository first, then whatever the parent found its packages through (a --target install)
+PYTHONPATH = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 # a CPU or GPU learner on the tiny preset, one step; prints where its engine and weights live
 LEARN = textwrap.dedent("""
@@ -46,7 +48,7 @@ LEARN = textwrap.dedent("""
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    full = dict(os.environ, PYTHONPATH=ROOT, **env)
+    full = dict(os.environ, PYTHONPATH=PYTHONPATH, **env)
     full.pop("DS_ACCELERATOR", None)  # the case sets it when it means to
     full.update(env)
     return subprocess.run([sys.executable, "-c", LEARN + textwrap.dedent(code)], cwd=ROOT, env=full,
@@ -108,7 +110,7 @@ def test_a_multi_process_group_on_the_other_backend_is_an_error_that_changes_not
         torch.distributed.barrier()
     """)
     port = str(_free_port())
-    env = dict(os.environ, PYTHONPATH=ROOT, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
+    env = dict(os.environ, PYTHONPATH=PYTHONPATH, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2",
                DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
