@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from kernels.linear import linear_fp32
 from kernels.norm import rms_norm, rms_norm_ref
 from kernels.router import route, route_ref
+from capture import capture_without_syncs
 from numerics import relerr
 from test_kernels_norm import assert_norm_matches
 from test_kernels_router import tie_free
@@ -88,20 +89,7 @@ def test_kernels_capture_in_a_cuda_graph_without_host_syncs():
         return linear_fp32(h, head), ids, w
 
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()  # compiles outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = capture_without_syncs(step)
         x.copy_(torch.randn(B, HID, device="cuda").bfloat16())  # new inputs, same address
         graph.replay()
         eager = step()

@@ -13,6 +13,7 @@ from kernels.moe import moe_ffn
 from kernels.moe import sort as msort
 from kernels.moe.grouped import sum_slots
 from kernels.moe.reference import sum_slots as sum_slots_ref
+from capture import capture_without_syncs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -107,20 +108,7 @@ def test_decode_moe_captures_in_a_cuda_graph_without_host_syncs(E):
         return msort.expert_layout(ids, E), moe_ffn(x, ids, w, wg, wu, wd)
 
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()  # compiles outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            (order, counts, offsets), out = step()
+        graph, ((order, counts, offsets), out) = capture_without_syncs(step)
         new_x, new_ids = _decode_problem(N, D, I, E, k, seed=5)[:2]
         x.copy_(new_x)
         ids.copy_(new_ids)  # new inputs, same address

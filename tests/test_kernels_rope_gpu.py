@@ -11,6 +11,7 @@ from kernels.rope import apply_rope, apply_rope_ref
 from kpop.policy.config import config_from_arch
 from kpop.policy.model import LightningAttention, MultiLatentAttention, Rotary
 from kpop.policy.presets import bench_2b_arch
+from capture import capture_without_syncs
 from test_kernels_rope import assert_same_bits
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -111,20 +112,7 @@ def test_rope_captures_in_a_cuda_graph_without_host_syncs():
         return (fn(q, *lin), fn(k, *lin), fn(q_rope, *mla, INTERLEAVE), fn(k_rope, *mla, INTERLEAVE))
 
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()  # compiles outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = capture_without_syncs(step)
         for t in (qkv, qa, kv):  # new inputs, same addresses
             t.copy_(torch.randn(t.shape, device="cuda").bfloat16())
         pos.copy_(torch.randint(0, 100_000, (B,), device="cuda"))
