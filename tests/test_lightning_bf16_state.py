@@ -27,6 +27,9 @@ from kpop.rollout.embedded import EmbeddedEngine  # noqa: E402
 from kpop.rollout.engine import GenerationRequest, SamplingParams  # noqa: E402
 from kpop.rollout.worker import build_engine, cache_blocks  # noqa: E402
 from numerics import relerr  # noqa: E402
+# the GPU cases share test_engine_gpu.py's model shape, prompts and full-forward logprobs
+from test_engine_gpu import REAL_HEADS, full_logprobs  # noqa: E402
+from test_engine_gpu import prompts as gpu_prompts  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 VOCAB = 256
@@ -273,9 +276,6 @@ def test_forks_and_preemption_copy_and_rebuild_bf16_states(model):
 # -- on a GPU: CUDA-graph decode with bf16 states ---------------------------------------------------
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-REAL_HEADS = dict(hidden_size=256, num_attention_heads=4, head_dim=128, group_norm_size=4, q_lora_rank=128,
-                  kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-                  intermediate_size=512, moe_intermediate_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -284,12 +284,6 @@ def gpu_model():
     # what these tests are about
     return build_model(tiny_config(VOCAB, **REAL_HEADS, num_experts_per_tok=8, topk_group=4), seed=0,
                        device="cuda", dtype="bfloat16").eval()
-
-
-def gpu_prompts(n: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, VOCAB, (int(torch.randint(5, 90, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
 
 
 @pytest.mark.gpu
@@ -325,11 +319,6 @@ def test_gpu_bf16_state_logprobs_stay_near_the_full_forward(gpu_model):
         res = engine.generate([GenerationRequest(prompt_token_ids=p, params=params) for p in ps])
     finally:
         engine.close()
-    errs = []
-    for p, r in zip(ps, res):
-        with torch.no_grad():
-            logits = gpu_model(torch.tensor([p + r.token_ids], device="cuda")).logits[0, len(p) - 1 : -1].float()
-        lp = torch.log_softmax(logits / 0.8, -1).gather(-1, torch.tensor(r.token_ids, device="cuda")[:, None])
-        errs.append((lp.squeeze(-1).cpu() - torch.tensor(r.logprobs)).abs())
-    errs = torch.cat(errs)
+    errs = torch.cat([(full_logprobs(gpu_model, p, r.token_ids, 0.8) - torch.tensor(r.logprobs)).abs()
+                      for p, r in zip(ps, res)])
     assert errs.max().item() < 0.08 and errs.mean().item() < 0.015, (errs.max().item(), errs.mean().item())
